@@ -1,0 +1,1 @@
+"""Benchmark harness: suites, timing, reports written to docs/benchmarks.md."""

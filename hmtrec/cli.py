@@ -1,0 +1,80 @@
+"""The `hmtrec` command. `train` and `evaluate` dispatch on the config's `kind`; every module in
+hmtrec/commands with a `register(app)` function adds its own commands."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hmtrec.errors import HmtrecError
+from hmtrec.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hierarchical multi-task recommendation.")
+
+
+def default_run_dir(config_path: Path | None, name: str) -> Path:
+    import datetime as dt
+
+    stem = config_path.stem if config_path is not None else name
+    return Path("runs") / f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key: a.b=value."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run directory (resumes if it holds a checkpoint)."),
+):
+    """Train a model from a config; writes config, checkpoint, weights, metrics and log to the run directory."""
+    from hmtrec.config import load_config
+    from hmtrec.pipelines import get_pipeline
+
+    cfg = load_config(config, overrides)
+    run_dir = run_dir or default_run_dir(config, cfg.kind)
+    metrics = get_pipeline(cfg.kind).train(cfg, run_dir)
+    console.print(f"run directory: {run_dir}")
+    return metrics
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `hmtrec train`."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override an evaluation key."),
+):
+    """Evaluate a trained run on its test split and print the metric table."""
+    from hmtrec.pipelines import get_pipeline
+    from hmtrec.train.run_dir import read_json
+
+    if not (run_dir / "run.json").exists():
+        raise HmtrecError(f"{run_dir} is not a run directory (no run.json)")
+    kind = read_json(run_dir / "run.json")["kind"]
+    return get_pipeline(kind).evaluate(run_dir, overrides or [])
+
+
+def _register_command_modules() -> None:
+    import hmtrec.commands as commands
+
+    for module in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        loaded = importlib.import_module(f"hmtrec.commands.{module.name}")
+        if hasattr(loaded, "register"):
+            loaded.register(app)
+
+
+_register_command_modules()
+
+
+def main() -> None:
+    try:
+        app()
+    except HmtrecError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command-line commands; every module here with a `register(app)` function is added to `hmtrec`."""

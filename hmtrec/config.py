@@ -1,0 +1,117 @@
+"""Typed configuration: YAML files validated by pydantic models, overridable with `key=value`.
+
+Each family (sequence, ranking, ...) declares its own top-level model and registers it under a
+`kind`; a config file says which kind it is. Unknown or mistyped keys are errors naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from hmtrec.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+CONFIG_KINDS: dict[str, type[StrictModel]] = {}
+
+
+def register_config(kind: str) -> Callable[[type[StrictModel]], type[StrictModel]]:
+    def wrap(cls: type[StrictModel]) -> type[StrictModel]:
+        CONFIG_KINDS[kind] = cls
+        return cls
+    return wrap
+
+
+def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted_key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """`a.b=3` -> ("a.b", 3); values are parsed as YAML so numbers, booleans and lists work."""
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else "")) 
+    return parsed
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        else:
+            lines.append(f"key {key!r}: {item['msg']} (got {item.get('input')!r})")
+    return f"{source}: invalid config: " + "; ".join(lines)
+
+
+def build_config(raw: dict, source: str = "config") -> StrictModel:
+    """Validate a raw mapping into the model registered for its `kind`."""
+    _import_config_models()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a mapping")
+    kind = raw.get("kind", "sequence")
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"{source}: key 'kind': unknown kind {kind!r}; known: {sorted(CONFIG_KINDS)}")
+    try:
+        return CONFIG_KINDS[kind].model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base: dict | None = None) -> StrictModel:
+    """Read YAML (or start from `base`), apply `--set` overrides, validate."""
+    raw: dict = dict(base or {})
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a mapping")
+        raw.update(loaded)
+        source = str(path)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value)
+    return build_config(raw, source)
+
+
+def dump_config(config: StrictModel, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
+
+
+def _import_config_models() -> None:
+    """Config models register themselves on import; import every family that exists."""
+    import importlib
+
+    for module in ("hmtrec.pipelines.sequence", "hmtrec.pipelines.ranking"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise

@@ -1,0 +1,1 @@
+"""Data layer: validated tables, the Taxonomy, canonical sequences, splits and readers."""

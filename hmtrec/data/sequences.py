@@ -1,0 +1,173 @@
+"""The canonical in-memory form of interaction sequences (sessions or user histories).
+
+Sequences are stored CSR-style: `leaves[offsets[s]:offsets[s+1]]` are the leaf indices (items, or
+the finest taxonomy level) of sequence s in time order. `target_mask` marks which events are
+prediction targets; every model scores all positions of a sequence in one causal pass, so no
+prefix is ever re-encoded as a separate sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from hmtrec.data.taxonomy import Taxonomy
+
+PAD = -1  # padding value in batch tensors, for inputs and targets alike (cross_entropy ignore_index)
+
+
+@dataclass
+class SequenceData:
+    leaves: np.ndarray                      # int64 [n_events], 0-based leaf index
+    offsets: np.ndarray                     # int64 [n_sequences + 1]
+    sequence_ids: np.ndarray                # original session / user ids [n_sequences]
+    timestamps: np.ndarray | None = None    # float64 seconds (or order) [n_events]
+    event_types: np.ndarray | None = None   # int64 index into event_type_names [n_events]
+    event_type_names: list[str] = field(default_factory=list)
+    target_mask: np.ndarray | None = None   # bool [n_events]; None: every event but each sequence's first
+
+    def __post_init__(self):
+        self.leaves = np.asarray(self.leaves, dtype=np.int64)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        if self.offsets[0] != 0 or self.offsets[-1] != len(self.leaves) or np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets must start at 0, end at n_events and never decrease")
+        if len(self.sequence_ids) != self.n_sequences:
+            raise ValueError("one sequence id per sequence expected")
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_events(self) -> int:
+        return len(self.leaves)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def positions(self) -> np.ndarray:
+        """0-based position of each event within its sequence."""
+        return np.arange(self.n_events) - np.repeat(self.offsets[:-1], self.lengths)
+
+    def sequence_index(self) -> np.ndarray:
+        """Sequence number of each event."""
+        return np.repeat(np.arange(self.n_sequences), self.lengths)
+
+    def targets(self) -> np.ndarray:
+        """The effective target mask: the stored one, else every event except the first of each sequence."""
+        if self.target_mask is not None:
+            return self.target_mask
+        return self.positions() > 0
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.targets().sum())
+
+    def sequence(self, s: int) -> np.ndarray:
+        return self.leaves[self.offsets[s]:self.offsets[s + 1]]
+
+    def select(self, sequences: np.ndarray) -> "SequenceData":
+        """A new SequenceData with the chosen sequences (indices or a boolean mask), order kept."""
+        sequences = np.asarray(sequences)
+        if sequences.dtype == bool:
+            sequences = np.flatnonzero(sequences)
+        lengths = self.lengths[sequences]
+        starts = self.offsets[:-1][sequences]
+        events = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+        return self.select_events(events, np.r_[0, np.cumsum(lengths)], self.sequence_ids[sequences])
+
+    def select_events(self, events: np.ndarray, offsets: np.ndarray, sequence_ids: np.ndarray) -> "SequenceData":
+        def pick(array):
+            return None if array is None else array[events]
+        return replace(self, leaves=self.leaves[events], offsets=offsets, sequence_ids=sequence_ids,
+                       timestamps=pick(self.timestamps), event_types=pick(self.event_types),
+                       target_mask=pick(self.target_mask))
+
+    def keep_events(self, keep: np.ndarray) -> "SequenceData":
+        """Drop events where keep is False; empty sequences vanish."""
+        keep = np.asarray(keep, dtype=bool)
+        kept_per_sequence = np.add.reduceat(keep.astype(np.int64), self.offsets[:-1]) if self.n_events else \
+            np.zeros(self.n_sequences, dtype=np.int64)
+        kept_per_sequence[self.lengths == 0] = 0
+        nonempty = kept_per_sequence > 0
+        offsets = np.r_[0, np.cumsum(kept_per_sequence[nonempty])]
+        return self.select_events(np.flatnonzero(keep), offsets, self.sequence_ids[nonempty])
+
+    def with_targets(self, target_mask: np.ndarray | None) -> "SequenceData":
+        return replace(self, target_mask=None if target_mask is None else np.asarray(target_mask, dtype=bool))
+
+    def last_event_only(self) -> "SequenceData":
+        """Only each sequence's last event is a target (leave-one-out evaluation)."""
+        mask = np.zeros(self.n_events, dtype=bool)
+        mask[self.offsets[1:][self.lengths > 1] - 1] = True
+        return self.with_targets(mask)
+
+
+@dataclass
+class Dataset:
+    """Sequences plus the catalogue they index: a taxonomy and optional per-leaf text."""
+
+    name: str
+    sequences: SequenceData
+    taxonomy: Taxonomy
+    leaf_text: list[str] | None = None
+
+
+@dataclass
+class Windows:
+    """Fixed-length windows cut from sequences for batching. Row r covers events
+    `start[r] : start[r] + length[r]`; its targets are the targets inside that range."""
+
+    start: np.ndarray
+    length: np.ndarray
+
+
+def make_windows(data: SequenceData, max_len: int, *, only_with_targets: bool = True) -> Windows:
+    """Cut each sequence into windows of at most `max_len` inputs, from its end backwards, so the
+    most recent context is whole. A window is the events feeding predictions for its targets: it
+    spans max_len + 1 events (inputs plus the last target), consecutive windows share one event."""
+    starts, lengths = [], []
+    seq_start, seq_len = data.offsets[:-1], data.lengths
+    span = max_len + 1
+    n_windows = np.maximum(1, np.ceil(np.maximum(seq_len - 1, 1) / max_len).astype(np.int64))
+    sequence = np.repeat(np.arange(data.n_sequences), n_windows)
+    within = np.arange(n_windows.sum()) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)
+    end = seq_start[sequence] + seq_len[sequence] - within * max_len  # exclusive
+    start = np.maximum(seq_start[sequence], end - span)
+    starts, lengths = start, end - start
+    windows = Windows(starts.astype(np.int64), lengths.astype(np.int64))
+    if only_with_targets:
+        targets = data.targets()
+        cumulative = np.r_[0, np.cumsum(targets)]
+        # a window's targets are its events after the first (the first is context only)
+        has = cumulative[windows.start + windows.length] - cumulative[windows.start + 1] > 0
+        windows = Windows(windows.start[has], windows.length[has])
+    return windows
+
+
+def collate_windows(data: SequenceData, windows: Windows, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Batch of windows, left-aligned. `inputs[b, t]` is the event at t; `targets[b, t]` is the
+    leaf to predict after seeing inputs[b, :t+1] (PAD where not a target). Left alignment keeps
+    positions meaningful for the causal encoder."""
+    start, length = windows.start[rows], windows.length[rows]
+    width = int(length.max()) - 1 if len(rows) else 0
+    width = max(width, 1)
+    index = start[:, None] + np.arange(width + 1)[None, :]
+    valid = np.arange(width + 1)[None, :] < length[:, None]
+    index = np.where(valid, index, 0)
+    events = np.where(valid, data.leaves[index], PAD)
+    target_ok = valid & data.targets()[index]
+    inputs = events[:, :-1]
+    targets = np.where(target_ok[:, 1:], events[:, 1:], PAD)
+    batch = {"inputs": torch.from_numpy(inputs.copy()), "targets": torch.from_numpy(targets.copy())}
+    if data.timestamps is not None:
+        times = np.where(valid, data.timestamps[index], 0.0)
+        batch["input_times"] = torch.from_numpy(times[:, :-1].copy())
+        batch["target_times"] = torch.from_numpy(times[:, 1:].copy())
+    if data.event_types is not None:
+        types = np.where(valid, data.event_types[index], PAD)
+        batch["input_types"] = torch.from_numpy(types[:, :-1].copy())
+    return batch

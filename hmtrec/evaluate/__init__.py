@@ -1,0 +1,1 @@
+"""Evaluation: exact ranking metrics, full and candidate ranking, reports."""

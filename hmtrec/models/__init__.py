@@ -1,0 +1,1 @@
+"""Models. Each registers itself by name; adding a model is one new file plus its config defaults."""

@@ -1,0 +1,19 @@
+"""Where real datasets are looked for: $HMT_DATA_DIR, else ../shared/data beside the checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hmtrec.errors import DataError
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    if path is not None:
+        return Path(path)
+    if "HMT_DATA_DIR" in os.environ:
+        return Path(os.environ["HMT_DATA_DIR"])
+    for candidate in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise DataError("no data folder: set HMT_DATA_DIR or pass data_dir in the config")

@@ -1,0 +1,1 @@
+"""One training loop for every torch model, checkpoints and run directories."""
