@@ -1,19 +1,36 @@
-"""One registry of models by name, per family ("sequence" or "ranking")."""
+"""One registry of models by name, per family ("sequence" or "ranking").
+
+A model registers a builder and the pydantic class of its parameters; the config's `model:`
+section is validated against that class, so an unknown or mistyped model key is an error naming it.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from pydantic import ValidationError
+
+from hmtrec.config import StrictModel, _format_validation_error
 from hmtrec.errors import ConfigError
 
-MODELS: dict[str, dict[str, Callable]] = {"sequence": {}, "ranking": {}}
+
+@dataclass
+class ModelEntry:
+    name: str
+    builder: Callable[..., Any]
+    params: type[StrictModel]
 
 
-def register_model(family: str, name: str):
+MODELS: dict[str, dict[str, ModelEntry]] = {"sequence": {}, "ranking": {}}
+
+
+def register_model(family: str, name: str, params: type[StrictModel]):
+    """Decorator for a builder `builder(params, **context) -> model`."""
     def wrap(builder):
-        MODELS[family][name] = builder
+        MODELS[family][name] = ModelEntry(name, builder, params)
         return builder
     return wrap
 
@@ -24,11 +41,25 @@ def _import_family(family: str) -> None:
         importlib.import_module(f"{package.__name__}.{module.name}")
 
 
-def get_model_builder(family: str, name: str) -> Callable:
+def get_model(family: str, name: str) -> ModelEntry:
     _import_family(family)
     if name not in MODELS[family]:
         raise ConfigError(f"key 'model.name': unknown {family} model {name!r}; known: {sorted(MODELS[family])}")
     return MODELS[family][name]
+
+
+def validate_model_params(family: str, section: dict) -> tuple[ModelEntry, StrictModel]:
+    """`section` is the config's model mapping: {name: ..., <params>}. Returns the entry and
+    validated params; errors name the key as model.<key>."""
+    section = dict(section)
+    name = section.pop("name", None)
+    if name is None:
+        raise ConfigError("key 'model.name' is required")
+    entry = get_model(family, name)
+    try:
+        return entry, entry.params.model_validate(section)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, f"model {name!r}").replace("key '", "key 'model.")) from None
 
 
 def model_names(family: str) -> list[str]:
