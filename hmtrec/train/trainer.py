@@ -47,6 +47,7 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    stopped_early: bool = False     # so a resumed run that had already stopped does not train on
 
 
 @dataclass
@@ -124,7 +125,7 @@ class Trainer:
             from hmtrec.train.run_dir import load_weights
             best_state = load_weights(self.run_dir / BEST_WEIGHTS)
         with progress_bar() as bar:
-            while self.state.epoch < settings.epochs:
+            while self.state.epoch < settings.epochs and not self.state.stopped_early:
                 epoch = self.state.epoch + 1
                 seed_everything(settings.seed * 100_003 + epoch)
                 self.model.train()
@@ -170,12 +171,12 @@ class Trainer:
                         self.state.epochs_without_improvement += 1
                 self.log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
                                                       for k, v in record.items()})
+                if settings.patience is not None and self.state.epochs_without_improvement >= settings.patience:
+                    self.state.stopped_early = True
+                    self.log.info("early stop after epoch %d (best epoch %d)", epoch, self.state.best_epoch)
                 self.save_checkpoint()
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(self.state)
-                if settings.patience is not None and self.state.epochs_without_improvement >= settings.patience:
-                    self.log.info("early stop after epoch %d (best epoch %d)", epoch, self.state.best_epoch)
-                    break
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return self.state
