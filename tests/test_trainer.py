@@ -13,7 +13,7 @@ class Regression(nn.Module):
     def loss(self, batch):
         prediction = self.linear(self.dropout(batch["x"])).squeeze(1)
         loss = ((prediction - batch["y"]) ** 2).mean()
-        return loss, {"mse": float(loss)}
+        return loss, {"mse": float(loss.detach())}
 
 
 def batches(epoch):

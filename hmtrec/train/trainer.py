@@ -145,6 +145,7 @@ class Trainer:
                     self.state.step += 1
                     loss_sum += float(loss.detach())
                     for key, value in parts.items():
+                        value = value.detach() if isinstance(value, torch.Tensor) else value
                         parts_sum[key] = parts_sum.get(key, 0.0) + float(value)
                     bar.update(task, advance=1, info=f"loss {loss_sum / n_steps:.4f}")
                 bar.remove_task(task)
