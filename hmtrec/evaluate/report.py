@@ -1,0 +1,124 @@
+"""Tables of evaluation results: Markdown for files and docs, rich tables for the console.
+
+Inputs are the dicts `hmtrec.evaluate.ranking.evaluate_model` returns, keyed by model name. Models
+are rows; columns are level x metric, in a full-catalogue section and a candidate-mode section.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from rich.table import Table
+
+from hmtrec.bench.report import markdown_table
+from hmtrec.evaluate.metrics import metric_names
+from hmtrec.progress import console
+
+
+def _levels(results_by_model: dict[str, dict], levels: Iterable[str] | None) -> list[str]:
+    if levels is not None:
+        return list(levels)
+    seen: list[str] = []
+    for result in results_by_model.values():
+        for name in result.get("levels", result.get("full", {}).keys()):
+            if name not in seen:
+                seen.append(name)
+    return seen
+
+
+def _metrics(results_by_model: dict[str, dict], metrics: Iterable[str] | None) -> list[str]:
+    if metrics is not None:
+        return list(metrics)
+    ks = sorted({k for result in results_by_model.values() for k in result.get("ks", [])})
+    return metric_names(ks)
+
+
+def _rows(results_by_model: dict[str, dict], mode: str, levels: list[str], metrics: list[str]) -> list[dict]:
+    rows = []
+    for model, result in results_by_model.items():
+        if mode not in result:
+            continue
+        row: dict = {"model": model}
+        for level in levels:
+            values = result[mode].get(level, {})
+            for metric in metrics:
+                row[f"{level} {metric}"] = values.get(metric, "–")
+        if mode == "full":
+            row["cases"] = result.get("n_cases", "")
+            row["eval s"] = f"{result['seconds']:.1f}" if "seconds" in result else ""
+        else:
+            row["coverage"] = result.get("candidate_coverage", "")
+            row["fraction"] = result.get("candidate_fraction", "")
+        rows.append(row)
+    return rows
+
+
+def _candidate_caption(results_by_model: dict[str, dict]) -> str:
+    described = set()
+    for result in results_by_model.values():
+        settings = result.get("candidate_settings")
+        if not settings:
+            continue
+        size = f"k={settings['k']}" if settings.get("k") is not None else f"fraction {settings['fraction']}"
+        described.add(f"top {settings['level']} nodes, {settings['mode']} ({size})")
+    return "; ".join(sorted(described))
+
+
+def results_table(results_by_model: dict[str, dict], *, metrics: Iterable[str] | None = None,
+                  levels: Iterable[str] | None = None, float_format: str = "{:.4f}") -> str:
+    """Markdown: a full-catalogue table and, when any model was evaluated with candidates, a
+    candidate-mode table with coverage (share of targets among the candidates) and the mean
+    candidate fraction of the catalogue."""
+    levels, metrics = _levels(results_by_model, levels), _metrics(results_by_model, metrics)
+    parts = ["**Full catalogue**\n", markdown_table(_rows(results_by_model, "full", levels, metrics),
+                                                    float_format=float_format)]
+    candidate_rows = _rows(results_by_model, "candidate", levels, metrics)
+    if candidate_rows:
+        parts += [f"\n**Candidates** ({_candidate_caption(results_by_model)}; a target outside the candidates "
+                  "is a miss)\n", markdown_table(candidate_rows, float_format=float_format)]
+    return "\n".join(parts)
+
+
+def segments_table(result: dict, segment: str, *, level: str | None = None,
+                   metrics: Iterable[str] | None = None, float_format: str = "{:.4f}") -> str:
+    """Markdown: one row per bucket of `segment` (case count, full metrics and, in candidate mode,
+    candidate metrics and coverage) at `level` (default: the finest evaluated level)."""
+    if segment not in result.get("segments", {}):
+        raise KeyError(f"no segment {segment!r}; have {sorted(result.get('segments', {}))}")
+    level = level or result["levels"][-1]
+    metrics = list(metrics) if metrics is not None else metric_names(result["ks"])
+    rows = []
+    candidate = result.get("candidate_segments", {}).get(segment)
+    for bucket, by_level in result["segments"][segment].items():
+        row: dict = {segment: bucket, "cases": result["segment_cases"][segment][bucket]}
+        row.update({metric: by_level[level][metric] for metric in metrics})
+        if candidate is not None:
+            row.update({f"cand {metric}": candidate[bucket][level][metric] for metric in metrics})
+            row["coverage"] = result["segment_coverage"][segment][bucket]
+        rows.append(row)
+    return markdown_table(rows, float_format=float_format)
+
+
+def rich_tables(results_by_model: dict[str, dict], *, metrics: Iterable[str] | None = None,
+                levels: Iterable[str] | None = None) -> list[Table]:
+    """The same content as `results_table`, as rich Tables."""
+    levels, metrics = _levels(results_by_model, levels), _metrics(results_by_model, metrics)
+    tables = []
+    sections = [("full", "Full catalogue"), ("candidate", f"Candidates ({_candidate_caption(results_by_model)})")]
+    for mode, title in sections:
+        rows = _rows(results_by_model, mode, levels, metrics)
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        for column in rows[0]:
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in rows:
+            table.add_row(*[f"{value:.4f}" if isinstance(value, float) else str(value) for value in row.values()])
+        tables.append(table)
+    return tables
+
+
+def print_results(results_by_model: dict[str, dict], **options) -> None:
+    """Print `rich_tables` to the hmtrec console."""
+    for table in rich_tables(results_by_model, **options):
+        console.print(table)

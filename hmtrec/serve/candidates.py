@@ -1,0 +1,242 @@
+"""Candidate generation: pick the best nodes of a coarse taxonomy level, keep only the leaves under
+them.
+
+Everything works on whole batches of queries at once (sort, cumsum, scatter, gather): there is no
+Python loop over queries, nodes or leaves. Ties between equal node scores are broken by the lower
+node index, so candidate sets are deterministic.
+
+Two ways to size the candidate set:
+- fixed k: the top `k` nodes of every query (`top_nodes`); `k_for_fraction` picks the k whose
+  expected share of the catalogue is a target fraction;
+- adaptive: per query, nodes in descending score until their leaves reach a target fraction of the
+  catalogue (`adaptive_node_mask`), so a query whose best nodes are small categories gets more of them.
+
+For serving, `full_topk` and `candidate_topk` score query vectors against leaf embeddings, over the
+whole catalogue in bounded-memory chunks or over the candidate leaves only; the benchmark harness
+times one against the other.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from hmtrec.data.taxonomy import Taxonomy
+
+CandidateMode = Literal["fixed_k", "adaptive"]
+
+
+# ---- choosing nodes ----------------------------------------------------------------------------
+
+def _descending_order(level_scores: torch.Tensor) -> torch.Tensor:
+    """Node indices by descending score, ties by ascending index (a stable sort)."""
+    return torch.sort(level_scores, dim=1, descending=True, stable=True).indices
+
+
+def top_nodes(level_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """level_scores [M, n_nodes] -> indices [M, min(k, n_nodes)] of each row's best nodes, best
+    first; equal scores are taken in ascending node order."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(int(k), level_scores.shape[1])
+    return _descending_order(level_scores)[:, :k]
+
+
+def k_for_fraction(taxonomy: Taxonomy, level: int | str, fraction: float) -> int:
+    """The fixed k whose candidate set covers about `fraction` of the catalogue on average: a node
+    of `level` holds n_leaves / n_nodes leaves on average, so k = round(fraction * n_nodes),
+    clipped to [1, n_nodes]. The fraction actually reached depends on which nodes a model picks
+    (popular nodes tend to be large); the evaluator reports it."""
+    _check_fraction(fraction)
+    n_nodes = taxonomy.n_nodes(level)
+    return int(min(n_nodes, max(1, round(fraction * n_nodes))))
+
+
+def adaptive_node_mask(level_scores: torch.Tensor, leaf_counts: torch.Tensor | np.ndarray,
+                       fraction: float) -> torch.Tensor:
+    """Per row, take nodes in descending score until the leaves under the taken nodes reach
+    `fraction` of all leaves (the node that crosses the target is included, so at least one node
+    is always taken). level_scores [M, n_nodes], leaf_counts [n_nodes] -> bool [M, n_nodes]."""
+    _check_fraction(fraction)
+    counts = torch.as_tensor(leaf_counts, dtype=torch.float64, device=level_scores.device)
+    if counts.shape != (level_scores.shape[1],):
+        raise ValueError(f"leaf_counts has shape {tuple(counts.shape)}, expected ({level_scores.shape[1]},)")
+    order = _descending_order(level_scores)
+    sorted_counts = counts[order]
+    before = torch.cumsum(sorted_counts, dim=1) - sorted_counts  # leaves taken before each node
+    target = fraction * float(counts.sum())
+    keep_sorted = before < target
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+
+
+def node_mask_from_indices(nodes: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """nodes [M, k] -> bool [M, n_nodes]."""
+    mask = torch.zeros(nodes.shape[0], n_nodes, dtype=torch.bool, device=nodes.device)
+    return mask.scatter_(1, nodes.long(), True)
+
+
+def leaf_mask_from_nodes(node_mask: torch.Tensor, taxonomy: Taxonomy, level: int | str) -> torch.Tensor:
+    """bool [M, n_nodes(level)] -> bool [M, n_leaves]: a leaf is kept when its ancestor is. One gather."""
+    table = torch.from_numpy(taxonomy.ancestor_table(level)).to(node_mask.device)
+    return node_mask[:, table]
+
+
+def descendant_mask(node_mask: torch.Tensor, taxonomy: Taxonomy, level: int | str,
+                    finer_level: int | str) -> torch.Tensor:
+    """bool [M, n_nodes(level)] -> bool [M, n_nodes(finer_level)]: nodes of the finer level whose
+    ancestor at `level` is kept."""
+    coarse, fine = taxonomy.level_index(level), taxonomy.level_index(finer_level)
+    if fine < coarse:
+        raise ValueError(f"{taxonomy.level_names[fine]!r} is coarser than {taxonomy.level_names[coarse]!r}")
+    ancestors = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(fine)), fine, coarse)
+    return node_mask[:, torch.from_numpy(ancestors).to(node_mask.device)]
+
+
+def candidate_node_mask(level_scores: torch.Tensor, taxonomy: Taxonomy, level: int | str, *,
+                        mode: CandidateMode = "adaptive", k: int | None = None,
+                        fraction: float | None = None) -> torch.Tensor:
+    """The chosen nodes of `level` per row, as bool [M, n_nodes(level)].
+    mode "fixed_k": the top k nodes (k given, or from `fraction` through `k_for_fraction`);
+    mode "adaptive": nodes until their leaves reach `fraction` of the catalogue."""
+    n_nodes = taxonomy.n_nodes(level)
+    if level_scores.ndim != 2 or level_scores.shape[1] != n_nodes:
+        raise ValueError(f"level scores of shape {tuple(level_scores.shape)} for level "
+                         f"{taxonomy.level_names[taxonomy.level_index(level)]!r} with {n_nodes} nodes")
+    if mode == "fixed_k":
+        if k is None:
+            if fraction is None:
+                raise ValueError("fixed_k candidates need k or fraction")
+            k = k_for_fraction(taxonomy, level, fraction)
+        return node_mask_from_indices(top_nodes(level_scores, k), n_nodes)
+    if mode == "adaptive":
+        if fraction is None:
+            raise ValueError("adaptive candidates need a fraction")
+        if k is not None:
+            raise ValueError("adaptive candidates take a fraction, not k")
+        counts = torch.from_numpy(taxonomy.leaf_counts(level)).to(level_scores.device)
+        return adaptive_node_mask(level_scores, counts, fraction)
+    raise ValueError(f"unknown candidate mode {mode!r}; use 'fixed_k' or 'adaptive'")
+
+
+def candidate_leaf_mask(level_scores: torch.Tensor, taxonomy: Taxonomy, level: int | str, *,
+                        mode: CandidateMode = "adaptive", k: int | None = None,
+                        fraction: float | None = None) -> torch.Tensor:
+    """bool [M, n_leaves]: the leaves under each row's chosen nodes of `level` (see
+    `candidate_node_mask`)."""
+    node_mask = candidate_node_mask(level_scores, taxonomy, level, mode=mode, k=k, fraction=fraction)
+    return leaf_mask_from_nodes(node_mask, taxonomy, level)
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"candidate fraction must be in (0, 1], got {fraction}")
+
+
+# ---- level scores from leaf scores ---------------------------------------------------------------
+
+def aggregate_leaf_scores(leaf_scores: torch.Tensor, taxonomy: Taxonomy, level: int | str,
+                          how: Literal["logsumexp", "max"] = "logsumexp") -> torch.Tensor:
+    """Scores of the nodes of `level` from leaf scores [M, n_leaves], for models without a head at
+    that level. "logsumexp" reads leaf scores as logits: a node's score is the log of the summed
+    softmax probability of its leaves (up to a per-row constant, which never changes a ranking).
+    "max" scores a node by its best leaf, which suits scores that are not logits (counts,
+    similarities). Nodes without leaves get -inf."""
+    parent = torch.from_numpy(taxonomy.ancestor_table(level)).to(leaf_scores.device)
+    return aggregate_node_scores(leaf_scores, parent, taxonomy.n_nodes(level), how)
+
+
+def aggregate_node_scores(scores: torch.Tensor, parent: torch.Tensor, n_parents: int,
+                          how: Literal["logsumexp", "max"] = "logsumexp") -> torch.Tensor:
+    """scores [M, n] of fine nodes, parent [n] (index of each fine node's coarse ancestor) ->
+    scores [M, n_parents] of the coarse nodes (see `aggregate_leaf_scores`). Computed in float32,
+    or float64 when the input is float64."""
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    index = parent.to(scores.device).expand(scores.shape[0], -1)
+    if how == "max":
+        out = torch.full((scores.shape[0], n_parents), -math.inf, dtype=scores.dtype, device=scores.device)
+        return out.scatter_reduce_(1, index, scores, reduce="amax", include_self=True)
+    if how == "logsumexp":
+        row_max = scores.max(dim=1, keepdim=True).values
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        sums = torch.zeros(scores.shape[0], n_parents, dtype=scores.dtype, device=scores.device)
+        sums.scatter_add_(1, index, torch.exp(scores - row_max))
+        return torch.log(sums) + row_max
+    raise ValueError(f"unknown aggregation {how!r}; use 'logsumexp' or 'max'")
+
+
+# ---- scoring in bounded memory (serving and speed benchmarks) ----------------------------------
+
+def row_chunks(n_rows: int, n_columns: int, budget_mb: float, bytes_per_cell: int = 4) -> Iterator[slice]:
+    """Slices of rows such that a [rows, n_columns] block of `bytes_per_cell` stays within
+    `budget_mb` (at least one row per chunk)."""
+    rows = max(1, int(budget_mb * 2**20 // max(1, n_columns * bytes_per_cell)))
+    for start in range(0, n_rows, rows):
+        yield slice(start, min(n_rows, start + rows))
+
+
+def full_topk(queries: torch.Tensor, leaf_embeddings: torch.Tensor, k: int, *,
+              budget_mb: float = 256.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k leaves by dot product over the whole catalogue: queries [Q, d], leaf_embeddings
+    [N, d] -> (scores [Q, k], leaves [Q, k]). Leaves are scored in column chunks so the score block
+    stays within `budget_mb`, and a running top-k is merged chunk by chunk."""
+    k = min(int(k), leaf_embeddings.shape[0])
+    best_scores = torch.full((queries.shape[0], 0), -math.inf, dtype=queries.dtype, device=queries.device)
+    best_leaves = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    for chunk in row_chunks(leaf_embeddings.shape[0], max(1, queries.shape[0]), budget_mb,
+                            queries.element_size()):
+        scores = queries @ leaf_embeddings[chunk].T
+        leaves = torch.arange(chunk.start, chunk.stop, device=queries.device).expand(queries.shape[0], -1)
+        merged_scores = torch.cat([best_scores, scores], dim=1)
+        merged_leaves = torch.cat([best_leaves, leaves], dim=1)
+        top = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
+        best_scores, best_leaves = top.values, merged_leaves.gather(1, top.indices)
+    return best_scores, best_leaves
+
+
+def candidate_leaf_index(taxonomy: Taxonomy, level: int | str, nodes: torch.Tensor) -> torch.Tensor:
+    """nodes [Q, k] of `level` -> leaf indices [Q, C] of the leaves under each row's nodes, padded
+    with -1 to the largest row's count C. Built with repeat_interleave over the leaves-by-node
+    order, without a loop over queries."""
+    level = taxonomy.level_index(level)
+    order, offsets = taxonomy._leaves_by_node(level)
+    order_t = torch.from_numpy(order).to(nodes.device)
+    offsets_t = torch.from_numpy(offsets).to(nodes.device)
+    nodes = nodes.long()
+    starts, lengths = offsets_t[nodes], offsets_t[nodes + 1] - offsets_t[nodes]    # [Q, k]
+    flat_lengths = lengths.reshape(-1)
+    total = int(flat_lengths.sum())
+    per_query = lengths.sum(1)
+    width = int(per_query.max()) if len(per_query) else 0
+    out = torch.full((nodes.shape[0], width), -1, dtype=torch.long, device=nodes.device)
+    if total == 0:
+        return out
+    # position of every candidate within the flat list of ranges, then within its query row
+    range_start = torch.cumsum(flat_lengths, 0) - flat_lengths
+    within_range = torch.arange(total, device=nodes.device) - torch.repeat_interleave(range_start, flat_lengths)
+    source = torch.repeat_interleave(starts.reshape(-1), flat_lengths) + within_range
+    query = torch.repeat_interleave(torch.arange(nodes.shape[0], device=nodes.device).repeat_interleave(
+        nodes.shape[1]), flat_lengths)
+    query_start = torch.cumsum(per_query, 0) - per_query
+    column = torch.arange(total, device=nodes.device) - query_start[query]
+    out[query, column] = order_t[source]
+    return out
+
+
+def candidate_topk(queries: torch.Tensor, leaf_embeddings: torch.Tensor, taxonomy: Taxonomy,
+                   level: int | str, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k leaves by dot product among the leaves under `nodes` [Q, k_nodes] only: the work is
+    proportional to the candidate count, not the catalogue. Returns (scores [Q, k], leaves [Q, k]);
+    rows with fewer than k candidates are padded with score -inf and leaf -1."""
+    leaves = candidate_leaf_index(taxonomy, level, nodes)                         # [Q, C]
+    valid = leaves >= 0
+    vectors = leaf_embeddings[leaves.clamp(min=0)]                                 # [Q, C, d]
+    scores = torch.bmm(vectors, queries[:, :, None]).squeeze(2)
+    scores = scores.masked_fill(~valid, -math.inf)
+    top = torch.topk(scores, min(int(k), scores.shape[1]), dim=1)
+    chosen = leaves.gather(1, top.indices)
+    chosen = torch.where(valid.gather(1, top.indices), chosen, torch.full_like(chosen, -1))
+    return top.values, chosen
