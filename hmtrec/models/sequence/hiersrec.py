@@ -1,0 +1,157 @@
+"""HierSRec: a metadata-aware causal Transformer with hierarchical heads.
+
+Every leaf (item) gets one vector, built from up to three parts that are concatenated and
+projected to the model width:
+  item-id embedding | one embedding per coarser taxonomy level (its ancestors) | text embedding.
+A history is the sequence of its leaves' vectors, encoded by a causal Transformer
+(`encoder.CausalTransformer`). At each target position the encoding feeds `HierarchicalHeads`,
+one head per chosen level; the leaf head is tied to the same leaf vectors.
+
+Ablation switches: `use_item_ids: false` (metadata only), `use_metadata: false` (ids only),
+`head_levels` (e.g. only the leaf level for "no hierarchy", or the coarse levels only to predict
+up to a level), `coupling` (parallel or cascade) and `consistency_weight`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from hmtrec.config import StrictModel
+from hmtrec.data.sequences import PAD, Dataset
+from hmtrec.data.taxonomy import Taxonomy
+from hmtrec.errors import ConfigError
+from hmtrec.models.registry import register_model
+from hmtrec.models.sequence.base import SequenceRecommender, target_positions
+from hmtrec.models.sequence.encoder import CausalTransformer
+from hmtrec.models.sequence.heads import HierarchicalHeads
+from hmtrec.models.sequence.text import build_text_encoder
+from hmtrec.train.run_dir import get_logger
+
+
+class HierSRecParams(StrictModel):
+    dim: int = Field(64, ge=8, description="Transformer width.")
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1, description="Attention heads; must divide dim.")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    id_dim: int = Field(64, ge=1, description="Width of the item-id embedding.")
+    level_dim: int = Field(32, ge=1, description="Width of each taxonomy-level embedding.")
+    text: Literal["hashed", "minilm", "none"] = Field(
+        "hashed", description="Item text encoder: hashed bag of words, frozen MiniLM vectors, or none.")
+    text_dim: int = Field(32, ge=1, description="Width of the text embedding.")
+    text_buckets: int = Field(2**15, ge=1, description="Hash buckets of the bag of words.")
+    use_item_ids: bool = Field(True, description="Include the item-id embedding (false: metadata only).")
+    use_metadata: bool = Field(True, description="Include taxonomy-level and text embeddings (false: ids only).")
+    coupling: Literal["parallel", "cascade"] = "cascade"
+    head_levels: list[str] | None = Field(
+        None, description="Levels that get a head, coarse to fine; default every level.")
+    loss_weights: dict[str, float] = Field(default_factory=dict, description="Per-level loss weight (default 1).")
+    consistency_weight: float = Field(0.0, ge=0.0, description="Weight of the KL consistency term (0: off).")
+    tied_leaf_head: bool = Field(True, description="Score leaves by dot product with their input vectors.")
+
+    @model_validator(mode="after")
+    def _some_input(self):
+        if not (self.use_item_ids or self.use_metadata):
+            raise ValueError("use_item_ids and use_metadata cannot both be false: items would have no input")
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        return self
+
+
+class LeafVectors(nn.Module):
+    """The [n_leaves, dim] table of leaf vectors: concat(id, ancestor levels, text) -> linear."""
+
+    def __init__(self, taxonomy: Taxonomy, params: HierSRecParams, texts, cache_dir: str | Path | None):
+        super().__init__()
+        widths = []
+        self.item_ids = None
+        if params.use_item_ids:
+            self.item_ids = nn.Embedding(taxonomy.n_leaves, params.id_dim)
+            nn.init.normal_(self.item_ids.weight, std=0.02)
+            widths.append(params.id_dim)
+        self.levels = nn.ModuleList()
+        self.text = None
+        if params.use_metadata:
+            for level in range(taxonomy.n_levels - 1):
+                embedding = nn.Embedding(taxonomy.n_nodes(level), params.level_dim)
+                nn.init.normal_(embedding.weight, std=0.02)
+                self.levels.append(embedding)
+                widths.append(params.level_dim)
+            self.text = build_text_encoder(params.text, texts, params.text_dim, buckets=params.text_buckets,
+                                           cache_dir=cache_dir)
+            if self.text is not None:
+                widths.append(params.text_dim)
+        self.project = nn.Linear(sum(widths), params.dim)
+        self.register_buffer("ancestors", torch.from_numpy(taxonomy.leaf_ancestors[:, :-1].copy()), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        parts = []
+        if self.item_ids is not None:
+            parts.append(self.item_ids.weight)
+        for level, embedding in enumerate(self.levels):
+            parts.append(embedding(self.ancestors[:, level]))
+        if self.text is not None:
+            parts.append(self.text.table())
+        return self.project(torch.cat(parts, dim=1))
+
+
+class HierSRec(SequenceRecommender):
+    def __init__(self, taxonomy: Taxonomy, params: HierSRecParams, *, max_len: int,
+                 leaf_text: list[str] | None = None, cache_dir: str | Path | None = None):
+        super().__init__(taxonomy)
+        self.params = params
+        head_levels = params.head_levels or list(taxonomy.level_names)
+        unknown = [level for level in head_levels if level not in taxonomy.level_names]
+        if unknown:
+            raise ConfigError(f"key 'model.head_levels': unknown level(s) {unknown}; "
+                              f"the taxonomy's levels are {taxonomy.level_names}")
+        head_levels = sorted(set(head_levels), key=taxonomy.level_index)
+        unknown = sorted(set(params.loss_weights) - set(head_levels))
+        if unknown:
+            raise ConfigError(f"key 'model.loss_weights': level(s) {unknown} have no head; heads: {head_levels}")
+        if params.use_metadata and params.text != "none" and leaf_text is None:
+            get_logger().info("HierSRec: the dataset has no item text; the text embedding is off")
+        self.leaf_vectors = LeafVectors(taxonomy, params, leaf_text, cache_dir)
+        self.encoder = CausalTransformer(params.dim, params.layers, params.heads, params.dropout, max_len)
+        self.heads = HierarchicalHeads(taxonomy, head_levels, params.dim, coupling=params.coupling,
+                                       loss_weights=params.loss_weights,
+                                       consistency_weight=params.consistency_weight,
+                                       tied_leaf_head=params.tied_leaf_head)
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.heads.levels)
+
+    @property
+    def max_len(self) -> int:
+        return self.encoder.max_len
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs = batch["inputs"]
+        leaf_vectors = self.leaf_vectors()
+        valid = inputs != PAD
+        tokens = leaf_vectors[inputs.clamp_min(0)] * valid[..., None]
+        hidden = self.encoder(tokens, valid)
+        at = target_positions(batch)
+        # Gather the target positions before any output layer: heads run on [M, D], not [B, T, D].
+        return self.heads(hidden[at], leaf_vectors), batch["targets"][at]
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits, _ = self._logits(batch)
+        return logits
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, targets = self._logits(batch)
+        return self.heads.loss(logits, targets)
+
+
+@register_model("sequence", "hiersrec", params=HierSRecParams)
+def build_hiersrec(params: HierSRecParams, *, taxonomy: Taxonomy, dataset: Dataset | None = None,
+                   max_len: int = 50, run_dir: str | Path | None = None, **context) -> HierSRec:
+    """`max_len`: the longest window the model will see; `run_dir`: where MiniLM vectors are cached."""
+    return HierSRec(taxonomy, params, max_len=max_len,
+                    leaf_text=dataset.leaf_text if dataset is not None else None, cache_dir=run_dir)
