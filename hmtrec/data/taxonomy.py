@@ -221,6 +221,25 @@ class Taxonomy:
         rows[names[-1]] = [str(leaf) for leaf in leaves]
         return cls.from_table(pd.DataFrame(rows), names, file=file)
 
+    def subset(self, leaves) -> tuple["Taxonomy", np.ndarray]:
+        """The sub-tree spanned by `leaves` (indices): nodes without a kept leaf disappear.
+        Returns the new taxonomy and `new_index` (length n_leaves, -1 for dropped leaves), mapping
+        old leaf indices to new ones. Kept nodes keep their relative order at every level."""
+        keep = np.zeros(self.n_leaves, dtype=bool)
+        keep[np.asarray(leaves, dtype=np.int64)] = True
+        labels, parents, new_index = [], [None], None
+        for level in range(self.n_levels):
+            used = np.zeros(self.n_nodes(level), dtype=bool)
+            used[self.leaf_ancestors[keep, level]] = True
+            index = np.full(self.n_nodes(level), -1, dtype=np.int64)
+            index[used] = np.arange(int(used.sum()))
+            labels.append(self.node_labels[level][used])
+            if level > 0:
+                parents.append(previous_index[self.parents[level][used]])
+            previous_index = index
+            new_index = index
+        return Taxonomy(self.level_names, labels, parents), new_index
+
     # ---- persistence (JSON, no pickles) ----------------------------------------------------
     def to_dict(self) -> dict:
         return {
