@@ -267,6 +267,10 @@ def rank_cases(model, data: SequenceData, taxonomy: Taxonomy, settings: EvalSett
     if max_len is None:
         raise ValueError("evaluation needs a context length: pass max_len or set eval.max_len")
     model_name = type(model).__name__
+    if data.n_events and (data.leaves.min() < 0 or data.leaves.max() >= taxonomy.n_leaves):
+        bad = int(np.flatnonzero((data.leaves < 0) | (data.leaves >= taxonomy.n_leaves))[0])
+        raise ValueError(f"event {bad} has leaf index {int(data.leaves[bad])}, outside the taxonomy's "
+                         f"{taxonomy.n_leaves} leaves: the data and the taxonomy do not belong together")
     windows = make_windows(data, max_len)
     max_rows = max(1, int(settings.score_budget_mb * 2**20 // (max(taxonomy.n_leaves, 1) * BYTES_PER_SCORE_CELL)))
     batches = plan_batches(_window_target_counts(data, windows), windows.length, max_rows=max_rows,

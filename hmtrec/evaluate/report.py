@@ -101,19 +101,32 @@ def segments_table(result: dict, segment: str, *, level: str | None = None,
 
 def rich_tables(results_by_model: dict[str, dict], *, metrics: Iterable[str] | None = None,
                 levels: Iterable[str] | None = None) -> list[Table]:
-    """The same content as `results_table`, as rich Tables."""
+    """The content of `results_table` as rich Tables narrow enough for a terminal: one row per
+    (model, level), one column per metric."""
     levels, metrics = _levels(results_by_model, levels), _metrics(results_by_model, metrics)
     tables = []
     sections = [("full", "Full catalogue"), ("candidate", f"Candidates ({_candidate_caption(results_by_model)})")]
     for mode, title in sections:
-        rows = _rows(results_by_model, mode, levels, metrics)
-        if not rows:
+        models = [model for model, result in results_by_model.items() if mode in result]
+        if not models:
             continue
         table = Table(title=title, title_justify="left")
-        for column in rows[0]:
-            table.add_column(column, justify="left" if column == "model" else "right")
-        for row in rows:
-            table.add_row(*[f"{value:.4f}" if isinstance(value, float) else str(value) for value in row.values()])
+        extra = ["cases", "eval s"] if mode == "full" else ["coverage", "fraction"]
+        for column in ["model", "level", *metrics, *extra]:
+            table.add_column(column, justify="left" if column in ("model", "level") else "right")
+        for model in models:
+            result = results_by_model[model]
+            for position, level in enumerate(levels):
+                values = result[mode].get(level, {})
+                cells = [model if position == 0 else "", level]
+                cells += [f"{values[metric]:.4f}" if metric in values else "–" for metric in metrics]
+                if position > 0:
+                    cells += ["", ""]
+                elif mode == "full":
+                    cells += [str(result.get("n_cases", "")), f"{result.get('seconds', 0.0):.1f}"]
+                else:
+                    cells += [f"{result['candidate_coverage']:.4f}", f"{result['candidate_fraction']:.4f}"]
+                table.add_row(*cells, end_section=position == len(levels) - 1)
         tables.append(table)
     return tables
 
