@@ -28,3 +28,26 @@ class SourceData:
     has_time: bool = True
     given: dict[str, pd.DataFrame] | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def source_folder(cfg, folder_name: str):
+    """The folder a reader reads: `data.path` if given, else <data dir>/<folder_name>."""
+    from pathlib import Path
+
+    from hmtrec.errors import DataError
+    from hmtrec.paths import data_dir
+
+    folder = Path(cfg.path) if cfg.path is not None else data_dir() / folder_name
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist (set data.path or HMT_DATA_DIR)")
+    return folder
+
+
+def find_file(folder, *names: str):
+    """The first of `names` present in `folder` (e.g. 'ratings.dat' or 'ratings.dat.gz')."""
+    from hmtrec.errors import DataError
+
+    for name in names:
+        if (folder / name).exists():
+            return folder / name
+    raise DataError(f"none of {list(names)} found in {folder}")
