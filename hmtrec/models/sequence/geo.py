@@ -1,0 +1,246 @@
+"""The action-token transformer: next-destination prediction at coarse geographic levels.
+
+Each user action is one token whose embedding is a plain sum
+
+    token = Σ_{level in token_levels} E_level[node of the acted-on entity at that level]
+            + E_type[action type] + E_age[bucket of the action's age at prediction time]
+
+(e.g. region + cell + venue + "check-in" + "3-5 days ago"). There are no position embeddings: the
+age bucket places a token in time. Every stream of an example (long-term, short-term, ...) is
+embedded the same way and the streams' tokens are concatenated behind one summary token, whose
+embedding is a learned vector plus the embeddings of the prediction time's calendar features
+(month, ISO week, weekday). A bidirectional pre-LN Transformer reads the lot; the summary
+token's final state feeds `HierarchicalHeads` for the predicted levels only (e.g. region and cell,
+no venue head), trained jointly with the optional consistency term.
+
+Batches come from `hmtrec.data.actions.ActionStreams.batch`: per stream `{s}_leaves`, `{s}_types`,
+`{s}_age_days` [B, L] and `context_<feature>` [B]. `predict` returns log-probabilities for every
+level from the taxonomy's root down to the finest head; a level without a head (e.g. region for a
+cell-only model) gets the finest head's probability mass summed up the taxonomy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from hmtrec.config import StrictModel
+from hmtrec.data.actions import CALENDAR_FEATURES, log_event_types
+from hmtrec.data.sequences import PAD
+from hmtrec.data.taxonomy import Taxonomy
+from hmtrec.errors import ConfigError
+from hmtrec.models.registry import register_model
+from hmtrec.models.sequence.base import SequenceRecommender
+from hmtrec.models.sequence.encoder import Block
+from hmtrec.models.sequence.heads import HierarchicalHeads
+
+LEAVES_SUFFIX = "_leaves"
+
+
+class ActionTransformerParams(StrictModel):
+    levels: list[str] | None = None          # head levels, coarse to fine; default: every level above the leaf
+    token_levels: list[str] | None = None    # levels summed into a token; default: every level
+    dim: int = Field(64, ge=8)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    age_bucket_days: list[float] = Field(default_factory=lambda: [1, 2, 3, 5, 7, 14, 30, 60, 120, 240])
+    context: list[Literal["month", "week", "weekday"]] = Field(default_factory=list)
+    coupling: Literal["parallel", "cascade"] = "parallel"
+    loss_weights: dict[str, float] = Field(default_factory=dict)
+    consistency_weight: float = Field(1.0, ge=0)
+
+    @field_validator("age_bucket_days")
+    @classmethod
+    def _increasing(cls, edges: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(edges, edges[1:])) or any(edge <= 0 for edge in edges):
+            raise ValueError("age_bucket_days must be positive and strictly increasing")
+        return edges
+
+
+class ActionTransformer(SequenceRecommender):
+    def __init__(self, taxonomy: Taxonomy, params: ActionTransformerParams, event_types: list[str]):
+        super().__init__(taxonomy)
+        self.params = params
+        self.head_levels = self._resolve_levels(taxonomy, params.levels, "model.levels",
+                                                default=taxonomy.level_names[:-1])
+        self.token_levels = self._resolve_levels(taxonomy, params.token_levels, "model.token_levels",
+                                                 default=taxonomy.level_names)
+        self.event_types = list(event_types)
+        dim = params.dim
+
+        self.level_embeddings = nn.ModuleDict(
+            {level: nn.Embedding(taxonomy.n_nodes(level), dim) for level in self.token_levels})
+        self.type_embedding = nn.Embedding(len(self.event_types), dim)
+        self.register_buffer("age_edges", torch.tensor(params.age_bucket_days, dtype=torch.float64),
+                             persistent=False)
+        self.age_embedding = nn.Embedding(len(params.age_bucket_days) + 1, dim)
+        self.summary = nn.Parameter(torch.zeros(dim))
+        self.context_embeddings = nn.ModuleDict(
+            {name: nn.Embedding(CALENDAR_FEATURES[name], dim) for name in params.context})
+        for embedding in [*self.level_embeddings.values(), self.type_embedding, self.age_embedding,
+                          *self.context_embeddings.values()]:
+            nn.init.normal_(embedding.weight, std=0.02)
+        self.input_dropout = nn.Dropout(params.dropout)
+        self.blocks = nn.ModuleList(Block(dim, params.n_heads, params.dropout) for _ in range(params.n_layers))
+        self.final_norm = nn.LayerNorm(dim)
+        unknown = set(params.loss_weights) - set(self.head_levels)
+        if unknown:
+            raise ConfigError(f"key 'model.loss_weights': levels without a head: {sorted(unknown)}")
+        self.heads = HierarchicalHeads(taxonomy, self.head_levels, dim, coupling=params.coupling,
+                                       loss_weights=params.loss_weights,
+                                       consistency_weight=params.consistency_weight)
+        # Each leaf's node at every level (token lookups) and, for levels coarser than the finest
+        # head, each finest-head node's ancestor there (to derive levels without a head).
+        self.register_buffer("leaf_ancestors", torch.from_numpy(taxonomy.leaf_ancestors.copy()), persistent=False)
+        finest = self.head_levels[-1]
+        self.output_levels = taxonomy.level_names[: taxonomy.level_index(finest) + 1]
+        for level in self.output_levels:
+            if level not in self.head_levels:
+                parent = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(finest)), finest, level)
+                self.register_buffer(f"derived_parent_{level}", torch.from_numpy(parent), persistent=False)
+
+    @staticmethod
+    def _resolve_levels(taxonomy: Taxonomy, levels: list[str] | None, key: str, default: list[str]) -> list[str]:
+        levels = list(default if levels is None else levels)
+        unknown = [level for level in levels if level not in taxonomy.level_names]
+        if unknown or not levels:
+            raise ConfigError(f"key {key!r}: unknown or empty levels {unknown or levels}; "
+                              f"the taxonomy has {taxonomy.level_names}")
+        return sorted(set(levels), key=taxonomy.level_names.index)
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.output_levels)
+
+    # ---- encoding --------------------------------------------------------------------------
+    def age_buckets(self, age_days: torch.Tensor) -> torch.Tensor:
+        """Bucket b holds ages in (edge[b-1], edge[b]]; the last bucket everything older."""
+        return torch.bucketize(age_days.to(torch.float64), self.age_edges, right=False)
+
+    def token_embeddings(self, leaves: torch.Tensor, types: torch.Tensor, age_days: torch.Tensor) -> torch.Tensor:
+        """[B, L] actions -> [B, L, D]: Σ level embeddings + type embedding + age-bucket embedding.
+        Values at padding (leaves == PAD) are meaningless and masked out of attention."""
+        leaves = leaves.clamp_min(0)
+        tokens = self.type_embedding(types.clamp_min(0)) + self.age_embedding(self.age_buckets(age_days))
+        for level, embedding in self.level_embeddings.items():
+            tokens = tokens + embedding(self.leaf_ancestors[leaves, self.taxonomy.level_index(level)])
+        return tokens
+
+    def summary_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        size = batch["targets"].shape[0]
+        summary = self.summary.expand(size, -1)
+        for name, embedding in self.context_embeddings.items():
+            summary = summary + embedding(batch[f"context_{name}"])
+        return summary
+
+    @staticmethod
+    def stream_names(batch: dict[str, torch.Tensor]) -> list[str]:
+        return sorted(key[: -len(LEAVES_SUFFIX)] for key in batch if key.endswith(LEAVES_SUFFIX))
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summary token's final state [B, D]."""
+        streams = self.stream_names(batch)
+        if not streams or batch["targets"].dim() != 1:
+            raise ConfigError("the action-transformer reads action-stream examples (hmtrec.data.actions), "
+                              "not sequence windows: train it with a config of kind 'geo'")
+        tokens = [self.summary_embedding(batch)[:, None]]
+        valid = [torch.ones_like(batch["targets"][:, None], dtype=torch.bool)]
+        for stream in streams:
+            leaves = batch[f"{stream}_leaves"]
+            tokens.append(self.token_embeddings(leaves, batch[f"{stream}_types"], batch[f"{stream}_age_days"]))
+            valid.append(leaves != PAD)
+        x, valid_keys = torch.cat(tokens, 1), torch.cat(valid, 1)
+        length = x.shape[1]
+        # Bidirectional: every token sees every real action (padding keys masked; a query always
+        # sees itself, so padded rows never have every key masked).
+        allowed = valid_keys[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=x.device)[None, None]
+        h = self.input_dropout(x)
+        for block in self.blocks:
+            h = block(h, allowed)
+        return self.final_norm(h[:, 0])
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def logits(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.heads(self.encode(batch))
+
+    def log_probabilities(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Log-probabilities for every output level; levels without a head aggregate the finest head."""
+        out = {level: torch.log_softmax(logits[level], dim=-1) for level in self.head_levels}
+        finest = torch.softmax(logits[self.head_levels[-1]], dim=-1)
+        for level in self.output_levels:
+            if level not in out:
+                parent = getattr(self, f"derived_parent_{level}")
+                mass = finest.new_zeros(finest.shape[0], self.taxonomy.n_nodes(level)).index_add_(1, parent, finest)
+                out[level] = mass.clamp_min(1e-30).log()
+        return {level: out[level] for level in self.output_levels}
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{level: log-probabilities [B, n_nodes]} for every example of the batch."""
+        return self.log_probabilities(self.logits(batch))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.heads.loss(self.logits(batch), batch["targets"])
+
+
+@register_model("sequence", "action-transformer", params=ActionTransformerParams)
+def build_action_transformer(params: ActionTransformerParams, *, taxonomy: Taxonomy, dataset=None, **_) -> ActionTransformer:
+    event_types = log_event_types(dataset.sequences) if dataset is not None else ["event"]
+    return ActionTransformer(taxonomy, params, event_types)
+
+
+class HistoryPopularityParams(StrictModel):
+    levels: list[str] | None = None                 # scored levels; default: every level above the leaf
+    prior_weight: float = Field(1.0, ge=0)          # pseudo-counts spread by training popularity
+    half_life_days: float | None = Field(30.0, gt=0)  # an action's weight halves every this many days; None: 1
+
+
+class HistoryPopularity(SequenceRecommender):
+    """Non-neural reference: a node's score is the (recency-weighted) number of the example's
+    actions under it, plus `prior_weight` pseudo-counts spread by the node's share of training
+    events. Scores are normalised into log-probabilities, like the transformer's."""
+
+    trainable = False
+
+    def __init__(self, taxonomy: Taxonomy, params: HistoryPopularityParams):
+        super().__init__(taxonomy)
+        self.params = params
+        self.output_levels = ActionTransformer._resolve_levels(taxonomy, params.levels, "model.levels",
+                                                               default=taxonomy.level_names[:-1])
+        self.register_buffer("leaf_ancestors", torch.from_numpy(taxonomy.leaf_ancestors.copy()), persistent=False)
+        self.shares = {level: torch.full((taxonomy.n_nodes(level),), 1.0 / taxonomy.n_nodes(level))
+                       for level in self.output_levels}
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.output_levels)
+
+    def fit(self, train) -> None:
+        leaves = train.leaves[train.targets()]
+        for level in self.output_levels:
+            counts = np.bincount(self.taxonomy.ancestors(leaves, level), minlength=self.taxonomy.n_nodes(level))
+            self.shares[level] = torch.from_numpy(counts / max(counts.sum(), 1)).float()
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        leaves = torch.cat([batch[f"{s}_leaves"] for s in ActionTransformer.stream_names(batch)], 1)
+        ages = torch.cat([batch[f"{s}_age_days"] for s in ActionTransformer.stream_names(batch)], 1)
+        real = leaves != PAD
+        weight = real.float()
+        if self.params.half_life_days is not None:
+            weight = weight * torch.exp2(-ages.float() / self.params.half_life_days)
+        out = {}
+        for level in self.output_levels:
+            nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(level)]
+            counts = torch.zeros(leaves.shape[0], self.taxonomy.n_nodes(level)).scatter_add_(1, nodes, weight)
+            scores = counts + self.params.prior_weight * self.shares[level].to(counts.device)[None]
+            out[level] = (scores.clamp_min(1e-30) / scores.sum(1, keepdim=True).clamp_min(1e-30)).log()
+        return out
+
+
+@register_model("sequence", "geo-history-pop", params=HistoryPopularityParams)
+def build_history_popularity(params: HistoryPopularityParams, *, taxonomy: Taxonomy, **_) -> HistoryPopularity:
+    return HistoryPopularity(taxonomy, params)
