@@ -35,6 +35,9 @@ class FilterReport:
         return self.rows_before - self.rows_removed
 
     def __str__(self) -> str:
+        if self.rows_before == 0 and self.rows_removed == 0 and self.sequences_removed == 0:
+            text = f"{self.name}: removed {self.items_removed:,} items"
+            return f"{text} ({self.detail})" if self.detail else text
         text = (f"{self.name}: removed {self.rows_removed:,} of {self.rows_before:,} rows, "
                 f"{self.sequences_removed:,} sequences, {self.items_removed:,} items")
         return f"{text} ({self.detail})" if self.detail else text

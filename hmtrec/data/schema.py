@@ -228,6 +228,8 @@ def map_items(labels: np.ndarray, taxonomy: Taxonomy, *, file: str, column: str,
               unknown: Literal["error", "drop"] = "error") -> np.ndarray:
     """Leaf index of each item label; -1 for unknown items when `unknown="drop"`, else an error
     naming the first row whose item has no taxonomy node."""
+    if np.issubdtype(np.asarray(labels).dtype, np.integer):
+        return _map_integer_items(np.asarray(labels), taxonomy, file=file, column=column, unknown=unknown)
     leaf_labels = taxonomy.node_labels[-1].astype(str)
     order = np.argsort(leaf_labels, kind="stable")
     sorted_labels = leaf_labels[order]
@@ -240,6 +242,28 @@ def map_items(labels: np.ndarray, taxonomy: Taxonomy, *, file: str, column: str,
         raise DataError(f"item {labels[row]!r} has no taxonomy node (it is not in the item table)",
                         file=file, row=row + 1, column=column)
     return np.where(found, order[where_clipped], -1).astype(np.int64)
+
+
+def _map_integer_items(ids: np.ndarray, taxonomy: Taxonomy, *, file: str, column: str,
+                       unknown: Literal["error", "drop"]) -> np.ndarray:
+    """Fast path for integer ids: one searchsorted on the integer leaf labels."""
+    leaf_labels = taxonomy.node_labels[-1].astype(str)
+    is_integer = np.char.isdigit(leaf_labels.astype("U")) if len(leaf_labels) else np.ones(0, bool)
+    lookup_ids = np.full(len(leaf_labels), -1, dtype=np.int64)
+    # canonical integers only ("7", not "07"), so string and integer ids agree
+    canonical = is_integer & np.array([label == str(int(label)) if ok else False
+                                       for label, ok in zip(leaf_labels, is_integer)], dtype=bool)
+    lookup_ids[canonical] = leaf_labels[canonical].astype(np.int64)
+    order = np.flatnonzero(canonical)[np.argsort(lookup_ids[canonical], kind="stable")]
+    sorted_ids = lookup_ids[order]
+    where = np.searchsorted(sorted_ids, ids)
+    clipped = np.minimum(where, max(len(sorted_ids) - 1, 0))
+    found = (where < len(sorted_ids)) & (sorted_ids[clipped] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+    if not found.all() and unknown == "error":
+        row = int(np.flatnonzero(~found)[0])
+        raise DataError(f"item {str(ids[row])!r} has no taxonomy node (it is not in the item table)",
+                        file=file, row=row + 1, column=column)
+    return np.where(found, order[clipped] if len(order) else -1, -1).astype(np.int64)
 
 
 @dataclass
