@@ -121,13 +121,23 @@ def read_table(path: str | Path, *, delimiter: str | None = None, columns: Seque
     convert_options = pacsv.ConvertOptions(strings_can_be_null=True,
                                            column_types={c: pa.string() for c in string_columns},
                                            include_columns=list(columns) if columns else None)
-    try:
-        table = pacsv.read_csv(source, read_options=read_options, parse_options=parse_options,
-                               convert_options=convert_options)
-    except pa.ArrowInvalid as error:
-        raise DataError(f"cannot parse: {_arrow_message(error)}", file=_display(path)) from None
-    except KeyError as error:  # an include_columns entry that the header lacks
-        raise DataError(f"missing column {error}", file=_display(path)) from None
+    def read(read_options):
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        try:
+            return pacsv.read_csv(source, read_options=read_options, parse_options=parse_options,
+                                  convert_options=convert_options)
+        except pa.ArrowInvalid as error:
+            raise DataError(f"cannot parse: {_arrow_message(error)}", file=_display(path)) from None
+        except KeyError as error:  # an include_columns entry that the header lacks
+            raise DataError(f"missing column {error}", file=_display(path)) from None
+
+    table = read(read_options)
+    if bad_rows and bad_rows[0].number is None:
+        # line numbers are only known when reading on one thread: re-read to name the line
+        bad_rows.clear()
+        read_options.use_threads = False
+        read(read_options)
     if bad_rows:
         row = bad_rows[0]
         line = row.number
@@ -175,8 +185,9 @@ def parse_time(values: pd.Series, time_format: TimeFormat, *, file: str, column:
         elif pd.api.types.is_datetime64_any_dtype(values.dtype):
             time_format = "iso"
         else:
+            # text: epoch seconds if most values are numbers (the others are then the errors)
             as_number = pd.to_numeric(values, errors="coerce")
-            time_format = "epoch" if as_number.notna().all() else "iso"
+            time_format = "epoch" if as_number.notna().mean() > 0.5 else "iso"
     if time_format in ("epoch", "epoch_ms", "order"):
         as_number = values if numeric else pd.to_numeric(values, errors="coerce")
         bad = as_number.isna().to_numpy() | ~np.isfinite(as_number.to_numpy(dtype=np.float64, na_value=np.nan))
@@ -239,7 +250,7 @@ def map_items(labels: np.ndarray, taxonomy: Taxonomy, *, file: str, column: str,
     found = (where < len(sorted_labels)) & (sorted_labels[where_clipped] == labels)
     if not found.all() and unknown == "error":
         row = int(np.flatnonzero(~found)[0])
-        raise DataError(f"item {labels[row]!r} has no taxonomy node (it is not in the item table)",
+        raise DataError(f"item {str(labels[row])!r} has no taxonomy node (it is not in the item table)",
                         file=file, row=row + 1, column=column)
     return np.where(found, order[where_clipped], -1).astype(np.int64)
 
