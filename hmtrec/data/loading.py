@@ -109,6 +109,9 @@ class DataConfig(StrictModel):
     geo: GeoConfig = Field(default_factory=GeoConfig)
     max_sequences: int | None = Field(None, ge=1, description="keep a random subset of sessions/users "
                                       "(before filtering) for quick runs")
+    max_train_sequences: int | None = Field(
+        None, ge=1, description="keep only the most recent N training sequences (valid and test untouched): "
+                                "quicker training on the full evaluation protocol")
     keep_unused_items: bool = Field(False, description="keep catalogue items that occur in no split")
 
     @model_validator(mode="after")
@@ -218,6 +221,8 @@ def load_data(cfg: DataConfig) -> PreparedData:
     train, valid, test = split.train, split.valid, split.test
     if cfg.split.train_on_all:
         train = _merge_train_valid(train, valid, protocol)
+    if cfg.max_train_sequences is not None:
+        train = _keep_latest_sequences(train, cfg.max_train_sequences, reports)
 
     taxonomy, leaf_text = source.taxonomy, source.leaf_text
     if not cfg.keep_unused_items:
@@ -292,6 +297,20 @@ def _subsample(events: pd.DataFrame, n: int, seed: int, reports: list[FilterRepo
     kept = events[events["sequence"].isin(ids[np.sort(chosen)])]
     label = f"max_sequences {n}" + (f" ({name})" if name else "")
     reports.append(report_removal(label, events, kept, detail="random subset for a quick run"))
+    return kept
+
+
+def _keep_latest_sequences(frame: pd.DataFrame, n: int, reports: list[FilterReport]) -> pd.DataFrame:
+    """The n training sequences whose last event is latest (file order when there is no time)."""
+    ids = pd.unique(frame["sequence"])
+    if n >= len(ids):
+        return frame
+    if "time" in frame.columns:
+        last_time = frame.groupby("sequence", sort=False)["time"].max().loc[ids].to_numpy()
+        ids = ids[np.argsort(last_time, kind="stable")]
+    kept = frame[frame["sequence"].isin(ids[-n:])]
+    reports.append(report_removal(f"max_train_sequences {n}", frame, kept,
+                                  detail="the most recent training sequences; valid and test untouched"))
     return kept
 
 
