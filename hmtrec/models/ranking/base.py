@@ -1,0 +1,80 @@
+"""The ranking-model contract, shared by Shared-Bottom, MMoE, PLE, HiNet and MFH.
+
+A ranking model maps a batch of encoded rows (see `hmtrec.data.features.EncodedRows.batch`) to one
+output per task: `forward(batch) -> {task: [B]}` (logits for binary tasks, values for regression).
+`loss(batch)` masks rows without a label for a task and combines the task losses with the
+configured weighting; `predict(batch)` returns probabilities (binary) or values (regression).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hmtrec.config import StrictModel
+from hmtrec.data.features import FeatureLayout
+from hmtrec.models.ranking.blocks import FeatureEmbedding
+from hmtrec.train.losses import build_weighting, masked_task_losses
+
+
+class RankingParams(StrictModel):
+    """Parameters every ranking model has (the model section of the config adds its own)."""
+
+    embedding_dim: int = 16
+    embedding_init_std: float = 1e-4
+    scenario_as_feature: bool = True        # embed the scenario index as one more input column
+    oov_rate: float = 0.0                   # training only: replace this share of categorical ids by OOV,
+    #                                         so the OOV embedding is learned (helps rows of unseen users)
+    tower_hidden: list[int] = [64]
+    dropout: float = 0.0
+
+
+class LossSettings(StrictModel):
+    """The `loss:` section: how task losses are combined (task weights come from `tasks:`)."""
+
+    weighting: Literal["fixed", "uncertainty"] = "fixed"
+
+
+class RankingModel(nn.Module):
+    def __init__(self, params: RankingParams, layout: FeatureLayout, loss: LossSettings | None = None):
+        super().__init__()
+        self.params = params
+        self.layout = layout
+        self.task_names = layout.task_names
+        self.task_types = [t.type for t in layout.tasks]
+        self.embedding = FeatureEmbedding(layout, params.embedding_dim, params.embedding_init_std,
+                                          params.scenario_as_feature)
+        loss = loss or LossSettings()
+        self.weighting = build_weighting(loss.weighting, self.task_types, [t.weight for t in layout.tasks])
+
+    @property
+    def input_dim(self) -> int:
+        return self.embedding.output_dim
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        if self.training and self.params.oov_rate > 0:
+            categorical = batch["categorical"]
+            drop = torch.rand(categorical.shape, device=categorical.device) < self.params.oov_rate
+            batch = {**batch, "categorical": categorical.masked_fill(drop, 0)}
+        return self.embedding(batch)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def outputs_matrix(self, batch: dict) -> torch.Tensor:
+        outputs = self(batch)
+        return torch.stack([outputs[name] for name in self.task_names], dim=1)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        outputs = self.outputs_matrix(batch)
+        losses, counts = masked_task_losses(outputs, batch["labels"], batch["label_mask"], self.task_types)
+        total = self.weighting(losses, (counts > 0).float())
+        return total, {name: losses[i].detach() for i, name in enumerate(self.task_names)}
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> dict[str, torch.Tensor]:
+        outputs = self(batch)
+        return {name: torch.sigmoid(outputs[name]) if kind == "binary" else outputs[name]
+                for name, kind in zip(self.task_names, self.task_types)}

@@ -1,0 +1,350 @@
+"""The ranking pipeline (config kind "ranking"): multi-task, multi-scenario rankers on feature rows.
+
+train: read rows (MovieLens-1M multi-scenario protocol, or any CSV/Parquet table) -> fit the
+feature encoder on the training rows -> train the model with the shared Trainer (early stopping on
+validation AUC) -> write weights, vocabularies, metrics and validation/test predictions.
+
+Run directory:
+  config.yaml          resolved config                 run.json        {"kind": "ranking", ...}
+  features.json        vocabularies and statistics     model.safetensors  final (best-epoch) weights
+  checkpoint.pt        resumable training state        best.safetensors   best epoch's weights
+  metrics.json         valid/test metrics per (scenario, task), per group and overall
+  predictions_valid.csv, predictions_test.csv   one column per task (probability or value),
+                       `<task>_label`, the scenario column and the group columns
+  log.txt
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import field_validator
+
+from hmtrec.config import StrictModel, dump_config, load_config, register_config
+from hmtrec.data.features import EncodedRows, FeatureEncoder, FeatureSchema, TaskSpec, log_report, read_rows
+from hmtrec.errors import ConfigError, DataError
+from hmtrec.evaluate.classification import metrics_rows, task_metrics
+from hmtrec.models.ranking.base import LossSettings, RankingModel
+from hmtrec.models.registry import validate_model_params
+from hmtrec.pipelines import register_pipeline
+from hmtrec.progress import console
+from hmtrec.train.run_dir import (close_run_dir, get_logger, load_weights, open_run_dir, read_json, save_weights,
+                                  write_json)
+from hmtrec.train.trainer import Trainer, TrainerSettings
+
+FEATURES_FILE = "features.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class RankingData(StrictModel):
+    """Where rows come from. `table`: explicit train/valid/test files, or one file (`path`) split by
+    row order with `fractions`. `movielens-1m`: the multi-scenario protocol of ../shared/data."""
+
+    source: Literal["movielens-1m", "table"] = "table"
+    path: str | None = None
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    fractions: list[float] = [0.8, 0.1, 0.1]
+    max_rows: int | None = None                # keep only the first rows (quick runs)
+    new_user_max_ratings: int = 50             # movielens-1m: user_activity = "new" up to this many ratings
+    new_item_max_ratings: int = 20             # movielens-1m: item_popularity = "new" up to this many training ratings
+
+    @field_validator("fractions")
+    @classmethod
+    def _three_fractions(cls, value):
+        if len(value) != 3 or any(v < 0 for v in value) or value[0] <= 0:
+            raise ValueError("fractions are three non-negative numbers (train, valid, test)")
+        return value
+
+
+class RankingTrain(StrictModel):
+    epochs: int = 2
+    batch_size: int = 2048
+    eval_batch_size: int = 32768
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    patience: int | None = 1
+    monitor: Literal["auc", "logloss"] = "auc"   # validation metric averaged over (scenario, task)
+    max_steps_per_epoch: int | None = None
+    device: str = "cpu"
+    threads: int | None = 2                      # torch intra-op threads (None: torch's default)
+
+
+class RankingEval(StrictModel):
+    groups: list[str] = []                       # extra columns to break metrics down by (e.g. user_activity)
+    write_predictions: bool = True
+
+
+@register_config("ranking")
+class RankingConfig(StrictModel):
+    kind: Literal["ranking"] = "ranking"
+    name: str | None = None
+    data: RankingData = RankingData()
+    features: FeatureSchema = FeatureSchema()
+    tasks: list[TaskSpec]
+    model: dict = {"name": "mmoe"}
+    loss: LossSettings = LossSettings()
+    train: RankingTrain = RankingTrain()
+    eval: RankingEval = RankingEval()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value):
+        validate_model_params("ranking", value)     # raises ConfigError naming model.<key>
+        return value
+
+
+# ---- data --------------------------------------------------------------------------------------
+def load_splits(data: RankingData) -> tuple[dict[str, pd.DataFrame], dict[str, str], list[str]]:
+    """Returns ({"train","valid","test"} -> frame, split -> file name for error messages, reports)."""
+    if data.source == "movielens-1m":
+        from hmtrec.data.readers.movielens_ranking import load_movielens_ranking
+
+        splits = load_movielens_ranking(data.path, tuple(data.fractions), data.max_rows,
+                                        data.new_user_max_ratings, data.new_item_max_ratings)
+        return ({"train": splits.train, "valid": splits.valid, "test": splits.test},
+                {"train": "movielens-1m (train)", "valid": "movielens-1m (valid)", "test": "movielens-1m (test)"},
+                splits.reports)
+    if data.train is not None:
+        if data.path is not None:
+            raise ConfigError("data: give either data.path (one file to split) or data.train/valid/test, not both")
+        files = {"train": data.train, "valid": data.valid, "test": data.test}
+        missing = [k for k, v in files.items() if v is None]
+        if missing:
+            raise ConfigError(f"key 'data.{missing[0]}': a file is needed for every split when data.train is given")
+        frames = {k: read_rows(v) for k, v in files.items()}
+        if data.max_rows is not None:
+            frames = {k: f.iloc[:data.max_rows].reset_index(drop=True) for k, f in frames.items()}
+        return frames, files, [f"{k}: {len(f)} rows from {files[k]}" for k, f in frames.items()]
+    if data.path is None:
+        raise ConfigError("key 'data.path': a table source needs data.path or data.train/valid/test")
+    from hmtrec.data.readers.movielens_ranking import split_by_row_order
+
+    frame = read_rows(data.path)
+    if data.max_rows is not None:
+        frame = frame.iloc[:data.max_rows].reset_index(drop=True)
+    train, valid, test = split_by_row_order(frame, tuple(data.fractions))
+    # rows keep their file numbering in error messages only for the training part; say which split
+    return ({"train": train, "valid": valid, "test": test},
+            {k: f"{data.path} ({k} split)" for k in ("train", "valid", "test")},
+            [f"{data.path}: {len(frame)} rows split {len(train)}/{len(valid)}/{len(test)} by row order"])
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+def iterate_batches(rows: EncodedRows, batch_size: int, order: torch.Tensor | None = None,
+                    max_batches: int | None = None) -> Iterable[dict]:
+    n = len(rows)
+    for i, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            return
+        index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        yield rows.batch(index)
+
+
+@torch.no_grad()
+def predict_encoded(model: RankingModel, rows: EncodedRows, batch_size: int = 32768) -> dict[str, np.ndarray]:
+    """Probabilities (binary tasks) or values (regression tasks) for every row, per task."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in model.task_names}
+    for batch in iterate_batches(rows, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for name, values in model.predict(batch).items():
+            parts[name].append(values.float().cpu())
+    model.train(was_training)
+    return {name: torch.cat(values).numpy() if values else np.zeros(0, dtype=np.float32)
+            for name, values in parts.items()}
+
+
+def prediction_frame(predictions: dict[str, np.ndarray], rows: EncodedRows, source: pd.DataFrame,
+                     encoder: FeatureEncoder, keep: Iterable[str] = ()) -> pd.DataFrame:
+    """One column per task (prediction), `<task>_label` (NaN where the row has no label), then the
+    scenario column and any kept columns from the source rows."""
+    out = pd.DataFrame(index=range(len(rows)))
+    for column in [c for c in [encoder.schema.scenario, *encoder.schema.facets, *keep] if c]:
+        if column in source.columns and column not in out.columns:
+            out[column] = source[column].to_numpy()
+    for j, task in enumerate(encoder.tasks):
+        out[task.name] = predictions[task.name]
+        if task.label_column in source.columns:
+            labels = rows.labels[:, j].numpy().astype(np.float64)
+            labels[~rows.label_mask[:, j].numpy()] = np.nan
+            out[f"{task.name}_label"] = labels
+    return out
+
+
+def frame_metrics(frame: pd.DataFrame, encoder: FeatureEncoder, groups: Iterable[str]) -> dict:
+    tasks = [(t.name, t.type) for t in encoder.tasks]
+    group_columns = [g for g in [*encoder.schema.facets, *groups] if g in frame.columns]
+    return task_metrics(frame, tasks, encoder.schema.scenario, group_columns)
+
+
+def print_metrics(metrics: dict, encoder: FeatureEncoder, title: str) -> None:
+    from rich.table import Table
+
+    tasks = [(t.name, t.type) for t in encoder.tasks]
+    table = Table(title=title)
+    rows = metrics_rows(metrics, tasks, encoder.schema.scenario)
+    columns = [c for c in ("slice", "task", "auc", "logloss", "rmse", "mae", "n") if any(c in r for r in rows)]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("slice", "task") else "right")
+    for row in rows:
+        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns])
+    console.print(table)
+    if metrics.get("auc") is not None:
+        console.print(f"{title}: mean AUC over (scenario, task) = {metrics['auc']:.4f}")
+
+
+# ---- model artefacts ----------------------------------------------------------------------------
+def build_model(config: RankingConfig, encoder: FeatureEncoder) -> RankingModel:
+    entry, params = validate_model_params("ranking", config.model)
+    return entry.builder(params, layout=encoder.layout(), loss=config.loss)
+
+
+class Ranker:
+    """A trained ranking model with its feature encoder, loaded from a run directory."""
+
+    def __init__(self, config: RankingConfig, encoder: FeatureEncoder, model: RankingModel, run_dir: Path):
+        self.config, self.encoder, self.model, self.run_dir = config, encoder, model, run_dir
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Ranker":
+        run_dir = Path(run_dir)
+        for name in ("run.json", "config.yaml", FEATURES_FILE, WEIGHTS_FILE):
+            if not (run_dir / name).exists():
+                raise DataError(f"not a finished ranking run directory: {name} is missing", file=str(run_dir))
+        kind = read_json(run_dir / "run.json").get("kind")
+        if kind != "ranking":
+            raise ConfigError(f"{run_dir} holds a {kind!r} run, not a ranking run")
+        config = load_config(run_dir / "config.yaml")
+        encoder = FeatureEncoder.load(run_dir / FEATURES_FILE)
+        model = build_model(config, encoder)
+        model.load_state_dict(load_weights(run_dir / WEIGHTS_FILE))
+        model.eval()
+        return cls(config, encoder, model, run_dir)
+
+    def predict_frame(self, frame: pd.DataFrame, file: str | None = None, keep: Iterable[str] = ()) -> pd.DataFrame:
+        """Scores for a table of rows: one column per task, plus labels, scenario and kept columns."""
+        rows = self.encoder.transform(frame, file=file, require_labels=False)
+        for column in keep:
+            if column not in frame.columns:
+                raise DataError("column to keep is absent from the input", file=file, column=column)
+        predictions = predict_encoded(self.model, rows, self.config.train.eval_batch_size)
+        return prediction_frame(predictions, rows, frame, self.encoder, keep)
+
+
+def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path | None = None,
+                 keep: Iterable[str] = ()) -> pd.DataFrame:
+    """Score every row of a CSV/Parquet file with a trained ranking run; write CSV if `output_path`."""
+    ranker = Ranker.load(run_dir)
+    frame = read_rows(input_path)
+    scores = ranker.predict_frame(frame, file=str(input_path), keep=keep)
+    if output_path is not None:
+        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(output_path, index=False)
+    return scores
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+@register_pipeline("ranking")
+class RankingPipeline:
+    def train(self, config: RankingConfig, run_dir: Path) -> dict:
+        run_dir = open_run_dir(run_dir)
+        log = get_logger()
+        try:
+            return self._train(config, run_dir, log)
+        finally:
+            close_run_dir(run_dir)
+
+    def _train(self, config: RankingConfig, run_dir: Path, log) -> dict:
+        settings = config.train
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        dump_config(config, run_dir / "config.yaml")
+        write_json(run_dir / "run.json", {"kind": "ranking", "model": config.model["name"], "name": config.name})
+        frames, files, reports = load_splits(config.data)
+        for line in reports:
+            log.info("data: %s", line)
+            console.print(f"data: {line}")
+        if len(frames["train"]) == 0:
+            raise DataError("no training rows", file=files["train"])
+        encoder = FeatureEncoder(config.features, config.tasks).fit(frames["train"], file=files["train"])
+        encoder.save(run_dir / FEATURES_FILE)
+        encoded = {}
+        for split, frame in frames.items():
+            encoded[split] = encoder.transform(frame, file=files[split])
+            log_report(encoded[split].report, split)
+        torch.manual_seed(settings.seed)
+        model = build_model(config, encoder)
+        n_parameters = sum(p.numel() for p in model.parameters())
+        log.info("model %s: %d parameters", config.model["name"], n_parameters)
+
+        def validate(current: RankingModel) -> dict:
+            frame = prediction_frame(predict_encoded(current, encoded["valid"], settings.eval_batch_size),
+                                     encoded["valid"], frames["valid"], encoder)
+            metrics = frame_metrics(frame, encoder, [])
+            return {"auc": metrics["auc"] if metrics["auc"] is not None else float("nan"),
+                    "logloss": metrics["logloss"] if metrics["logloss"] is not None else float("nan")}
+
+        train_rows = encoded["train"]
+        steps = -(-len(train_rows) // settings.batch_size)
+        if settings.max_steps_per_epoch is not None:
+            steps = min(steps, settings.max_steps_per_epoch)
+
+        def batches(epoch: int):
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(train_rows), generator=generator)
+            return iterate_batches(train_rows, settings.batch_size, order, settings.max_steps_per_epoch)
+
+        has_validation = len(frames["valid"]) > 0
+        trainer = Trainer(model, TrainerSettings(
+            epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
+            seed=settings.seed, device=settings.device,
+            monitor=settings.monitor if has_validation else None,
+            monitor_mode="max" if settings.monitor == "auc" else "min",
+            patience=settings.patience if has_validation else None), run_dir,
+            validate=validate if has_validation else None)
+        started = time.perf_counter()
+        state = trainer.fit(batches, lambda epoch: steps)
+        model = trainer.model.cpu()
+        save_weights(run_dir / WEIGHTS_FILE, model.state_dict())
+
+        metrics: dict = {"model": config.model["name"], "parameters": n_parameters, "best_epoch": state.best_epoch,
+                         "epochs_run": state.epoch, "train_seconds": state.train_seconds,
+                         "seconds": time.perf_counter() - started, "history": state.history,
+                         "data": reports, "encoding": {k: v.report for k, v in encoded.items()}}
+        for split in ("valid", "test"):
+            if len(frames[split]) == 0:
+                continue
+            frame = prediction_frame(predict_encoded(model, encoded[split], settings.eval_batch_size),
+                                     encoded[split], frames[split], encoder, config.eval.groups)
+            metrics[split] = frame_metrics(frame, encoder, config.eval.groups)
+            if config.eval.write_predictions:
+                frame.to_csv(run_dir / f"predictions_{split}.csv", index=False)
+        write_json(run_dir / "metrics.json", metrics)
+        if "test" in metrics:
+            print_metrics(metrics["test"], encoder, f"{config.model['name']} test")
+        return metrics
+
+    def evaluate(self, run_dir: Path, overrides: list[str]) -> dict:
+        """Re-score the test split of a finished run (data/eval keys may be overridden)."""
+        run_dir = Path(run_dir)
+        ranker = Ranker.load(run_dir)
+        config = load_config(run_dir / "config.yaml", overrides) if overrides else ranker.config
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
+        frames, files, _ = load_splits(config.data)
+        scores = ranker.predict_frame(frames["test"], file=files["test"], keep=config.eval.groups)
+        metrics = frame_metrics(scores, ranker.encoder, config.eval.groups)
+        write_json(run_dir / "metrics_evaluate.json", metrics)
+        print_metrics(metrics, ranker.encoder, f"{config.model['name']} test")
+        return metrics

@@ -1,0 +1,137 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hmtrec.data.features import MULTI_OOV, MULTI_PAD, OOV, FeatureEncoder, FeatureSchema, TaskSpec, read_rows
+from hmtrec.errors import DataError
+
+SCHEMA = FeatureSchema(categorical=["user", "item"], numeric=["price"],
+                       multi_valued=[{"column": "tags", "separator": "|", "max_values": 3}],
+                       scenario="surface", facets=["group"])
+TASKS = [TaskSpec(name="click"), TaskSpec(name="like", label="liked"), TaskSpec(name="watch", type="regression")]
+
+
+def table():
+    return pd.DataFrame({
+        "user": ["u1", "u2", "u1", "u3"], "item": ["a", "b", "b", "b"], "price": ["1", "3", "", "4"],
+        "tags": ["x|y", "y", None, "x|y|z|w"], "surface": ["home", "search", "home", "home"],
+        "group": ["new", "old", "old", "new"], "click": ["1", "0", "1", "0"], "liked": ["1", "", "0", "0"],
+        "watch": ["2.5", "1", "0", ""]})
+
+
+def test_vocabularies_statistics_and_masks():
+    encoder = FeatureEncoder(SCHEMA, TASKS).fit(table())
+    rows = encoder.transform(pd.DataFrame({**table().iloc[:2].to_dict("list"), "user": ["u9", "u2"]}))
+    # user vocabulary is sorted [u1, u2, u3] -> 1..3; unseen u9 -> OOV 0
+    assert rows.categorical[:, 0].tolist() == [OOV, 2]
+    assert rows.categorical[:, 1].tolist() == [1, 2]
+    mean, std = np.mean([1, 3, 4]), np.std([1, 3, 4])
+    assert rows.numeric[:, 0].tolist() == pytest.approx([(1 - mean) / std, (3 - mean) / std], rel=1e-6)
+    assert rows.scenario.tolist() == [0, 1] and rows.facets[:, 0].tolist() == [0, 1]
+    assert rows.label_mask.tolist() == [[True, True, True], [True, False, True]]
+    assert rows.labels[0].tolist() == [1.0, 1.0, 2.5]
+    assert rows.report["oov:user"] == 1
+
+
+def test_missing_numeric_is_imputed_to_training_mean_and_reported():
+    encoder = FeatureEncoder(SCHEMA, TASKS).fit(table())
+    rows = encoder.transform(table())
+    assert rows.numeric[2, 0].item() == 0.0
+    assert rows.report["imputed:price"] == 1
+    assert rows.report["missing_label:like"] == 1 and rows.report["missing_label:watch"] == 1
+
+
+def test_multi_valued_padding_oov_and_truncation():
+    encoder = FeatureEncoder(SCHEMA, TASKS).fit(table())
+    assert encoder.vocabularies["tags"] == ["w", "x", "y", "z"]
+    frame = table()
+    frame.loc[1, "tags"] = "y|unseen"
+    rows = encoder.transform(frame)
+    assert rows.multi_valued["tags"].tolist() == [[3, 4, MULTI_PAD], [4, MULTI_OOV, MULTI_PAD],
+                                                  [MULTI_PAD] * 3, [3, 4, 5]]   # fourth value dropped (max 3)
+
+
+def test_min_count_maps_rare_values_to_oov():
+    schema = SCHEMA.model_copy(update={"min_count": 2})
+    encoder = FeatureEncoder(schema, TASKS).fit(table())
+    assert encoder.vocabularies["user"] == ["u1"] and encoder.vocabularies["item"] == ["b"]
+    assert encoder.transform(table()).categorical[:, 0].tolist() == [1, 0, 1, 0]
+
+
+def test_save_load_round_trip(tmp_path):
+    encoder = FeatureEncoder(SCHEMA, TASKS).fit(table())
+    encoder.save(tmp_path / "features.json")
+    loaded = FeatureEncoder.load(tmp_path / "features.json")
+    a, b = encoder.transform(table()), loaded.transform(table())
+    for name in ("categorical", "numeric", "scenario", "facets", "labels", "label_mask"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert loaded.layout().categorical == [("user", 4), ("item", 3)]
+
+
+def test_numbers_and_text_of_the_same_id_match():
+    encoder = FeatureEncoder(FeatureSchema(categorical=["id"]), [TaskSpec(name="y")]).fit(
+        pd.DataFrame({"id": [3, 5], "y": [0, 1]}))
+    rows = encoder.transform(pd.DataFrame({"id": ["3", "5"], "y": [1.0, 0.0]}))
+    assert rows.categorical[:, 0].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("price", "cheap", r"file rows.csv, row 3, column 'price': not a finite number: 'cheap'"),
+    ("click", "2", r"file rows.csv, row 3, column 'click': a binary label must be 0 or 1"),
+    ("surface", "feed", r"file rows.csv, row 3, column 'surface': unknown value 'feed'"),
+])
+def test_bad_values_name_file_row_and_column(tmp_path, column, value, message):
+    encoder = FeatureEncoder(SCHEMA, TASKS).fit(table())
+    frame = table()
+    frame.loc[2, column] = value
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    with pytest.raises(DataError, match=message):
+        encoder.transform(read_rows(tmp_path / "rows.csv"), file="rows.csv")
+
+
+def test_missing_column_is_named():
+    encoder = FeatureEncoder(SCHEMA, TASKS).fit(table())
+    with pytest.raises(DataError, match=r"file f.csv, column 'item': missing column"):
+        encoder.transform(table().drop(columns=["item"]), file="f.csv")
+    # labels may be absent when predicting
+    rows = encoder.transform(table().drop(columns=["click", "liked", "watch"]), require_labels=False)
+    assert not rows.label_mask.any()
+
+
+def test_multitask_fixtures_encode(data_dir):
+    folder = data_dir / "multitask-fixtures"
+    train = read_rows(folder / "aliexpress_train_sample.csv")
+    test = read_rows(folder / "aliexpress_test_sample.csv")
+    schema = FeatureSchema(categorical=[f"categorical_{i}" for i in range(1, 17)],
+                           numeric=[f"numerical_{i}" for i in range(1, 64)])
+    encoder = FeatureEncoder(schema, [TaskSpec(name="click"), TaskSpec(name="conversion")]).fit(train)
+    rows = encoder.transform(test, file="aliexpress_test_sample.csv")
+    assert rows.categorical.shape == (len(test), 16) and rows.numeric.shape == (len(test), 63)
+    assert rows.label_mask.all() and set(rows.labels.unique().tolist()) <= {0.0, 1.0}
+    assert torch.isfinite(rows.numeric).all()
+    ccp = read_rows(folder / "ali_ccp_train_sample.csv")
+    columns = [c for c in ccp.columns if c not in ("click", "purchase") and not c.startswith("D")]
+    numeric = [c for c in ccp.columns if c.startswith("D")]
+    encoder = FeatureEncoder(FeatureSchema(categorical=columns, numeric=numeric),
+                             [TaskSpec(name="click"), TaskSpec(name="purchase")]).fit(ccp)
+    rows = encoder.transform(read_rows(folder / "ali_ccp_val_sample.csv"))
+    assert rows.categorical.shape[1] == len(columns) and rows.numeric.shape[1] == len(numeric)
+
+
+def test_movielens_ranking_reader(data_dir):
+    from hmtrec.data.readers.movielens_ranking import load_movielens_ranking
+
+    splits = load_movielens_ranking(data_dir / "movielens-1m")
+    assert any("dropped 40 ratings with movie_id=-1" in line for line in splits.reports)
+    total = len(splits.train) + len(splits.valid) + len(splits.test)
+    assert total == 1_000_209 - 40
+    assert len(splits.train) == round(total * 0.8)
+    assert set(splits.train["scenario"]) == {"young", "25-34", "35+"}
+    young = splits.train[splits.train["scenario"] == "young"]
+    assert set(young["age"].astype(int)) == {1, 18}
+    assert ((splits.train["click"] == 1) == (splits.train["rating"] > 3)).all()
+    assert ((splits.train["like"] == 1) <= (splits.train["click"] == 1)).all()
+    # split by row order: train users precede test users
+    assert splits.train["user_id"].max() <= splits.test["user_id"].min()
+    assert splits.train.loc[0, "genre"] == "Animation"          # Toy Story's first genre

@@ -1,0 +1,134 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hmtrec.data.features import FeatureEncoder, FeatureSchema, TaskSpec
+from hmtrec.errors import ConfigError
+from hmtrec.models.ranking.base import LossSettings
+from hmtrec.models.registry import model_names, validate_model_params
+from hmtrec.train.losses import UncertaintyWeighting, masked_task_losses
+
+MODELS = ["shared_bottom", "mmoe", "ple", "hinet", "mfh"]
+SMALL = {"shared_bottom": {"bottom_hidden": [16, 8]}, "mmoe": {"expert_hidden": [16, 8]},
+         "ple": {"expert_hidden": [16, 8]},
+         "hinet": {"scenario_expert_hidden": [16, 8], "task_expert_hidden": [8]},
+         "mfh": {"level_hidden": [[16, 8], [8]], "facets": ["scenario", "group", "task"]}}
+
+
+def encoded_rows(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "user": rng.integers(0, 20, n).astype(str), "item": rng.integers(0, 10, n).astype(str),
+        "price": rng.normal(size=n), "tags": ["a|b", "c", "b|c|d", ""] * (n // 4),
+        "surface": np.array(["home", "search", "feed"])[np.arange(n) % 3],
+        "group": np.array(["new", "old"])[(np.arange(n) // 3) % 2],
+        "click": rng.integers(0, 2, n), "like": rng.integers(0, 2, n).astype(float),
+        "watch": rng.normal(size=n)})
+    frame.loc[::5, "like"] = np.nan
+    schema = FeatureSchema(categorical=["user", "item"], numeric=["price"], multi_valued=[{"column": "tags"}],
+                           scenario="surface", facets=["group"])
+    tasks = [TaskSpec(name="click"), TaskSpec(name="like"), TaskSpec(name="watch", type="regression")]
+    encoder = FeatureEncoder(schema, tasks).fit(frame)
+    return encoder, encoder.transform(frame)
+
+
+def build(name, weighting="fixed", **extra):
+    encoder, rows = encoded_rows()
+    entry, params = validate_model_params("ranking", {"name": name, "embedding_init_std": 0.1, **SMALL[name], **extra})
+    torch.manual_seed(0)
+    return entry.builder(params, layout=encoder.layout(), loss=LossSettings(weighting=weighting)), rows
+
+
+def test_every_model_is_registered():
+    assert set(MODELS) <= set(model_names("ranking"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_shapes_and_gradient_flow(name):
+    model, rows = build(name, weighting="uncertainty")
+    batch = rows.batch(slice(0, 48))
+    outputs = model(batch)
+    assert list(outputs) == ["click", "like", "watch"]
+    assert all(value.shape == (48,) for value in outputs.values())
+    predictions = model.predict(batch)
+    assert ((predictions["click"] > 0) & (predictions["click"] < 1)).all()
+    loss, parts = model.loss(batch)
+    assert loss.dim() == 0 and torch.isfinite(loss) and set(parts) == {"click", "like", "watch"}
+    loss.backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, f"parameters without gradient: {silent}"
+
+
+def test_hinet_attention_never_weights_the_own_scenario():
+    model, rows = build("hinet")
+    scenario = torch.tensor([0, 1, 2, 2, 0])
+    weights = model.scenario_attention(scenario)
+    assert torch.all(weights[torch.arange(5), scenario] == 0)
+    assert torch.allclose(weights.sum(1), torch.ones(5))
+    # the "others" mix changes only through other scenarios' experts: zeroing the own scenario's
+    # experts must leave the attention output untouched
+    x = model.embed(rows.batch(slice(0, 5)))
+    with torch.no_grad():
+        before = model.scenario_representation(x, scenario)
+        n_specific = model.params.n_scenario_specific_experts
+        bank = model.scenario_specific.specific
+        for tensor in list(bank.weights) + list(bank.biases):
+            tensor[0:n_specific] = 0          # scenario 0's experts output 0
+        after = model.scenario_representation(x, scenario)
+    width = before.shape[1] // 3
+    rows_of_scenario_0 = scenario == 0
+    assert torch.allclose(before[rows_of_scenario_0, 2 * width:], after[rows_of_scenario_0, 2 * width:])
+    assert not torch.allclose(before[~rows_of_scenario_0, 2 * width:], after[~rows_of_scenario_0, 2 * width:])
+
+
+def test_mfh_loss_ignores_rows_outside_a_leaf_facet():
+    model, rows = build("mfh")
+    batch = rows.batch(torch.nonzero((rows.scenario == 1) & (rows.facets[:, 0] == 0)).squeeze(1))
+    assert len(batch["labels"]) > 3
+    model.loss(batch)[0].backward()
+    # leaves are laid out [scenario, group, task]; only (scenario 1, group 0, any task) may learn
+    grad = model.towers.bank.weights[0].grad.abs().sum(dim=(1, 2)).view(3, 2, 3)
+    assert (grad[1, 0] > 0).all()
+    grad[1, 0] = 0
+    assert (grad == 0).all()
+    # and in the scenario-first tree, the level-2 switchers under other scenarios get nothing either
+    level_two = model.trees[0].levels[1].layers[0]              # 3 groups (scenarios) x 2 branches (groups)
+    for bank in (level_two.specific, level_two.shared):
+        per_group = bank.weights[0].grad.abs().sum(dim=(1, 2)).view(3, -1).sum(1)
+        assert per_group[1] > 0 and per_group[0] == 0 and per_group[2] == 0
+
+
+def test_mfh_orders_must_permute_the_facets():
+    with pytest.raises(ValueError, match="not a permutation"):
+        build("mfh", orders=[["scenario", "task"]])
+
+
+def test_masked_task_losses_ignore_masked_rows():
+    outputs = torch.tensor([[0.3, 1.0], [-1.2, 2.0], [0.5, -1.0]])
+    labels = torch.tensor([[1.0, 0.5], [0.0, 9.0], [1.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    losses, counts = masked_task_losses(outputs, labels, mask, ["binary", "regression"])
+    expected_binary = -(np.log(1 / (1 + np.exp(-0.3))) + np.log(1 - 1 / (1 + np.exp(1.2)))) / 2
+    assert losses[0].item() == pytest.approx(expected_binary, rel=1e-5)
+    assert losses[1].item() == pytest.approx((1.0 - 0.5) ** 2)
+    assert counts.tolist() == [2, 1]
+    all_masked = masked_task_losses(outputs, labels, torch.zeros_like(mask), ["binary", "regression"])[0]
+    assert torch.equal(all_masked, torch.zeros(2))
+
+
+def test_uncertainty_weighting_matches_kendall_formula():
+    weighting = UncertaintyWeighting(["binary", "regression"], [1.0, 2.0])
+    with torch.no_grad():
+        weighting.log_variances.copy_(torch.tensor([0.5, -1.0]))
+    losses = torch.tensor([0.7, 3.0])
+    total = weighting(losses, torch.ones(2))
+    expected = (np.exp(-0.5) * 0.7 + 0.25) + 2.0 * (0.5 * np.exp(1.0) * 3.0 - 0.5)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    # a task absent from the batch contributes nothing, not even its regulariser
+    assert weighting(losses, torch.tensor([1.0, 0.0])).item() == pytest.approx(np.exp(-0.5) * 0.7 + 0.25, rel=1e-6)
+
+
+def test_unknown_model_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.n_expert"):
+        validate_model_params("ranking", {"name": "mmoe", "n_expert": 3})

@@ -1,0 +1,148 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from hmtrec.cli import app
+from hmtrec.config import load_config
+from hmtrec.errors import ConfigError, DataError
+from hmtrec.evaluate.classification import auc, average_ranks, binary_metrics_by_group, logloss, task_metrics
+from hmtrec.pipelines import get_pipeline
+from hmtrec.pipelines.ranking import Ranker, predict_file
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_auc_and_logloss_by_hand():
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: pairs won 1 + 0 + 1 + 1 = 3 of 4
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts one half: (0.5 + 1 + 1 + 1) / 4
+    assert auc(np.array([0.5, 0.5, 0.2, 0.9]), np.array([1, 0, 0, 1])) == pytest.approx(0.875)
+    assert logloss(np.array([0.8, 0.25]), np.array([1, 0])) == pytest.approx(-(np.log(0.8) + np.log(0.75)) / 2)
+    assert average_ranks(np.array([2.0, 1.0, 2.0, 2.0])).tolist() == [3.0, 1.0, 3.0, 3.0]
+
+
+def test_grouped_auc_matches_brute_force_pairs():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, 400) / 5.0          # many ties
+    labels = rng.integers(0, 2, 400).astype(float)
+    labels[::17] = np.nan
+    groups = rng.choice(["a", "b", "c"], 400)
+    table = binary_metrics_by_group(scores, labels, groups)
+    for name in ("a", "b", "c"):
+        keep = (groups == name) & ~np.isnan(labels)
+        pos, neg = scores[keep & (labels == 1)], scores[keep & (labels == 0)]
+        wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        assert table.loc[name, "auc"] == pytest.approx(wins / (len(pos) * len(neg)))
+        assert table.loc[name, "n"] == keep.sum()
+
+
+def test_single_class_group_has_no_auc():
+    frame = pd.DataFrame({"s": ["x", "x", "y", "y"], "click": [0.2, 0.7, 0.4, 0.6], "click_label": [1, 1, 0, 1]})
+    metrics = task_metrics(frame, [("click", "binary")], scenario_column="s")
+    assert metrics["scenario"]["x"]["click"]["auc"] is None
+    assert metrics["scenario"]["y"]["click"]["auc"] == 1.0
+    assert metrics["auc"] == 1.0                     # the mean skips the undefined cell
+
+
+# ---- pipeline ---------------------------------------------------------------------------------
+def synthetic_rows(n, seed):
+    """Clicks depend on the item and the scenario; likes on a numeric feature; some likes unlabelled."""
+    rng = np.random.default_rng(seed)
+    item = rng.integers(0, 30, n)
+    scenario = rng.choice(["home", "search"], n)
+    quality = rng.normal(size=n)
+    click_logit = np.where(item < 15, 2.0, -2.0) + np.where(scenario == "home", 0.5, -0.5)
+    click = (rng.random(n) < 1 / (1 + np.exp(-click_logit))).astype(int)
+    like = (rng.random(n) < 1 / (1 + np.exp(-2 * quality))).astype(float)
+    like[rng.random(n) < 0.2] = np.nan
+    return pd.DataFrame({"user": rng.integers(0, 50, n), "item": item, "quality": quality.round(4),
+                         "genres": np.where(item % 2 == 0, "a|b", "c"), "scenario": scenario,
+                         "group": np.where(rng.random(n) < 0.5, "new", "old"), "click": click, "like": like})
+
+
+def write_config(tmp_path, model, **extra):
+    frames = {"train": synthetic_rows(3000, 0), "valid": synthetic_rows(600, 1), "test": synthetic_rows(600, 2)}
+    for split, frame in frames.items():
+        frame.to_csv(tmp_path / f"{split}.csv", index=False)
+    config = {
+        "kind": "ranking",
+        "data": {"train": str(tmp_path / "train.csv"), "valid": str(tmp_path / "valid.csv"),
+                 "test": str(tmp_path / "test.csv")},
+        "features": {"categorical": ["user", "item"], "numeric": ["quality"], "multi_valued": [{"column": "genres"}],
+                     "scenario": "scenario", "facets": ["group"]},
+        "tasks": [{"name": "click"}, {"name": "like", "weight": 0.5}],
+        "model": {"name": model, "embedding_init_std": 0.05, **extra},
+        "train": {"epochs": 3, "batch_size": 128, "lr": 0.01, "threads": 1, "patience": 2}}
+    import yaml
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("model,extra", [("mmoe", {"expert_hidden": [16]}),
+                                         ("hinet", {"scenario_expert_hidden": [16], "task_expert_hidden": [8]}),
+                                         ("mfh", {"level_hidden": [[16], [8]], "switcher": "ple"})])
+def test_train_evaluate_predict_round_trip(tmp_path, model, extra):
+    config = load_config(write_config(tmp_path, model, **extra))
+    run_dir = tmp_path / "run"
+    metrics = get_pipeline("ranking").train(config, run_dir)
+    for name in ("run.json", "config.yaml", "features.json", "model.safetensors", "checkpoint.pt",
+                 "metrics.json", "predictions_valid.csv", "predictions_test.csv", "log.txt"):
+        assert (run_dir / name).exists(), name
+    # the signal is learnable: per-scenario click AUC well above chance, like AUC too
+    assert metrics["test"]["scenario"]["home"]["click"]["auc"] > 0.75
+    assert metrics["test"]["scenario"]["search"]["click"]["auc"] > 0.75
+    assert metrics["test"]["overall"]["like"]["auc"] > 0.75
+    assert set(metrics["test"]["groups"]["group"]) == {"new", "old"}
+    predictions = pd.read_csv(run_dir / "predictions_test.csv")
+    assert list(predictions.columns) == ["scenario", "group", "click", "click_label", "like", "like_label"]
+    assert predictions["like_label"].isna().sum() == pd.read_csv(tmp_path / "test.csv")["like"].isna().sum()
+
+    evaluated = get_pipeline("ranking").evaluate(run_dir, [])
+    assert evaluated["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+
+    result = CliRunner().invoke(app, ["predict", str(run_dir), "--input", str(tmp_path / "test.csv"),
+                                      "--output", str(tmp_path / "scores.csv"), "--keep", "item"])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert list(scores.columns) == ["scenario", "group", "item", "click", "click_label", "like", "like_label"]
+    np.testing.assert_allclose(scores["click"], predictions["click"], rtol=1e-5)
+
+
+def test_predict_without_labels_and_bad_rows(tmp_path):
+    config = load_config(write_config(tmp_path, "shared_bottom", bottom_hidden=[16]), ["train.epochs=1"])
+    get_pipeline("ranking").train(config, tmp_path / "run")
+    rows = pd.read_csv(tmp_path / "test.csv").drop(columns=["click", "like"]).iloc[:20]
+    rows.to_csv(tmp_path / "unlabelled.csv", index=False)
+    scores = predict_file(tmp_path / "run", tmp_path / "unlabelled.csv")
+    assert list(scores.columns) == ["scenario", "group", "click", "like"] and len(scores) == 20
+    rows["quality"] = rows["quality"].astype(object)
+    rows.loc[7, "quality"] = "n/a"
+    rows.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv, row 8, column 'quality': not a finite number"):
+        predict_file(tmp_path / "run", tmp_path / "bad.csv")
+    rows.loc[7, "quality"] = 0.1
+    rows.loc[3, "scenario"] = "feed"
+    rows.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"row 4, column 'scenario': unknown value 'feed'"):
+        Ranker.load(tmp_path / "run").predict_frame(pd.read_csv(tmp_path / "bad.csv"), file="bad.csv")
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = write_config(tmp_path, "mmoe")
+    with pytest.raises(ConfigError, match="model.n_expert"):
+        load_config(path, ["model.n_expert=3"])
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_config(path, ["train.epoch=3"])
+
+
+def test_movielens_protocol_smoke(data_dir, tmp_path):
+    config = load_config("configs/ranking/ml1m_hinet.yaml",
+                         ["data.max_rows=30000", "train.epochs=1", "train.max_steps_per_epoch=3"])
+    metrics = get_pipeline("ranking").train(config, tmp_path / "run")
+    assert set(metrics["test"]["scenario"]) <= {"young", "25-34", "35+"}
+    assert set(metrics["test"]["groups"]["user_activity"]) <= {"new", "old"}
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
