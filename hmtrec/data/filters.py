@@ -61,25 +61,49 @@ def report_removal(name: str, before: pd.DataFrame, after: pd.DataFrame, detail:
     return report
 
 
-def _counts(column: pd.Series) -> pd.Series:
-    codes, uniques = pd.factorize(column, sort=False)
-    return pd.Series(np.bincount(codes, minlength=len(uniques))[codes], index=column.index)
+def _codes(column: pd.Series) -> np.ndarray:
+    """Dense integer codes: item (leaf) indices are used as they are, other ids are hashed."""
+    values = column.to_numpy()
+    if np.issubdtype(values.dtype, np.integer) and len(values) and values.min() >= 0 and values.max() < 4 * len(values) + 1024:
+        return values.astype(np.int64, copy=False)
+    return pd.factorize(column, sort=False)[0]
+
+
+def report_mask(name: str, frame: pd.DataFrame, keep: np.ndarray, detail: str = "") -> FilterReport:
+    """Like `report_removal`, from a keep mask: O(n) counting, no sorting (10M-row logs)."""
+    keep = np.asarray(keep, dtype=bool)
+    removed = {}
+    for key, column in (("sequences", "sequence"), ("items", "leaf")):
+        codes = _codes(frame[column])
+        total = np.bincount(codes)
+        kept = np.bincount(codes[keep], minlength=len(total))
+        removed[key] = int(((total > 0) & (kept == 0)).sum())
+    report = FilterReport(name=name, rows_before=len(frame), rows_removed=int(len(frame) - keep.sum()),
+                          sequences_removed=removed["sequences"], items_removed=removed["items"], detail=detail)
+    logger.info("%s", report)
+    return report
+
+
+def _group_sizes(column: pd.Series) -> np.ndarray:
+    """For each row, how many rows share its value."""
+    codes = _codes(column)
+    return np.bincount(codes)[codes]
 
 
 def min_sequence_length(frame: pd.DataFrame, min_length: int, *, name: str | None = None
                         ) -> tuple[pd.DataFrame, FilterReport]:
     """Drop sequences with fewer than `min_length` events."""
-    keep = _counts(frame["sequence"]).to_numpy() >= min_length
-    kept = frame[keep]
-    return kept, report_removal(name or f"min sequence length {min_length}", frame, kept)
+    keep = _group_sizes(frame["sequence"]) >= min_length
+    report = report_mask(name or f"min sequence length {min_length}", frame, keep)
+    return frame[keep], report
 
 
 def min_item_support(frame: pd.DataFrame, min_support: int, *, name: str | None = None
                      ) -> tuple[pd.DataFrame, FilterReport]:
     """Drop events of items that occur fewer than `min_support` times."""
-    keep = _counts(frame["leaf"]).to_numpy() >= min_support
-    kept = frame[keep]
-    return kept, report_removal(name or f"min item support {min_support}", frame, kept)
+    keep = _group_sizes(frame["leaf"]) >= min_support
+    report = report_mask(name or f"min item support {min_support}", frame, keep)
+    return frame[keep], report
 
 
 FilterMode = Literal["srgnn", "fixed_point", "once"]

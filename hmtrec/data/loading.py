@@ -195,6 +195,7 @@ def load_data(cfg: DataConfig) -> PreparedData:
     drop_unseen = defaults.drop_unseen if cfg.split.unseen_items == "auto" else cfg.split.unseen_items == "drop"
     reports: list[FilterReport] = []
 
+    events_kept: int | None = None
     if protocol == "given":
         if source.given is None:
             raise ConfigError(f"data.split.protocol: source {cfg.source!r} ships no split; use session_time, "
@@ -215,6 +216,7 @@ def load_data(cfg: DataConfig) -> PreparedData:
             raise ConfigError(f"data.filters: no events left after filtering {cfg.source!r}; "
                               f"see the filter reports: {'; '.join(map(str, reports))}")
         events = order_events(events)
+        events_kept = len(events)
         split = _split(events, protocol, cfg.split, defaults, drop_unseen, min_length)
         reports += split.reports
 
@@ -226,14 +228,17 @@ def load_data(cfg: DataConfig) -> PreparedData:
 
     taxonomy, leaf_text = source.taxonomy, source.leaf_text
     if not cfg.keep_unused_items:
-        used = np.unique(np.concatenate([part["leaf"].to_numpy() for part in (train, valid, test)]))
+        occurs = np.zeros(taxonomy.n_leaves, dtype=bool)
+        for part in (train, valid, test):
+            occurs[part["leaf"].to_numpy()] = True
+        used = np.flatnonzero(occurs)
         if len(used) < taxonomy.n_leaves:
             before = taxonomy.n_leaves
             taxonomy, new_index = taxonomy.subset(used)
             train, valid, test = (part.assign(leaf=new_index[part["leaf"].to_numpy()]) for part in (train, valid, test))
             if leaf_text is not None:
                 leaf_text = [leaf_text[i] for i in used]
-            reports.append(FilterReport("catalogue: items in no split", 0, 0, 0, before - taxonomy.n_leaves,
+            reports.append(FilterReport("catalogue restricted to items that occur", 0, 0, 0, before - taxonomy.n_leaves,
                                         detail=f"{taxonomy.n_leaves:,} of {before:,} catalogue items kept"))
             logger.info("%s", reports[-1])
 
@@ -246,6 +251,7 @@ def load_data(cfg: DataConfig) -> PreparedData:
         "protocol_description": split.description + (" ; train_on_all: valid added to train" if cfg.split.train_on_all else ""),
         "filters": {"min_sequence_length": min_length, "min_item_support": min_support, "mode": mode}
         if protocol != "given" else None,
+        "events_after_filters": events_kept,
         "cutoffs": split.cutoffs,
         "notes": source.notes,
         "n_items": taxonomy.n_leaves,

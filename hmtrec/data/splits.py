@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from hmtrec.data.filters import FilterReport, report_removal
+from hmtrec.data.filters import FilterReport, report_mask
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -68,14 +68,24 @@ def _with_default_targets(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(target=position > 0)
 
 
-def _drop_unseen(frame: pd.DataFrame, seen: np.ndarray, min_length: int, split: str
+def _seen_in(frame: pd.DataFrame, train: pd.DataFrame) -> np.ndarray:
+    """Per event of `frame`: does its item occur in `train`? (a lookup table, no sorting)"""
+    leaves, train_leaves = frame["leaf"].to_numpy(), train["leaf"].to_numpy()
+    size = int(max(leaves.max(initial=-1), train_leaves.max(initial=-1))) + 1
+    seen = np.zeros(size, dtype=bool)
+    seen[train_leaves] = True
+    return seen[leaves]
+
+
+def _drop_unseen(frame: pd.DataFrame, train: pd.DataFrame, min_length: int, split: str
                  ) -> tuple[pd.DataFrame, list[FilterReport]]:
-    kept = frame[np.isin(frame["leaf"].to_numpy(), seen)]
-    reports = [report_removal(f"{split}: items unseen in training", frame, kept)]
-    lengths = kept.groupby("sequence", sort=False)["leaf"].transform("size")
-    long_enough = kept[lengths.to_numpy() >= min_length]
-    reports.append(report_removal(f"{split}: sequences shorter than {min_length} after that", kept, long_enough))
-    return long_enough.reset_index(drop=True), reports
+    keep = _seen_in(frame, train)
+    reports = [report_mask(f"{split}: items unseen in training", frame, keep)]
+    kept = frame[keep]
+    codes = pd.factorize(kept["sequence"], sort=False)[0]
+    long = np.bincount(codes)[codes] >= min_length
+    reports.append(report_mask(f"{split}: sequences shorter than {min_length} after that", kept, long))
+    return kept[long].reset_index(drop=True), reports
 
 
 def _tail_sequences(frame: pd.DataFrame, fraction: float) -> np.ndarray:
@@ -106,9 +116,8 @@ def session_time_split(frame: pd.DataFrame, *, test_days: float, valid_days: flo
         valid_text = f"valid = sessions ending in the {valid_days:g} days before"
     reports: list[FilterReport] = []
     if drop_unseen:
-        seen = np.unique(train["leaf"].to_numpy())
-        valid, valid_reports = _drop_unseen(valid, seen, min_length, "valid")
-        test, test_reports = _drop_unseen(test, seen, min_length, "test")
+        valid, valid_reports = _drop_unseen(valid, train, min_length, "valid")
+        test, test_reports = _drop_unseen(test, train, min_length, "test")
         reports += valid_reports + test_reports
     description = (f"session split by last-event time: test = sessions ending in the last {test_days:g} days, "
                    f"{valid_text}" + ("; items unseen in training removed from valid/test" if drop_unseen else ""))
@@ -129,9 +138,8 @@ def leave_one_out(frame: pd.DataFrame, *, drop_unseen: bool = False) -> SplitFra
     test = frame[eligible].assign(target=(from_end == 0)[eligible])
     reports: list[FilterReport] = []
     if drop_unseen:
-        seen = np.unique(train["leaf"].to_numpy())
-        valid, report_v = _skip_unseen_targets(valid, seen, "valid")
-        test, report_t = _skip_unseen_targets(test, seen, "test")
+        valid, report_v = _skip_unseen_targets(valid, train, "valid")
+        test, report_t = _skip_unseen_targets(test, train, "test")
         reports += [report_v, report_t]
     return SplitFrames(_with_default_targets(train), valid.reset_index(drop=True), test.reset_index(drop=True),
                        reports, "leave-one-out by time: test = each user's last event, valid = second to last, "
@@ -154,9 +162,8 @@ def time_fraction_split(frame: pd.DataFrame, *, test_fraction: float = 0.1, vali
     test = _targets_in_window(frame, test_cut)
     reports: list[FilterReport] = []
     if drop_unseen:
-        seen = np.unique(train["leaf"].to_numpy())
-        valid, report_v = _skip_unseen_targets(valid, seen, "valid")
-        test, report_t = _skip_unseen_targets(test, seen, "test")
+        valid, report_v = _skip_unseen_targets(valid, train, "valid")
+        test, report_t = _skip_unseen_targets(test, train, "test")
         reports += [report_v, report_t]
     description = (f"time split: train = events before {1 - test_fraction - valid_fraction:.0%} of the time range, "
                    f"valid targets in the next {valid_fraction:.0%}, test targets in the last {test_fraction:.0%}; "
@@ -175,16 +182,16 @@ def _targets_in_window(frame: pd.DataFrame, start: float) -> pd.DataFrame:
     return frame[has_target].reset_index(drop=True)
 
 
-def _skip_unseen_targets(frame: pd.DataFrame, seen: np.ndarray, split: str) -> tuple[pd.DataFrame, FilterReport]:
+def _skip_unseen_targets(frame: pd.DataFrame, train: pd.DataFrame, split: str) -> tuple[pd.DataFrame, FilterReport]:
     """Unseen items stay as input context but are no longer targets; sequences left without a
-    target are dropped. The report counts removed target rows."""
-    unseen_target = frame["target"].to_numpy() & ~np.isin(frame["leaf"].to_numpy(), seen)
+    target are dropped. The report counts removed rows (of those sequences) and, in its
+    detail, the targets no longer scored."""
+    unseen_target = frame["target"].to_numpy() & ~_seen_in(frame, train)
     frame = frame.assign(target=frame["target"].to_numpy() & ~unseen_target)
     has_target = frame.groupby("sequence", sort=False)["target"].transform("any").to_numpy()
-    kept = frame[has_target].reset_index(drop=True)
-    report = report_removal(f"{split}: targets with items unseen in training", frame, kept,
-                            detail=f"{int(unseen_target.sum()):,} targets no longer scored")
-    return kept, report
+    report = report_mask(f"{split}: targets with items unseen in training", frame, has_target,
+                         detail=f"{int(unseen_target.sum()):,} targets no longer scored")
+    return frame[has_target].reset_index(drop=True), report
 
 
 def given_split_valid_tail(train: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
