@@ -124,7 +124,7 @@ def test_consistency_is_kl_between_coarse_head_and_fine_mass_summed_up_the_tree(
     mass = heads.aggregate(item_p, "item", 2)
     torch.testing.assert_close(mass, torch.tensor([[0.4, 0.6]]))
     expected_kl = 0.6 * math.log(0.6 / 0.4) + 0.4 * math.log(0.4 / 0.6)
-    assert heads.consistency(logits).item() == pytest.approx(expected_kl, rel=1e-5)
+    assert heads.consistency(logits).item() == pytest.approx(expected_kl, rel=1e-5)  # inputs are log-probabilities
     total, parts = heads.loss(logits, torch.tensor([3]))
     assert parts["consistency"] == pytest.approx(expected_kl, rel=1e-5)
     ce = -math.log(0.4) - math.log(0.3)
@@ -234,9 +234,13 @@ def test_pop_ranks_by_training_counts_at_every_level():
     assert pop.trainable is False
     train = SequenceData(np.array([5, 5, 5, 3, 3, 0, 4]), np.array([0, 3, 7]), np.array(["s", "t"]))
     pop.fit(train)
+    assert pop.counts("item").tolist() == [1, 0, 0, 2, 1, 3]
+    assert pop.counts("l2").tolist() == [1, 0, 3, 3]           # a1, a2, b1, b2
+    assert pop.counts("l1").tolist() == [1, 6]
     scores = pop.predict(batch_of([[0, 1, 2], [3, 4]]))
     assert scores["item"].shape == (3, 6)
-    assert scores["item"][0].tolist() == [1, 0, 0, 2, 1, 3]
-    assert scores["l2"][0].tolist() == [1, 0, 3, 3]          # a1, a2, b1, b2
-    assert scores["l1"][2].tolist() == [1, 6]
-    assert torch.equal(scores["item"][0], scores["item"][2])  # the history is ignored
+    # Scores are log frequencies: their softmax is the popularity distribution.
+    torch.testing.assert_close(scores["item"][0].softmax(0), torch.tensor([1, 0, 0, 2, 1, 3]) / 7.0)
+    torch.testing.assert_close(scores["l1"][2].softmax(0), torch.tensor([1.0, 6.0]) / 7.0)
+    assert scores["item"][0].argsort(descending=True, stable=True).tolist()[:4] == [5, 3, 0, 4]
+    assert torch.equal(scores["item"][0], scores["item"][2])   # the history is ignored

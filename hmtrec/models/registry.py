@@ -7,6 +7,7 @@ section is validated against that class, so an unknown or mistyped model key is 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -65,3 +66,14 @@ def validate_model_params(family: str, section: dict) -> tuple[ModelEntry, Stric
 def model_names(family: str) -> list[str]:
     _import_family(family)
     return sorted(MODELS[family])
+
+
+def build_model(entry: ModelEntry, params: StrictModel, **context) -> Any:
+    """Call `entry.builder(params, **context)` with only the context keys the builder declares (all
+    of them when it takes **kwargs), so a pipeline can offer more context (max_len, run_dir, ...)
+    than an older builder knows about."""
+    parameters = inspect.signature(entry.builder).parameters.values()
+    if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        names = {parameter.name for parameter in parameters}
+        context = {key: value for key, value in context.items() if key in names}
+    return entry.builder(params, **context)

@@ -102,12 +102,13 @@ class HierarchicalHeads(nn.Module):
         out = fine_probabilities.new_zeros(fine_probabilities.shape[0], coarse_size)
         return out.index_add_(1, parent, fine_probabilities)
 
-    def consistency(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ over consecutive heads of KL(p_coarse ‖ fine mass summed to the coarse level), mean over rows."""
-        total = logits[self.levels[0]].new_zeros(())
+    def consistency(self, log_probabilities: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ over consecutive heads of KL(p_coarse ‖ fine mass summed to the coarse level), mean over
+        rows; takes each head's log-probabilities (log_softmax of its logits)."""
+        total = log_probabilities[self.levels[0]].new_zeros(())
         for coarse, fine in zip(self.levels, self.levels[1:]):
-            coarse_log_p = torch.log_softmax(logits[coarse], dim=-1)
-            mass = self.aggregate(torch.softmax(logits[fine], dim=-1), fine, coarse_log_p.shape[1])
+            coarse_log_p = log_probabilities[coarse]
+            mass = self.aggregate(log_probabilities[fine].exp(), fine, coarse_log_p.shape[1])
             total = total + F.kl_div(mass.clamp_min(1e-12).log(), coarse_log_p, log_target=True,
                                      reduction="batchmean")
         return total
@@ -116,14 +117,16 @@ class HierarchicalHeads(nn.Module):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Joint loss over M target rows; parts are the per-level cross-entropies and the consistency term."""
         targets = self.targets(leaf_targets)
+        # One log_softmax per level serves both the cross-entropy and the consistency term.
+        log_probabilities = {level: torch.log_softmax(value, dim=-1) for level, value in logits.items()}
         total = logits[self.levels[0]].new_zeros(())
         parts: dict[str, float] = {}
         for level in self.levels:
-            cross_entropy = F.cross_entropy(logits[level], targets[level])
+            cross_entropy = F.nll_loss(log_probabilities[level], targets[level])
             total = total + self.loss_weights[level] * cross_entropy
             parts[f"ce_{level}"] = float(cross_entropy.detach())
         if self.consistency_weight > 0 and len(self.levels) > 1:
-            consistency = self.consistency(logits)
+            consistency = self.consistency(log_probabilities)
             total = total + self.consistency_weight * consistency
             parts["consistency"] = float(consistency.detach())
         return total, parts

@@ -1,7 +1,9 @@
 """POP: rank every node of every taxonomy level by how often it occurs in the training events.
 
-The history is ignored, so every query gets the same scores. Ties keep the evaluator's rule
-(lower index first). The counts are buffers, saved with the model like weights.
+The history is ignored, so every query gets the same scores. Scores are log relative
+frequencies, so a softmax over them gives back the popularity distribution (like every model's
+scores, they act as logits); a node never seen in training gets a floor far below any seen one.
+Ties keep the evaluator's rule (lower index first). The counts are buffers, saved like weights.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from hmtrec.data.sequences import SequenceData
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
+
+
+UNSEEN_COUNT = 1e-6  # the count an unseen node is scored with (keeps log finite)
 
 
 class PopParams(StrictModel):
@@ -46,10 +51,14 @@ class Popularity(SequenceRecommender):
                                       minlength=self.taxonomy.n_nodes(level))
             self.counts(level).copy_(torch.from_numpy(node_counts))
 
+    def log_frequencies(self, level: int | str) -> torch.Tensor:
+        counts = self.counts(level)
+        return (counts.clamp_min(UNSEEN_COUNT) / counts.sum().clamp_min(1.0)).log().float()
+
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n_targets = int(target_positions(batch).sum())
         # A real [M, n] tensor, not an expanded view: callers may mask scores in place.
-        return {level: self.counts(level).float()[None, :].repeat(n_targets, 1) for level in self.levels}
+        return {level: self.log_frequencies(level)[None, :].repeat(n_targets, 1) for level in self.levels}
 
 
 @register_model("sequence", "pop", params=PopParams)

@@ -1,0 +1,419 @@
+"""The sequence pipeline (config kind "sequence"): data -> model(s) -> training -> evaluation -> run dir.
+
+    kind: sequence
+    data: {source: synthetic, ...}               # hmtrec.data.loading.DataConfig
+    model: {name: hiersrec, dim: 64, ...}        # any registered sequence model + its parameters
+    train: {epochs: 10, batch_size: 128, max_len: 50, ...}
+    eval: {ks: [10, 20], candidate_fraction: 0.05, ...}   # hmtrec.evaluate.ranking.EvalSettings
+    baselines: [pop, {name: sasrec, label: sasrec-64, dim: 64}]
+
+Every model, main and baselines alike, goes through the same steps, driven by the registry and
+the model contract only: build it (`build_model` with context taxonomy, dataset, max_len, run_dir),
+then train it with the shared Trainer on causal windows (or on the model's own
+`training_batches(...)` when it defines one) if `trainable`, else `fit(train)`; save its weights;
+evaluate it on the test split. One table compares them all.
+
+Run directory:
+    config.yaml          resolved config (every default written out)
+    run.json             {"kind": "sequence", "model", "baselines", "status", versions}
+    taxonomy.json        the catalogue's tree, leaf labels included
+    leaf_text.json       item texts (when the data has them)
+    data.json            what was loaded: sizes, protocol, filter reports
+    checkpoint.pt        the main model's last epoch (resume), best.safetensors its best epoch
+    model.safetensors    the main model's final weights
+    baselines/<label>/   the same files for each baseline
+    metrics.json         test metrics and training summary of every model
+    metrics.md           the results table in Markdown
+    evaluation.json      the latest `hmtrec evaluate` (with the overrides it used)
+    log.txt
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+import hmtrec
+from hmtrec.config import StrictModel, dump_config, load_config, register_config
+from hmtrec.data.loading import DataConfig, PreparedData, load_data
+from hmtrec.data.sequences import SequenceData, collate_windows, make_windows
+from hmtrec.errors import ConfigError, HmtrecError
+from hmtrec.evaluate.ranking import EvalSettings, evaluate_model
+from hmtrec.evaluate.report import print_results, results_table
+from hmtrec.models.registry import build_model, validate_model_params
+from hmtrec.pipelines import register_pipeline
+from hmtrec.progress import console
+from hmtrec.train.run_dir import close_run_dir, get_logger, open_run_dir, read_json, save_weights, write_json
+from hmtrec.train.trainer import TrainerSettings, TrainState, Trainer, seed_everything
+
+MAIN_WEIGHTS = "model.safetensors"
+BASELINES_DIR = "baselines"
+LENGTH_POOL_BATCHES = 50  # batches per pool of windows sorted by length
+EVALUATION_OVERRIDES = ("eval.", "data.path", "train.device", "train.threads")
+
+
+class TrainSection(StrictModel):
+    """The `train:` section: how every trainable model of the run is trained."""
+
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(128, ge=1, description="windows per training batch")
+    max_len: int = Field(50, ge=1, description="longest context window, in events")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)
+    seed: int = 0
+    device: str = Field("cpu", description="cpu, cuda, cuda:1 or auto")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    monitor: str | None = Field(
+        "MRR@20", description="validation metric that picks the best epoch: METRIC (at the finest level "
+                              "the model scores) or LEVEL/METRIC; null: no validation, keep the last epoch")
+    monitor_mode: Literal["max", "min"] = "max"
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without improvement")
+    valid_max_sequences: int | None = Field(
+        None, ge=1, description="validate on a fixed random subset of this many valid sequences (speed)")
+    resume: bool = Field(True, description="continue from checkpoint.pt when the run directory has one")
+
+    @field_validator("monitor")
+    @classmethod
+    def _check_monitor(cls, value: str | None) -> str | None:
+        if value is not None:
+            metric = value.split("/")[-1]
+            name, _, k = metric.partition("@")
+            if name not in ("Recall", "MRR", "NDCG") or not k.isdigit() or value.count("/") > 1:
+                raise ValueError(f"expected METRIC@K or LEVEL/METRIC@K with METRIC Recall, MRR or NDCG, got {value!r}")
+        return value
+
+    def trainer_settings(self) -> TrainerSettings:
+        return TrainerSettings(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                               grad_clip=self.grad_clip, seed=self.seed, device=self.device,
+                               monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode,
+                               patience=self.patience, resume=self.resume)
+
+
+def _model_spec(section: Any, where: str) -> dict:
+    """A model mapping {name, [label], params...} with params validated and defaults filled in."""
+    if isinstance(section, str):
+        section = {"name": section}
+    if not isinstance(section, dict):
+        raise ConfigError(f"key {where!r}: expected a model name or a mapping with 'name'")
+    section = dict(section)
+    label = section.pop("label", None)
+    try:
+        entry, params = validate_model_params("sequence", section)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("'model.", f"'{where}.").replace("'model'", f"'{where}'")) from None
+    return {"name": entry.name, "label": str(label or entry.name), **params.model_dump(mode="json")}
+
+
+@register_config("sequence")
+class SequenceConfig(StrictModel):
+    kind: Literal["sequence"] = "sequence"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: dict[str, Any] = Field(default_factory=lambda: {"name": "hiersrec"})
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    baselines: list[str | dict[str, Any]] = Field(default_factory=list,
+                                                  description="models evaluated beside the main one")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _validate_model(cls, value: Any) -> dict:
+        return _model_spec(value, "model")
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _validate_baselines(cls, value: Any) -> list[dict]:
+        if not isinstance(value, list):
+            raise ConfigError("key 'baselines': expected a list of model names or mappings")
+        return [_model_spec(item, f"baselines.{i}") for i, item in enumerate(value)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SequenceConfig":
+        labels = [spec["label"] for spec in self.model_specs()]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ConfigError(f"key 'baselines': label(s) {duplicates} used twice; give each a distinct 'label'")
+        if self.eval.max_len is not None and self.eval.max_len > self.train.max_len:
+            raise ConfigError(f"key 'eval.max_len': {self.eval.max_len} exceeds train.max_len "
+                              f"{self.train.max_len}, the longest window the models are built for")
+        return self
+
+    def model_specs(self) -> list[dict]:
+        """Main model first, then the baselines."""
+        return [self.model, *(spec for spec in self.baselines if isinstance(spec, dict))]
+
+    @property
+    def eval_max_len(self) -> int:
+        return self.eval.max_len or self.train.max_len
+
+
+# ---- helpers shared with `hmtrec evaluate` and the artefact loader -----------------------------
+
+def model_dir(run_dir: Path, config: SequenceConfig, label: str) -> Path:
+    """Where a model's checkpoint and weights live: the run dir for the main model."""
+    return run_dir if label == config.model["label"] else run_dir / BASELINES_DIR / label
+
+
+def build_sequence_model(spec: dict, prepared_or_dataset, config: SequenceConfig, directory: Path | None):
+    """Build the model a spec names, with the context every sequence builder may use."""
+    entry, params = validate_model_params("sequence", {k: v for k, v in spec.items() if k != "label"})
+    dataset = getattr(prepared_or_dataset, "dataset", prepared_or_dataset)
+    return build_model(entry, params, taxonomy=dataset.taxonomy, dataset=dataset,
+                       max_len=config.train.max_len, run_dir=directory)
+
+
+def check_candidate_level(model, taxonomy, settings: EvalSettings, label: str) -> None:
+    """Fail before training, not after, when candidate mode cannot apply to a model."""
+    if not settings.candidate_enabled:
+        return
+    level = settings.candidate_level or taxonomy.level_names[-2]
+    finest = max(taxonomy.level_index(name) for name in model.levels)
+    if taxonomy.level_index(level) >= finest:
+        raise ConfigError(f"key 'eval.candidate_level': {level!r} must be coarser than the finest level model "
+                          f"{label!r} predicts ({taxonomy.level_names[finest]!r}); choose a coarser level or "
+                          f"turn candidates off (eval.candidate_fraction: null)")
+
+
+def count_parameters(model) -> int:
+    parameters = getattr(model, "parameters", None)
+    return sum(p.numel() for p in parameters()) if callable(parameters) else 0
+
+
+def flat_metrics(result: dict, mode: str = "full") -> dict[str, float]:
+    """{"level/metric": value} from an evaluate_model result."""
+    return {f"{level}/{name}": value for level, metrics in result.get(mode, {}).items()
+            for name, value in metrics.items()}
+
+
+def training_batches(model, train: SequenceData, settings: TrainSection
+                     ) -> tuple[Callable[[int], Iterable[dict]], Callable[[int], int] | None]:
+    """The batches of one epoch, deterministic given (seed, epoch), so a resumed run replays them.
+    A model with its own batching (`training_batches(train, epoch, batch_size, max_len)`) gets it."""
+    own = getattr(model, "training_batches", None)
+    if callable(own):
+        return (lambda epoch: own(train, epoch, settings.batch_size, settings.max_len)), None
+    windows = make_windows(train, settings.max_len)
+    n_windows = len(windows.start)
+    if n_windows == 0:
+        raise HmtrecError("the training split has no target with context: nothing to train on")
+    pool = settings.batch_size * LENGTH_POOL_BATCHES
+
+    def batches(epoch: int) -> Iterable[dict]:
+        rng = np.random.default_rng([settings.seed, epoch])
+        order = rng.permutation(n_windows)
+        # Within pools of shuffled windows, batch windows of similar length together (little
+        # padding, so much less encoder work), then visit the batches in random order.
+        chunks = []
+        for first in range(0, n_windows, pool):
+            members = order[first:first + pool]
+            members = members[np.argsort(windows.length[members], kind="stable")]
+            chunks += [members[i:i + settings.batch_size] for i in range(0, len(members), settings.batch_size)]
+        for chunk in rng.permutation(len(chunks)):
+            yield collate_windows(train, windows, chunks[chunk])
+
+    n_batches = (n_windows // pool) * LENGTH_POOL_BATCHES + math.ceil((n_windows % pool) / settings.batch_size)
+    return batches, lambda epoch: n_batches
+
+
+def _monitor_key(monitor: str, model) -> str:
+    if "/" in monitor:
+        return monitor
+    return f"{model.levels[-1]}/{monitor}"
+
+
+def _validation_settings(config: SequenceConfig) -> EvalSettings:
+    """Full-catalogue metrics only (candidates and segments are for the final report), with the
+    monitored K included."""
+    ks = set(config.eval.ks)
+    if config.train.monitor is not None:
+        ks.add(int(config.train.monitor.split("@")[-1]))
+    return config.eval.model_copy(update={"ks": sorted(ks), "candidate_k": None, "candidate_fraction": None,
+                                          "candidate_level": None, "candidate_mode": None, "segments": []})
+
+
+def _validation_subset(valid: SequenceData, settings: TrainSection) -> SequenceData:
+    if settings.valid_max_sequences is None or valid.n_sequences <= settings.valid_max_sequences:
+        return valid
+    chosen = np.random.default_rng(settings.seed).choice(valid.n_sequences, settings.valid_max_sequences,
+                                                         replace=False)
+    return valid.select(np.sort(chosen))
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def versions() -> dict[str, str]:
+    return {"hmtrec": getattr(hmtrec, "__version__", "unknown"),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _check_same_run(run_dir: Path, config: SequenceConfig) -> None:
+    """Refuse to mix two configs in one run directory: resuming needs the same data, models and
+    training settings (evaluation settings, device and threads may change)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved, current = yaml.safe_load(path.read_text()) or {}, config.model_dump(mode="json")
+    ignored = {"train.resume", "train.device", "train.threads"}
+    different = []
+    for section in ("data", "model", "train", "baselines"):
+        old, new = saved.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            different += [f"{section}.{key}" for key in sorted(set(old) | set(new))
+                          if f"{section}.{key}" not in ignored and old.get(key) != new.get(key)]
+        elif old != new:
+            different.append(section)
+    if different:
+        raise ConfigError(f"{run_dir} holds a run with a different config (differs in: {', '.join(different)}); "
+                          f"use another --run-dir, or the same config to resume")
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+@register_pipeline("sequence")
+class SequencePipeline:
+    def train(self, config: SequenceConfig, run_dir: Path, *,
+              on_epoch_end: Callable[[TrainState], None] | None = None) -> dict:
+        """Train and evaluate the main model and the baselines; write the run directory.
+        `on_epoch_end` is passed to the main model's Trainer (tests use it to interrupt a run)."""
+        run_dir = open_run_dir(run_dir)
+        log = get_logger()
+        try:
+            _check_same_run(run_dir, config)
+            set_threads(config.train.threads)
+            dump_config(config, run_dir / "config.yaml")
+            run_info = {"kind": "sequence", "model": config.model["label"],
+                        "baselines": [spec["label"] for spec in config.baselines], "status": "training",
+                        "versions": versions()}
+            write_json(run_dir / "run.json", run_info)
+            console.print(f"[bold]loading data[/bold] ({config.data.source})")
+            prepared = load_data(config.data)
+            log.info("%s", prepared.summary())
+            save_catalogue(run_dir, prepared)
+            write_json(run_dir / "data.json", {**prepared.info,
+                                               "filters_applied": [r.to_dict() for r in prepared.reports]})
+            results: dict[str, dict] = {}
+            for spec in config.model_specs():
+                is_main = spec["label"] == config.model["label"]
+                results[spec["label"]] = self._train_and_evaluate(
+                    spec, prepared, config, model_dir(run_dir, config, spec["label"]),
+                    on_epoch_end if is_main else None)
+            metrics = {"data": {"name": prepared.dataset.name, **prepared.info["counts"],
+                                "n_items": prepared.taxonomy.n_leaves},
+                       "models": results}
+            write_json(run_dir / "metrics.json", metrics)
+            (run_dir / "metrics.md").write_text(results_table(results))
+            print_tables(results, config.eval.ks)
+            write_json(run_dir / "run.json", {**run_info, "status": "done"})
+            return metrics
+        finally:
+            close_run_dir(run_dir)
+
+    def _train_and_evaluate(self, spec: dict, prepared: PreparedData, config: SequenceConfig, directory: Path,
+                            on_epoch_end: Callable[[TrainState], None] | None) -> dict:
+        log = get_logger()
+        label = spec["label"]
+        directory.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.train.seed)
+        model = build_sequence_model(spec, prepared, config, directory)
+        check_candidate_level(model, prepared.taxonomy, config.eval, label)
+        console.print(f"[bold]{label}[/bold]: {count_parameters(model):,} parameters")
+        started = time.perf_counter()
+        if getattr(model, "trainable", True):
+            training = self._fit_trainable(model, prepared, config, directory, on_epoch_end)
+        else:
+            model.fit(prepared.train)
+            training = {"fit_seconds": time.perf_counter() - started}
+        save_weights(directory / MAIN_WEIGHTS, model.state_dict())
+        training["parameters"] = count_parameters(model)
+        console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
+        result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len)
+        result["training"] = training
+        log.info("%s test: %s", label, flat_metrics(result))
+        return result
+
+    def _fit_trainable(self, model, prepared: PreparedData, config: SequenceConfig, directory: Path,
+                       on_epoch_end) -> dict:
+        settings = config.train
+        validate = None
+        if settings.monitor is not None:
+            valid = _validation_subset(prepared.valid, settings)
+            valid_settings = _validation_settings(config)
+            monitor_key = _monitor_key(settings.monitor, model)
+
+            def validate(trained) -> dict:
+                metrics = flat_metrics(evaluate_model(trained, valid, prepared.taxonomy, valid_settings,
+                                                      max_len=config.eval_max_len))
+                if monitor_key not in metrics:
+                    raise ConfigError(f"key 'train.monitor': {monitor_key!r} is not among the validation "
+                                      f"metrics {sorted(metrics)}")
+                return {**metrics, "monitored": metrics[monitor_key]}
+
+        batches, steps = training_batches(model, prepared.train, settings)
+        trainer = Trainer(model, settings.trainer_settings(), directory, validate=validate, on_epoch_end=on_epoch_end)
+        state = trainer.fit(batches, steps)
+        model.to("cpu")
+        epoch_seconds = [record["epoch_seconds"] for record in state.history]
+        return {"epochs": state.epoch, "best_epoch": state.best_epoch or state.epoch,
+                "stopped_early": state.stopped_early, "train_seconds": state.train_seconds,
+                "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
+                "history": state.history}
+
+    def evaluate(self, run_dir: Path, overrides: list[str]) -> dict:
+        """Reload a run's models and evaluate them on the test split again; `overrides` may change
+        eval.* (e.g. eval.candidate_fraction=0.1), data.path, train.device and train.threads."""
+        from hmtrec.serve.artefact import load_sequence_run
+
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            if not any(key == prefix or key.startswith(prefix) for prefix in EVALUATION_OVERRIDES):
+                raise ConfigError(f"--set {key}: `hmtrec evaluate` can only change "
+                                  f"{', '.join(p.rstrip('.') + ('.*' if p.endswith('.') else '') for p in EVALUATION_OVERRIDES)}")
+        run_dir = Path(run_dir)
+        config = load_config(run_dir / "config.yaml", overrides)
+        set_threads(config.train.threads)
+        artefact = load_sequence_run(run_dir, config=config)
+        prepared = load_data(config.data)
+        artefact.check_catalogue(prepared.taxonomy)
+        artefact.fit_missing(prepared.train)
+        results = {}
+        for label, model in artefact.models.items():
+            console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
+            results[label] = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval,
+                                            max_len=config.eval_max_len)
+        write_json(run_dir / "evaluation.json", {"overrides": list(overrides), "models": results})
+        print_tables(results, config.eval.ks)
+        return results
+
+
+def print_tables(results: dict[str, dict], ks: list[int]) -> None:
+    """The results on the console, one table per K so each fits an 80-column terminal."""
+    for k in ks:
+        print_results(results, metrics=[f"Recall@{k}", f"MRR@{k}", f"NDCG@{k}"])
+
+
+def save_catalogue(run_dir: Path, prepared: PreparedData) -> None:
+    """taxonomy.json (tree and leaf labels) and leaf_text.json: what inference needs of the data."""
+    prepared.taxonomy.save(run_dir / "taxonomy.json")
+    if prepared.dataset.leaf_text is not None:
+        write_json(run_dir / "leaf_text.json", {"text": [None if t is None else str(t)
+                                                         for t in prepared.dataset.leaf_text]})
+
+
+def read_run_config(run_dir: Path) -> SequenceConfig:
+    if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
+        raise HmtrecError(f"{run_dir} is not a run directory (no run.json / config.yaml)")
+    kind = read_json(run_dir / "run.json").get("kind")
+    if kind != "sequence":
+        raise HmtrecError(f"{run_dir} holds a {kind!r} run, not a sequence run")
+    return load_config(run_dir / "config.yaml")
