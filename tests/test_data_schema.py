@@ -10,7 +10,7 @@ import pytest
 
 from hmtrec.data.loading import DataConfig, load_data
 from hmtrec.data.schema import read_table
-from hmtrec.errors import DataError
+from hmtrec.errors import ConfigError, DataError
 
 ITEMS = "item_id,top,sub,title\n" + "\n".join(
     f"i{i},T{i % 2},S{i % 4},item number {i}" for i in range(8)) + "\n"
@@ -136,9 +136,11 @@ def test_item_without_a_taxonomy_node(tmp_path):
     folder = _write(tmp_path, events)
     message = _error(folder)
     assert "events.csv, row 9, column 'item_id': item 'i99' has no taxonomy node" in message
-    # the same rows can be dropped instead, with a count in the notes
+    # the same rows can be dropped instead, and the drop is reported
     prepared = load_data(_config(folder, unknown_items="drop"))
-    assert any("dropped 1 rows" in note for note in prepared.info["notes"])
+    report = prepared.reports[0]
+    assert report.name == "items not in the item table"
+    assert (report.rows_before, report.rows_removed, report.sequences_removed, report.items_removed) == (120, 1, 0, 1)
     # an item table row with an empty level
     items = ITEMS.replace("i5,T1,S1,", "i5,T1,,")
     message = _error(_write(tmp_path / "gap", _events(), items=items))
@@ -180,3 +182,30 @@ def test_read_table_multichar_delimiter_and_latin1(tmp_path):
                        encoding="latin-1")
     assert frame["title"].tolist() == ["Café (1999)", "Zoë"]
     assert frame["genres"].tolist() == ["Drama", "Comedy|Drama"]
+
+
+def test_time_protocols_need_times(tmp_path):
+    folder = _write(tmp_path, _events())
+    config = _config(folder, columns={"time": None})
+    with pytest.raises(ConfigError, match="needs event times"):
+        load_data(config)
+    config = config.model_copy(update={"split": config.split.model_copy(update={"protocol": "leave_one_out"})})
+    assert load_data(config).test.n_targets == 30
+
+
+def test_taxonomy_subset_drops_empty_nodes_and_maps_leaves():
+    from hmtrec.data.taxonomy import Taxonomy
+
+    table = pd.DataFrame({"top": ["A", "A", "B", "B", "C"], "sub": ["a1", "a2", "b1", "b1", "c1"],
+                          "item": ["x", "y", "z", "w", "v"]})
+    taxonomy = Taxonomy.from_table(table, ["top", "sub", "item"])
+    keep = taxonomy.index_of(["y", "w", "z"])
+    smaller, new_index = taxonomy.subset(keep)
+    assert list(smaller.node_labels[0]) == ["A", "B"] and list(smaller.node_labels[1]) == ["a2", "b1"]
+    assert sorted(smaller.node_labels[2]) == ["w", "y", "z"]
+    assert (new_index >= 0).sum() == 3 and new_index[taxonomy.index_of(["x"])[0]] == -1
+    for label in ("y", "w", "z"):
+        old, new = taxonomy.index_of([label])[0], smaller.index_of([label])[0]
+        assert new_index[old] == new
+        assert taxonomy.labels_of([taxonomy.ancestors(old, "top")], "top")[0] == \
+            smaller.labels_of([smaller.ancestors(new, "top")], "top")[0]

@@ -156,3 +156,26 @@ def test_raw_diginetica_sample_follows_the_session_protocol(data_dir):
     assert test.timestamps[test.offsets[1:] - 1].min() > last - 7 * DAY
     assert train.timestamps.max() <= last - 7 * DAY
     assert train.n_sequences > 300 and test.n_sequences > 20
+
+
+def test_max_sequences_and_train_on_all():
+    synthetic = SyntheticConfig(n_items=600, level_sizes=[5, 30], n_sessions=2_000, days=10)
+    small = load_data(DataConfig(synthetic=synthetic, max_sequences=500))
+    report = small.reports[0]
+    assert report.name == "max_sequences 500" and report.sequences_removed == 1_500
+    total = small.train.n_sequences + small.valid.n_sequences + small.test.n_sequences
+    assert total <= 500 and total > 400  # the rest removed by the length filter
+    again = load_data(DataConfig(synthetic=synthetic, max_sequences=500))
+    assert np.array_equal(again.test.leaves, small.test.leaves)   # same seed, same subset
+
+    base = load_data(DataConfig(synthetic=synthetic))
+    merged = load_data(DataConfig(synthetic=synthetic, split={"train_on_all": True}))
+    assert merged.train.n_sequences == base.train.n_sequences + base.valid.n_sequences
+    assert np.array_equal(merged.test.leaves, base.test.leaves)
+
+    loo = DataConfig(synthetic=synthetic, split={"protocol": "leave_one_out"})
+    base, merged = load_data(loo), load_data(loo.model_copy(update={"split": loo.split.model_copy(
+        update={"train_on_all": True})}))
+    # each user's training sequence grows by its valid target; test is unchanged
+    assert merged.train.n_events == base.train.n_events + base.valid.n_targets
+    assert np.array_equal(merged.test.leaves, base.test.leaves)

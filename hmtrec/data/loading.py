@@ -193,7 +193,11 @@ def load_data(cfg: DataConfig) -> PreparedData:
     min_support = cfg.filters.min_item_support or defaults.min_support
     mode = cfg.filters.mode or defaults.mode
     drop_unseen = defaults.drop_unseen if cfg.split.unseen_items == "auto" else cfg.split.unseen_items == "drop"
-    reports: list[FilterReport] = []
+    reports: list[FilterReport] = list(source.reports)
+    if not source.has_time and protocol in ("session_time", "time_fraction"):
+        raise ConfigError(f"data.split.protocol: {protocol!r} needs event times, and source {cfg.source!r} "
+                          f"gives only an order; use leave_one_out{' or given' if source.given else ''}, "
+                          f"or give a time column")
 
     events_kept: int | None = None
     if protocol == "given":

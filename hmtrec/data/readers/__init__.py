@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from hmtrec.data.filters import FilterReport
 from hmtrec.data.taxonomy import Taxonomy
 
 
@@ -28,6 +29,7 @@ class SourceData:
     has_time: bool = True
     given: dict[str, pd.DataFrame] | None = None
     notes: list[str] = field(default_factory=list)
+    reports: list[FilterReport] = field(default_factory=list)   # rows a reader dropped on request
 
 
 def source_folder(cfg, folder_name: str):

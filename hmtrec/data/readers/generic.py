@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hmtrec.data.filters import FilterReport, logger
 from hmtrec.data.readers import SourceData
 from hmtrec.data.schema import build_catalogue, canonical_interactions, read_table
 
@@ -33,10 +34,17 @@ def read(cfg) -> SourceData:
         items, items_file = interactions, str(interactions_path)
     catalogue = build_catalogue(items, item_columns, file=items_file)
     events, event_names = canonical_interactions(interactions, columns, catalogue.taxonomy,
-                                                 file=str(interactions_path), unknown_items=generic.unknown_items)
+                                                 file=str(interactions_path), unknown_items="drop"
+                                                 if generic.unknown_items == "drop" else "error")
     notes = [f"generic: {len(interactions):,} rows from {interactions_path}, taxonomy {catalogue.taxonomy}"]
-    if generic.unknown_items == "drop" and len(events) < len(interactions):
-        notes.append(f"dropped {len(interactions) - len(events):,} rows whose item is not in the item table")
+    reports = []
+    if generic.unknown_items == "drop":
+        kept_sequences = events["sequence"].nunique()
+        report = FilterReport("items not in the item table", len(interactions), len(interactions) - len(events),
+                              interactions[columns.sequence].nunique() - kept_sequences,
+                              interactions[columns.item].nunique() - events["leaf"].nunique())
+        logger.info("%s", report)
+        reports.append(report)
     return SourceData(name=generic.name, events=events, taxonomy=catalogue.taxonomy,
                       leaf_text=catalogue.leaf_text, event_names=event_names,
-                      has_time=columns.time is not None, notes=notes)
+                      has_time=columns.time is not None, notes=notes, reports=reports)
