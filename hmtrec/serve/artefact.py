@@ -84,14 +84,15 @@ class SequenceArtefact:
     def level_probabilities(self, history: Sequence[str], *, label: str | None = None,
                             skip_unknown: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
         """Probabilities at every level the model reaches, for the next event after `history`.
-        Returns ({level: probabilities [n_nodes]}, info: history used, skipped ids, sources)."""
+        Returns ({level: probabilities [n_nodes]}, info: leaf indices of the known ids, the ids
+        used (the most recent max_len), skipped ids, truncation, where each level comes from)."""
         model = self.model(label)
         leaves, skipped = self.encode_history(history, skip_unknown=skip_unknown)
         if len(leaves) == 0:
             raise HmtrecError("the history has no known item: nothing to recommend from")
         max_len = self.config.eval_max_len
         truncated = max(0, len(leaves) - max_len)
-        leaves = leaves[-max_len:]
+        known, leaves = leaves, leaves[-max_len:]
         # One query: the last input position is the only target (its value only marks the position).
         batch = {"inputs": torch.from_numpy(leaves)[None, :], "targets": torch.full((1, len(leaves)), PAD)}
         batch["targets"][0, -1] = 0
@@ -108,7 +109,7 @@ class SequenceArtefact:
                 mass.index_add_(0, torch.from_numpy(parent), probabilities[finest].double())
                 probabilities[level] = mass.float()
                 sources[level] = f"sum of {finest} probabilities"
-        info = {"history": [str(h) for h in history], "used": self.taxonomy.labels_of(leaves).tolist(),
+        info = {"history": [str(h) for h in history], "known": known, "used": self.taxonomy.labels_of(leaves).tolist(),
                 "skipped": skipped, "truncated": truncated, "finest": finest, "sources": sources}
         return probabilities, info
 
@@ -123,7 +124,7 @@ class SequenceArtefact:
         finest = info["finest"]
         scores = probabilities[finest].clone()
         if exclude_history:
-            seen = self.taxonomy.index_of(info["used"])
+            seen = info["known"]
             seen = seen if finest == self.taxonomy.leaf_level else self.taxonomy.ancestors(seen, finest)
             scores[torch.from_numpy(np.unique(seen))] = -1.0
         k = min(k, int((scores >= 0).sum()))
