@@ -209,3 +209,13 @@ def test_taxonomy_subset_drops_empty_nodes_and_maps_leaves():
         assert new_index[old] == new
         assert taxonomy.labels_of([taxonomy.ancestors(old, "top")], "top")[0] == \
             smaller.labels_of([smaller.ancestors(new, "top")], "top")[0]
+
+
+def test_quoted_values_may_span_lines(tmp_path):
+    path = tmp_path / "items.csv"
+    path.write_text('item_id,top,title\ni1,T0,"two\nlines"\ni2,T1,plain\n')
+    frame = read_table(path)
+    assert frame["title"].tolist() == ["two\nlines", "plain"]
+    path.write_text('item_id,top,title\ni1,T0,"two\nlines"\ni2,T1,plain,surplus\n')
+    with pytest.raises(DataError, match=r"row 2: malformed row: .* has 4 fields, expected 3"):
+        read_table(path)

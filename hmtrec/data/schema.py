@@ -133,11 +133,13 @@ def read_table(path: str | Path, *, delimiter: str | None = None, columns: Seque
             raise DataError(f"missing column {error}", file=_display(path)) from None
 
     table = read(read_options)
-    if bad_rows and bad_rows[0].number is None:
-        # line numbers are only known when reading on one thread: re-read to name the line
+    if bad_rows:
+        # Either quoted values span lines (the fast parse assumes they don't) or rows really are
+        # malformed. Re-read on one thread (which also numbers the rows) allowing such values.
         bad_rows.clear()
         read_options.use_threads = False
-        read(read_options)
+        parse_options.newlines_in_values = True
+        table = read(read_options)
     if bad_rows:
         row = bad_rows[0]
         line = row.number
