@@ -12,21 +12,48 @@ import math
 import torch
 
 
+# Row sums of a boolean matrix are accumulated in int16 over column blocks narrower than the int16
+# range: on CPU this is an order of magnitude faster than a plain int64 sum of booleans.
+_COUNT_BLOCK = 16384
+
+
+def count_true(mask: torch.Tensor) -> torch.Tensor:
+    """Number of True entries in each row of a bool [B, N] matrix, as int64 [B]."""
+    counts = torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    as_bytes = mask.view(torch.uint8)
+    for start in range(0, mask.shape[1], _COUNT_BLOCK):
+        counts += as_bytes[:, start:start + _COUNT_BLOCK].sum(1, dtype=torch.int16)
+    return counts
+
+
+def beats_target(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """bool [B, N]: the entries ranked ahead of each row's target, i.e. scored higher, or scored
+    equal with a lower index."""
+    targets = targets[:, None].long()
+    target_scores = scores.gather(1, targets)
+    beats = scores > target_scores
+    ties = scores == target_scores          # includes the target itself
+    tied_rows = torch.nonzero(count_true(ties) > 1).squeeze(1)
+    if len(tied_rows):                      # only rows with ties pay for the index comparison
+        columns = torch.arange(scores.shape[1], device=scores.device)[None, :]
+        beats[tied_rows] |= ties[tied_rows] & (columns < targets[tied_rows])
+    return beats
+
+
+def ranks_from_beats(beats: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 ranks [B] from `beats_target`'s mask; with `allowed` [B, N], only allowed entries
+    count and a disallowed target gets rank inf. `beats` is left unchanged."""
+    if allowed is None:
+        return 1.0 + count_true(beats).to(torch.float64)
+    ranks = 1.0 + count_true(beats & allowed).to(torch.float64)
+    inside = allowed.gather(1, targets[:, None].long()).squeeze(1)
+    return torch.where(inside, ranks, torch.full_like(ranks, math.inf))
+
+
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """scores [B, N], targets [B] (int), allowed [B, N] bool or None -> float ranks [B].
+    """scores [B, N], targets [B] (int), allowed [B, N] bool or None -> float64 ranks [B].
     Disallowed entries never outrank the target; a disallowed target gets rank inf."""
-    target_scores = scores.gather(1, targets[:, None].long())
-    higher = scores > target_scores
-    columns = torch.arange(scores.shape[1], device=scores.device)[None, :]
-    tied_before = (scores == target_scores) & (columns < targets[:, None])
-    beats = higher | tied_before
-    if allowed is not None:
-        beats &= allowed
-    ranks = 1.0 + beats.sum(1).to(torch.float64)
-    if allowed is not None:
-        inside = allowed.gather(1, targets[:, None].long()).squeeze(1)
-        ranks = torch.where(inside, ranks, torch.full_like(ranks, math.inf))
-    return ranks
+    return ranks_from_beats(beats_target(scores, targets), targets, allowed)
 
 
 def metric_names(ks: list[int]) -> list[str]:

@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from hmtrec.config import StrictModel
 from hmtrec.data.sequences import PAD, SequenceData, Windows, collate_windows, make_windows
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.evaluate.metrics import metrics_from_ranks, target_ranks
+from hmtrec.evaluate.metrics import beats_target, metrics_from_ranks, ranks_from_beats
 from hmtrec.evaluate.segments import Segment, check_edges, history_length_segment, segment_from_values
 from hmtrec.progress import progress_bar
 from hmtrec.serve.candidates import aggregate_node_scores, candidate_node_mask, k_for_fraction
@@ -249,7 +249,8 @@ def _level_scores(predictions: dict[str, torch.Tensor], plan: _LevelPlan, taxono
         if tuple(value.shape) != expected:
             raise ValueError(f"{model_name}.predict: scores for level {name!r} have shape {tuple(value.shape)}, "
                              f"expected {expected} (one row per target position, one column per node)")
-        if torch.isnan(value).any():
+        # a NaN would silently rank as a miss or a hit; summing first keeps the common case cheap
+        if torch.isnan(value.sum()) and torch.isnan(value).any():
             raise ValueError(f"{model_name}.predict: scores for level {name!r} contain NaN")
         scores[name] = value
     for name in plan.derived:
@@ -304,23 +305,30 @@ def rank_cases(model, data: SequenceData, taxonomy: Taxonomy, settings: EvalSett
                     if mode == "fixed_k" and fixed_k is None:
                         fixed_k = k_for_fraction(taxonomy, plan.candidate_level, settings.candidate_fraction)
                 scores = _level_scores(predictions, plan, taxonomy, settings, len(targets), model_name)
-                level_targets = {name: taxonomy.ancestors(targets, name) for name in plan.levels}
-                for name in plan.levels:
-                    full[name].append(target_ranks(scores[name], level_targets[name]).cpu())
+                node_mask = None
                 if plan.candidate_level is not None:
                     node_mask = candidate_node_mask(
                         scores[plan.candidate_level], taxonomy, plan.candidate_level, mode=mode,
                         k=fixed_k if mode == "fixed_k" else None,
-                        fraction=settings.candidate_fraction if mode == "adaptive" else None)
+                        fraction=settings.candidate_fraction if mode == "adaptive" else None,
+                        leaf_counts=plan.candidate_leaf_counts)
                     sizes.append((node_mask.to(torch.float64) @ plan.candidate_leaf_counts).round().long().cpu())
                     target_nodes = taxonomy.ancestors(targets, plan.candidate_level)
                     covered.append(node_mask.gather(1, target_nodes[:, None]).squeeze(1).cpu())
-                    for name in plan.levels:
-                        if name in plan.candidate_maps:
-                            allowed = node_mask[:, plan.candidate_maps[name]]
-                            candidate[name].append(target_ranks(scores[name], level_targets[name], allowed).cpu())
-                        else:  # at or above the candidate level: ranked as in full mode
-                            candidate[name].append(full[name][-1])
+                for name in plan.levels:
+                    level_targets = taxonomy.ancestors(targets, name)
+                    beats = beats_target(scores[name], level_targets)
+                    full[name].append(ranks_from_beats(beats, level_targets).cpu())
+                    if node_mask is None:
+                        continue
+                    if name in plan.candidate_maps:
+                        # one gather: a node of this level is allowed when its candidate-level ancestor is
+                        ancestor = plan.candidate_maps[name].expand(len(targets), -1)
+                        allowed = torch.gather(node_mask, 1, ancestor)
+                        candidate[name].append(ranks_from_beats(beats, level_targets, allowed).cpu())
+                    else:  # at or above the candidate level: ranked as in full mode
+                        candidate[name].append(full[name][-1])
+                    del beats
                 events.append(batch_events)
                 bar.advance(task)
     finally:

@@ -98,10 +98,12 @@ def descendant_mask(node_mask: torch.Tensor, taxonomy: Taxonomy, level: int | st
 
 def candidate_node_mask(level_scores: torch.Tensor, taxonomy: Taxonomy, level: int | str, *,
                         mode: CandidateMode = "adaptive", k: int | None = None,
-                        fraction: float | None = None) -> torch.Tensor:
+                        fraction: float | None = None,
+                        leaf_counts: torch.Tensor | None = None) -> torch.Tensor:
     """The chosen nodes of `level` per row, as bool [M, n_nodes(level)].
     mode "fixed_k": the top k nodes (k given, or from `fraction` through `k_for_fraction`);
-    mode "adaptive": nodes until their leaves reach `fraction` of the catalogue."""
+    mode "adaptive": nodes until their leaves reach `fraction` of the catalogue (`leaf_counts`,
+    the leaves under each node, may be passed to save recounting them on every call)."""
     n_nodes = taxonomy.n_nodes(level)
     if level_scores.ndim != 2 or level_scores.shape[1] != n_nodes:
         raise ValueError(f"level scores of shape {tuple(level_scores.shape)} for level "
@@ -117,8 +119,9 @@ def candidate_node_mask(level_scores: torch.Tensor, taxonomy: Taxonomy, level: i
             raise ValueError("adaptive candidates need a fraction")
         if k is not None:
             raise ValueError("adaptive candidates take a fraction, not k")
-        counts = torch.from_numpy(taxonomy.leaf_counts(level)).to(level_scores.device)
-        return adaptive_node_mask(level_scores, counts, fraction)
+        if leaf_counts is None:
+            leaf_counts = torch.from_numpy(taxonomy.leaf_counts(level)).to(level_scores.device)
+        return adaptive_node_mask(level_scores, leaf_counts, fraction)
     raise ValueError(f"unknown candidate mode {mode!r}; use 'fixed_k' or 'adaptive'")
 
 
