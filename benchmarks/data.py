@@ -94,7 +94,9 @@ def main() -> None:
         return
     body = ("Time and peak memory of `load_data` per source (each in a fresh process, one torch "
             "thread; events: after filtering; sequences: train / valid / test). The large synthetic rows generate 1M items "
-            "in 3 levels (100 ⊃ 10,000 ⊃ 1M) and 1.7M sessions, with item text.\n\n" + table)
+            "in 3 levels (100 ⊃ 10,000 ⊃ 1M) and 1.7M sessions, with item text; the last row includes "
+            "the generation. The 2 cores are shared with other jobs, so seconds vary by up to 2x "
+            "between runs; peak memory does not.\n\n" + table)
     update_section("data", body, title="Data loading and synthetic generation",
                    command="python benchmarks/data.py")
 

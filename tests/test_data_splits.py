@@ -179,3 +179,13 @@ def test_max_sequences_and_train_on_all():
     # each user's training sequence grows by its valid target; test is unchanged
     assert merged.train.n_events == base.train.n_events + base.valid.n_targets
     assert np.array_equal(merged.test.leaves, base.test.leaves)
+
+
+def test_given_split_refuses_filters_and_synthetic_refuses_given():
+    from hmtrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.filters: the given split is used as released"):
+        load_data(DataConfig(source="diginetica-sessions", filters={"min_item_support": 5}))
+    with pytest.raises(ConfigError, match="ships no split"):
+        load_data(DataConfig(synthetic=SyntheticConfig(n_items=100, level_sizes=[3, 10], n_sessions=50),
+                             split={"protocol": "given"}))

@@ -186,9 +186,12 @@ def read_source(cfg: DataConfig) -> SourceData:
 
 def load_data(cfg: DataConfig) -> PreparedData:
     started = time.perf_counter()
-    source = read_source(cfg)
     defaults = SOURCE_DEFAULTS[cfg.source]
     protocol = defaults.protocol if cfg.split.protocol == "auto" else cfg.split.protocol
+    if protocol == "given" and any(value is not None for value in cfg.filters.model_dump().values()):
+        raise ConfigError("data.filters: the given split is used as released (already filtered); "
+                          "filters apply only to the other protocols")
+    source = read_source(cfg)
     min_length = cfg.filters.min_sequence_length or defaults.min_length
     min_support = cfg.filters.min_item_support or defaults.min_support
     mode = cfg.filters.mode or defaults.mode
