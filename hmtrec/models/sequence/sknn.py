@@ -58,6 +58,7 @@ class SKNNParams(NeighbourParams):
 
 
 class VSKNNParams(NeighbourParams):
+    idf_weighting: float = Field(1.0, ge=0.0, description="λ in score * (1 + λ idf(item)); 0 turns it off.")
     position_weighting: Decay = Field("div", description="Weight of a history item by its position (latest = 1).")
     score_weighting: Decay = Field(
         "div", description="Vote decay by the step back to the most recent item shared with the neighbour.")

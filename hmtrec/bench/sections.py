@@ -1,0 +1,129 @@
+"""The benchmark sections of docs/benchmarks.md, written only through `report.update_section`.
+
+Plots are copied next to the report (docs/img/) so the committed page shows them; the results
+folders themselves (bench-results/) are not committed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from hmtrec.bench.report import DEFAULT_REPORT, markdown_table, update_section
+from hmtrec.bench.results import ModelSummary, markdown_summary, summarize
+from hmtrec.bench.runner import RunRecord
+from hmtrec.bench.suites import Suite
+
+COMPARED = ("sasrec", "gru4rec")   # the closing note compares HierSRec with these
+
+
+def _copy_plot(path: Path | None, name: str, report: Path) -> str:
+    if path is None or not Path(path).exists():
+        return ""
+    target = report.parent / "img" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+    return f"![{name}](img/{name})\n"
+
+
+def settings_text(suite: Suite, records: list[RunRecord]) -> str:
+    config = suite.config
+    data, train, evaluation = config.get("data", {}), config.get("train", {}), config.get("eval", {})
+    done = [r for r in records if r.status == "done"]
+    cases = sorted({r.n_cases for r in done})
+    train_targets = sorted({r.train_targets for r in done})
+    lines = [f"- data: `{json.dumps(data, sort_keys=True)}`",
+             f"- train (every neural model; per-model overrides in configs/bench/{suite.name}.yaml): "
+             f"`{json.dumps(train, sort_keys=True)}`",
+             f"- eval: `{json.dumps(evaluation, sort_keys=True)}`",
+             f"- test cases: {', '.join(f'{c:,}' for c in cases) or '—'}; training targets: "
+             f"{', '.join(f'{t:,}' for t in train_targets) or '—'}",
+             f"- seeds: {suite.seeds} (models marked deterministic ran once: every seed gives the same result)",
+             "- metrics ×100 as mean ± sample std over seeds; `cand.` = candidate mode (only leaves under the "
+             "top nodes of the coarse level are ranked); train s/epoch excludes validation; eval s/10k cases "
+             "is the full test evaluation (full and candidate mode) per 10,000 cases; peak RSS is the whole "
+             "run's process (data included)"]
+    if suite.quality is not None:
+        lines.append(f"- time to quality: training seconds until validation {suite.quality.metric} first "
+                     f"reaches {suite.quality.value:g} (checked once per epoch)")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(suite: Suite, summaries: list[ModelSummary], metrics: list[str] | None = None) -> str:
+    """One sentence per compared model: does HierSRec beat it, and by how much (mean over seeds)."""
+    metrics = metrics or suite.metrics[:2]
+    by_label = {s.label: s for s in summaries}
+    main = by_label.get("hiersrec")
+    if main is None or not main.runs:
+        return "HierSRec has no finished run in this suite.\n"
+    lines = []
+    for other_label in COMPARED:
+        other = by_label.get(other_label)
+        if other is None or not other.runs:
+            lines.append(f"- {other_label}: no finished run to compare with.")
+            continue
+        parts, wins = [], 0
+        for metric in metrics:
+            ours, theirs = main.stat(main.values(metric)), other.stat(other.values(metric))
+            if ours is None or theirs is None:
+                continue
+            difference = (ours[0] - theirs[0]) * 100
+            relative = (ours[0] / theirs[0] - 1) * 100 if theirs[0] else float("inf")
+            # separated by more than twice the larger seed-to-seed std: a difference the seeds do not explain
+            clear = abs(difference) > 2 * max(ours[1], theirs[1]) * 100
+            wins += difference > 0
+            parts.append(f"{metric} {ours[0] * 100:.2f} vs {theirs[0] * 100:.2f} "
+                         f"({difference:+.2f} points, {relative:+.1f}%{'' if clear else ', within seed noise'})")
+        outcome = "beats" if wins == len(parts) and parts else "does not beat" if wins == 0 else "is mixed against"
+        lines.append(f"- HierSRec {outcome} {other_label}: " + "; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def report_suite(suite: Suite, records: list[RunRecord], plots: dict[str, Path], *, command: str,
+                 report: Path | None = None) -> Path:
+    report = Path(report) if report is not None else DEFAULT_REPORT
+    summaries = summarize(suite, records)
+    body = (f"{suite.description.strip()}\n\n" if suite.description else "") + settings_text(suite, records) + "\n"
+    body += markdown_summary(suite, summaries) + "\n"
+    body += _copy_plot(plots.get("metrics_plot"), f"bench-{suite.name}-metrics.png", report)
+    body += _copy_plot(plots.get("quality_plot"), f"bench-{suite.name}-time-to-quality.png", report)
+    failed = [r for r in records if r.status != "done"]
+    if failed:
+        body += "\nRuns that did not finish: " + "; ".join(f"{r.label} seed {r.seed} ({r.error})" for r in failed) + "\n"
+    body += "\n**HierSRec against the single-task baselines:**\n\n" + verdict(suite, summaries)
+    return update_section(f"bench-{suite.name}", body, title=suite.title or suite.name, command=command, path=report)
+
+
+def report_sweep(rows_by_model: dict[str, list[dict]], plot: Path | None, *, description: str, command: str,
+                 report: Path | None = None) -> Path:
+    report = Path(report) if report is not None else DEFAULT_REPORT
+    body = description.strip() + "\n\n"
+    for label, rows in rows_by_model.items():
+        body += f"**{label}**\n\n" + markdown_table(rows) + "\n"
+    body += _copy_plot(plot, "bench-candidate-sweep.png", report)
+    return update_section("bench-candidate-sweep", body, title="Candidate-size sweep", command=command, path=report)
+
+
+def report_speed(scoring: list[dict], training: list[dict], *, description: str, command: str,
+                 report: Path | None = None) -> Path:
+    report = Path(report) if report is not None else DEFAULT_REPORT
+    body = description.strip() + "\n\n**Full-catalogue vs candidate scoring**\n\n" + markdown_table(scoring)
+    body += "\n**Training step throughput and achieved FLOP rate**\n\n" + markdown_table(training)
+    return update_section("bench-speed", body, title="Speed and scale", command=command, path=report)
+
+
+def report_conclusion(suites: list[tuple[Suite, list[RunRecord]]], *, command: str,
+                      report: Path | None = None) -> Path:
+    """The closing note: per dataset, whether HierSRec beats SASRec and GRU4Rec, and by how much."""
+    report = Path(report) if report is not None else DEFAULT_REPORT
+    body = ("Means over seeds on each suite's first two metrics (test set, full catalogue). A difference is "
+            "called within seed noise when it is smaller than twice the larger of the two seed-to-seed "
+            "standard deviations.\n\n")
+    for suite, records in suites:
+        body += f"**{suite.title or suite.name}**\n\n" + verdict(suite, summarize(suite, records)) + "\n"
+    return update_section("bench-conclusion", body, title="Closing note: HierSRec against SASRec and GRU4Rec",
+                          command=command, path=report)
+
+
