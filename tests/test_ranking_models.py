@@ -132,3 +132,18 @@ def test_uncertainty_weighting_matches_kendall_formula():
 def test_unknown_model_key_is_a_config_error():
     with pytest.raises(ConfigError, match="model.n_expert"):
         validate_model_params("ranking", {"name": "mmoe", "n_expert": 3})
+
+
+def test_oov_rate_replaces_ids_only_in_training():
+    model, rows = build("mmoe", oov_rate={"user": 1.0})
+    batch = rows.batch(slice(0, 16))
+    unseen = {**batch, "categorical": batch["categorical"].clone()}
+    unseen["categorical"][:, 0] = 0
+    model.train()
+    torch.manual_seed(1)
+    trained_view = model.outputs_matrix(batch)
+    model.eval()
+    assert torch.allclose(trained_view, model.outputs_matrix(unseen), atol=1e-6)   # users dropped to OOV
+    assert not torch.allclose(model.outputs_matrix(batch), model.outputs_matrix(unseen))
+    with pytest.raises(ValueError, match="not categorical features"):
+        build("mmoe", oov_rate={"nope": 0.5})

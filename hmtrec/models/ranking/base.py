@@ -25,8 +25,10 @@ class RankingParams(StrictModel):
     embedding_dim: int = 16
     embedding_init_std: float = 1e-4
     scenario_as_feature: bool = True        # embed the scenario index as one more input column
-    oov_rate: float = 0.0                   # training only: replace this share of categorical ids by OOV,
-    #                                         so the OOV embedding is learned (helps rows of unseen users)
+    # training only: replace this share of categorical ids by the out-of-vocabulary index, so the
+    # model learns to score rows whose id it has never seen (e.g. users absent from training).
+    # One rate for every categorical column, or {column: rate}.
+    oov_rate: float | dict[str, float] = 0.0
     tower_hidden: list[int] = [64]
     dropout: float = 0.0
 
@@ -46,6 +48,13 @@ class RankingModel(nn.Module):
         self.task_types = [t.type for t in layout.tasks]
         self.embedding = FeatureEmbedding(layout, params.embedding_dim, params.embedding_init_std,
                                           params.scenario_as_feature)
+        columns = [name for name, _ in layout.categorical]
+        rates = params.oov_rate if isinstance(params.oov_rate, dict) else {c: params.oov_rate for c in columns}
+        unknown = sorted(set(rates) - set(columns))
+        if unknown:
+            raise ValueError(f"model.oov_rate names columns that are not categorical features: {unknown}")
+        self.register_buffer("oov_rates", torch.tensor([float(rates.get(c, 0.0)) for c in columns]),
+                             persistent=False)
         loss = loss or LossSettings()
         self.weighting = build_weighting(loss.weighting, self.task_types, [t.weight for t in layout.tasks])
 
@@ -54,9 +63,9 @@ class RankingModel(nn.Module):
         return self.embedding.output_dim
 
     def embed(self, batch: dict) -> torch.Tensor:
-        if self.training and self.params.oov_rate > 0:
+        if self.training and bool((self.oov_rates > 0).any()):
             categorical = batch["categorical"]
-            drop = torch.rand(categorical.shape, device=categorical.device) < self.params.oov_rate
+            drop = torch.rand(categorical.shape, device=categorical.device) < self.oov_rates
             batch = {**batch, "categorical": categorical.masked_fill(drop, 0)}
         return self.embedding(batch)
 

@@ -1,0 +1,132 @@
+"""MovieLens-1M multi-scenario multi-task benchmark (M3oE / Scenario-Wise Rec protocol).
+
+3 age-group scenarios x 2 tasks (click = rating > 3, like = rating > 4), 8:1:1 split by row order
+of the user-sorted ratings file, test AUC per (scenario, task) and their average; every model of
+the ranking family, several seeds, mean +- std; then the same figures per facet group (new vs old
+users, new vs old items). Early stopping and every choice of settings use the validation split only.
+
+Each (model, seed) run is a normal ranking run directory under --out; a run whose metrics.json
+exists is reused, so the benchmark can be stopped and resumed.
+
+    python benchmarks/ml1m_multiscenario.py                      # all models, seeds 0 1 2
+    python benchmarks/ml1m_multiscenario.py --models mmoe --seeds 0 --set train.lr=0.002
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hmtrec.bench.report import markdown_table, update_section  # noqa: E402
+from hmtrec.config import load_config  # noqa: E402
+from hmtrec.pipelines import get_pipeline  # noqa: E402
+
+MODELS = ["shared_bottom", "mmoe", "ple", "hinet", "mfh"]
+LABELS = {"shared_bottom": "Shared-Bottom", "mmoe": "MMoE", "ple": "PLE", "hinet": "HiNet", "mfh": "MFH"}
+PUBLISHED = {"shared_bottom": 76.26, "mmoe": 76.35, "ple": 75.68}     # M3oE paper, mean of 5 seeds
+PUBLISHED_OTHERS = {"STAR": 76.08, "M3oE (published best)": 77.02}
+SCENARIOS = ["young", "25-34", "35+"]
+TASKS = ["click", "like"]
+
+
+def run_one(model: str, seed: int, out: Path, overrides: list[str]) -> dict:
+    run_dir = out / f"{model}-seed{seed}"
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        return json.loads(metrics_path.read_text())
+    config = load_config(REPO / "configs" / "ranking" / f"ml1m_{model}.yaml", [f"train.seed={seed}", *overrides])
+    return get_pipeline("ranking").train(config, run_dir)
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v * 100 for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "ml1m-multiscenario")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args()
+    os.environ.setdefault("HMTREC_PROGRESS", "0")
+
+    results = {model: [run_one(model, seed, args.out, args.overrides) for seed in args.seeds] for model in args.models}
+
+    rows = []
+    for model, runs in results.items():
+        row = {"model": LABELS[model]}
+        for scenario in SCENARIOS:
+            for task in TASKS:
+                row[f"{scenario} {task}"] = mean_std([r["test"]["scenario"][scenario][task]["auc"] for r in runs])
+        row["average"] = mean_std([r["test"]["auc"] for r in runs])
+        row["valid average"] = mean_std([r["valid"]["auc"] for r in runs])
+        row["published average"] = f"{PUBLISHED[model]:.2f}" if model in PUBLISHED else "-"
+        row["epochs (best)"] = ", ".join(str(r["best_epoch"]) for r in runs)
+        row["train s / run"] = f"{np.mean([r['train_seconds'] for r in runs]):.0f}"
+        rows.append(row)
+    for name, value in PUBLISHED_OTHERS.items():
+        rows.append({"model": name, "average": "-", "published average": f"{value:.2f}"})
+
+    facet_rows = []
+    for model, runs in results.items():
+        row = {"model": LABELS[model]}
+        for column, label in (("user_activity", "users"), ("item_popularity", "items")):
+            for group in ("new", "old"):
+                for task in TASKS:
+                    values = [r["test"]["groups"][column][group][task]["auc"] for r in runs]
+                    row[f"{group} {label} {task}"] = mean_std(values)
+        facet_rows.append(row)
+    first = next(iter(results.values()))[0]["test"]["groups"]
+    sizes = {f"{group} {label}": first[column][group]["click"]["n"]
+             for column, label in (("user_activity", "users"), ("item_popularity", "items")) for group in ("new", "old")}
+
+    settings = []
+    for model in args.models:
+        config = load_config(REPO / "configs" / "ranking" / f"ml1m_{model}.yaml", args.overrides)
+        params = {k: v for k, v in config.model.items() if k != "name"}
+        settings.append(f"- {LABELS[model]}: `{json.dumps(params)}`; "
+                        f"{results[model][0]['parameters']:,} parameters")
+    train = load_config(REPO / "configs" / "ranking" / "ml1m_mmoe.yaml", args.overrides).train
+    body = (
+        "Test AUC x 100 per (scenario, task) and the average over the 6 pairs, mean ± std over seeds "
+        f"{args.seeds}. Protocol: ../shared/data/README.md (MovieLens-1M, scenarios by age group young = "
+        "{1, 18}, 25-34 = {25}, 35+ = {35, 45, 50, 56}; click = rating > 3, like = rating > 4; features "
+        "user_id, movie_id, gender, age, occupation, zip, first genre; 8:1:1 split by row order, so validation "
+        "and test users are absent from training). Published figures: M3oE paper (SIGIR 2024), mean of 5 "
+        "seeds, average over the same 6 pairs.\n\n"
+        + markdown_table(rows)
+        + "\nThe same runs, test AUC x 100 per facet group: users with at most 50 ratings in the log are "
+        "'new' (activity is counted on the whole log, since test users have no training rows), movies with at "
+        "most 20 training ratings are 'new'. Test rows per group: "
+        + ", ".join(f"{k} {v:,}" for k, v in sizes.items()) + ".\n\n"
+        + markdown_table(facet_rows)
+        + f"\nSettings (configs/ranking/ml1m_<model>.yaml{' with ' + ' '.join(args.overrides) if args.overrides else ''}): "
+        f"embedding dim 16, batch {train.batch_size}, AdamW lr {train.lr}, weight decay {train.weight_decay}, "
+        f"at most {train.epochs} epochs, the epoch with the best validation average AUC kept "
+        f"(patience {train.patience}), {train.threads} CPU threads.\n"
+        + "\n".join(settings) + "\n")
+    command = "python benchmarks/ml1m_multiscenario.py" + "".join(
+        f" --set {o}" for o in args.overrides) + (f" --seeds {' '.join(map(str, args.seeds))}"
+                                                   if args.seeds != [0, 1, 2] else "")
+    if not args.no_report:
+        path = update_section("ml1m-multiscenario", body, title="MovieLens-1M multi-scenario multi-task rankers",
+                              command=command)
+        print(f"wrote {path}")
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
