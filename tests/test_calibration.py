@@ -318,7 +318,7 @@ def test_calibrate_command_on_a_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"kind": "ranking"}))
-    parts = split_by_request(make_engagement_data(SyntheticEngagementSettings(n_requests=600, seed=10)), seed=0)
+    parts = split_by_request(make_engagement_data(SyntheticEngagementSettings(n_requests=400, seed=10)), seed=0)
     columns = ["scenario", "click", "click_label", "purchase", "purchase_label"]
     parts["valid"][columns].to_csv(run_dir / "predictions_valid.csv", index=False)
     parts["test"][columns].to_csv(run_dir / "predictions_test.csv", index=False)
@@ -347,3 +347,60 @@ def test_calibrate_command_reports_bad_input_cleanly(tmp_path):
         calibrate(path, CalibrateConfig())
     with pytest.raises(DataError, match="no run.json"):
         calibrate(tmp_path, CalibrateConfig())
+
+
+def test_shipped_calibration_and_utility_configs_validate():
+    from pathlib import Path
+
+    from hmtrec.calibrate import workflow  # noqa: F401  (registers the config kinds)
+    from hmtrec.config import load_config
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs" / "calibrate").glob("*.yaml"))
+    assert len(paths) >= 4
+    kinds = {load_config(path).kind for path in paths}
+    assert kinds == {"calibration", "utility"}
+
+
+def test_a_trained_ranking_run_is_calibrated_and_predict_applies_it(tmp_path):
+    """The whole chain: train a ranker (shared bottom, 1 epoch), calibrate its heads from the run's
+    valid predictions, and `hmtrec predict` writes calibrated probabilities with the raw ones beside."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from hmtrec.cli import app
+    from hmtrec.config import load_config
+    from hmtrec.pipelines import get_pipeline
+
+    frame = make_engagement_data(SyntheticEngagementSettings(n_requests=300, items_per_request=10, seed=12))
+    rows = frame[["scenario", "f0", "f1", "f2", "f3"]].assign(click=frame["click_label"],
+                                                            purchase=frame["purchase_label"])
+    parts = split_by_request(rows.assign(request_id=frame["request_id"]), seed=0)
+    for split, part in parts.items():
+        part.drop(columns="request_id").to_csv(tmp_path / f"{split}.csv", index=False)
+    config = {"kind": "ranking",
+              "data": {s: str(tmp_path / f"{s}.csv") for s in ("train", "valid", "test")},
+              "features": {"categorical": [], "numeric": ["f0", "f1", "f2", "f3"], "scenario": "scenario"},
+              "tasks": [{"name": "click"}, {"name": "purchase"}],
+              "model": {"name": "shared_bottom", "bottom_hidden": [8]},
+              "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "threads": 1}}
+    (tmp_path / "ranking.yaml").write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    get_pipeline("ranking").train(load_config(tmp_path / "ranking.yaml"), run_dir)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["calibrate", str(run_dir), "--method", "platt", "--set", "report.compare=[platt]"])
+    assert result.exit_code == 0, result.output
+    calibration = load_calibration(run_dir)
+    assert set(calibration.heads) == {"click", "purchase"}
+
+    result = runner.invoke(app, ["predict", str(run_dir), "--input", str(tmp_path / "test.csv"),
+                                 "--output", str(tmp_path / "scores.csv")])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    raw = pd.read_csv(run_dir / "predictions_test.csv")
+    np.testing.assert_allclose(scores["click_raw"], raw["click"], rtol=1e-5)
+    platt = calibration.heads["click"].chain.steps[0]
+    np.testing.assert_allclose(scores["click"], platt.transform(scores["click_raw"].to_numpy()), rtol=1e-9)
+    result = runner.invoke(app, ["predict", str(run_dir), "--input", str(tmp_path / "test.csv"),
+                                 "--output", str(tmp_path / "raw.csv"), "--raw"])
+    assert result.exit_code == 0 and "click_raw" not in pd.read_csv(tmp_path / "raw.csv").columns

@@ -12,6 +12,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from hmtrec.evaluate.classification import auc, logloss as log_loss  # one AUC / log loss for the package
+
+__all__ = ["auc", "log_loss", "bin_index", "reliability_curve", "expected_calibration_error", "brier_score",
+           "calibration_ratio", "calibration_metrics"]
+
 BinStrategy = Literal["uniform", "quantile"]
 
 
@@ -69,23 +74,6 @@ def calibration_ratio(p, y) -> float:
     p, y = _as_arrays(p, y)
     positives = y.sum()
     return float(p.sum() / positives) if positives > 0 else float("nan")
-
-
-def log_loss(p, y, eps: float = 1e-15) -> float:
-    p, y = _as_arrays(p, y)
-    p = np.clip(p, eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
-
-
-def auc(p, y) -> float:
-    """ROC AUC with ties counted as half (average ranks); nan when one class is absent."""
-    p, y = _as_arrays(p, y)
-    n_pos = y.sum()
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(p).rank(method="average").to_numpy()
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def calibration_metrics(p, y, *, true_p=None, n_bins: int = 15, strategy: BinStrategy = "uniform") -> dict:

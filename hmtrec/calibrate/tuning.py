@@ -254,7 +254,8 @@ def quiet_optuna() -> None:
 
 
 def evaluation_row(evaluation: Evaluation) -> dict:
-    return {**evaluation.objectives, **{f"ndcg[{h}]": v for h, v in evaluation.head_ndcg.items()},
+    cut = f"@{evaluation.head_k}" if evaluation.head_k is not None else ""
+    return {**evaluation.objectives, **{f"ndcg{cut}[{h}]": v for h, v in evaluation.head_ndcg.items()},
             "feasible": evaluation.feasible}
 
 

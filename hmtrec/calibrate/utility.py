@@ -70,8 +70,10 @@ class Constraints(StrictModel):
 class Evaluation:
     objectives: dict[str, float]
     head_ndcg: dict[str, float]
+    """Every head's NDCG at the constraint cut-off `head_k`."""
     constraint_slack: dict[str, float]
     """Per constrained head: required - achieved (<= 0 when satisfied), as Optuna expects."""
+    head_k: int | None = 10
 
     @property
     def feasible(self) -> bool:
@@ -201,4 +203,4 @@ class UtilityEvaluator:
         k = self.constraints.k if self.constraints is not None else 10
         per_head = {h: self.head_ndcg(order, h, k) for h in self.heads}
         slack = {h: ratio * self.single_head_optimum[h] - per_head[h] for h, ratio in self.ratios.items()}
-        return Evaluation(values, per_head, slack)
+        return Evaluation(values, per_head, slack, k)
