@@ -10,6 +10,7 @@ Layout of the results folder:
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,8 +108,28 @@ def run_suite(suite: Suite, out_dir: str | Path, *, labels: list[str] | None = N
     seeds = seeds or suite.seeds
     records = []
     for model in suite.select(labels):
-        for seed in (seeds[:1] if model.deterministic else seeds):
+        for seed in ([suite.seeds[0]] if model.deterministic else seeds):
             records.append(run_one(suite, model, seed, out_dir, threads=threads, overrides=overrides, force=force))
+    return records
+
+
+def collect_finished(suite: Suite, out_dir: str | Path, *, threads: int | None = 1,
+                     overrides: dict | None = None) -> list[RunRecord]:
+    """Records of every finished run of the suite in `out_dir`, whichever invocation ran it: the
+    complete picture for tables, even when models or seeds were run separately. A run counts only
+    if its config is still what the suite asks for (same threads and overrides)."""
+    out_dir = Path(out_dir)
+    records = []
+    for model in suite.models:
+        folder = out_dir / "runs" / model.label
+        seeds = sorted(int(path.stem[4:]) for path in folder.glob("seed*.yaml") if path.stem[4:].isdigit())
+        for seed in (seeds[:1] if model.deterministic else seeds):
+            run_dir = folder / f"seed{seed}"
+            config = suite.run_config(model, seed, overrides)
+            if threads is not None:
+                config["train"]["threads"] = threads
+            if (run_dir / "bench.json").exists() and _same_config(folder / f"seed{seed}.yaml", config):
+                records.append(read_record(run_dir, model, seed))
     return records
 
 
@@ -122,13 +143,15 @@ def run_one(suite: Suite, model: SuiteModel, seed: int, out_dir: Path, *, thread
     build_config(config, f"suite {suite.name}, model {model.label}")   # fail early, naming the key
     done = (run_dir / "run.json").exists() and read_json(run_dir / "run.json").get("status") == "done" \
         and (run_dir / "bench.json").exists()
-    if done and not force and _same_config(config_path, config):
+    same = _same_config(config_path, config)
+    if done and same and not force:
         console.print(f"[dim]{suite.name}/{model.label} seed {seed}: reusing {run_dir}[/dim]")
         return read_record(run_dir, model, seed)
-    if force and run_dir.exists():
-        import shutil
-
+    if run_dir.exists() and (force or not same):
+        # a stale run (other config) or a forced rerun starts afresh; an interrupted run of the
+        # same config is left in place and resumes from its checkpoint
         shutil.rmtree(run_dir)
+        log_path.unlink(missing_ok=True)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     console.print(f"[bold]{suite.name}/{model.label}[/bold] seed {seed} -> {run_dir}")

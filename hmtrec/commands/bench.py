@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Run suites over their models and seeds; write tables, CSVs and plots."""
         from hmtrec.bench.results import write_results
-        from hmtrec.bench.runner import records_to_json, run_suite
+        from hmtrec.bench.runner import collect_finished, records_to_json, run_suite
         from hmtrec.bench.sections import report_suite
         from hmtrec.bench.suites import load_suite
         from hmtrec.progress import console
@@ -86,8 +86,10 @@ def register(app: typer.Typer) -> None:
         loaded = [load_suite(name) for name in suites]          # every suite validated before any run
         for suite in loaded:
             suite_dir = out / suite.name
-            records = run_suite(suite, suite_dir, labels=labels, seeds=_int_list(seeds, "--seeds"),
-                                threads=threads, overrides=_overrides(overrides), force=force)
+            run_suite(suite, suite_dir, labels=labels, seeds=_int_list(seeds, "--seeds"),
+                      threads=threads, overrides=_overrides(overrides), force=force)
+            # tables cover every finished run of the suite, not only this invocation's
+            records = collect_finished(suite, suite_dir, threads=threads, overrides=_overrides(overrides))
             (suite_dir / "records.json").write_text(json.dumps(records_to_json(records), indent=1))
             paths = write_results(suite, records, suite_dir)
             console.print(paths["markdown"].read_text())
