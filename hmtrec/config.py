@@ -109,7 +109,7 @@ def _import_config_models() -> None:
     """Config models register themselves on import; import every family that exists."""
     import importlib
 
-    for module in ("hmtrec.pipelines.sequence", "hmtrec.pipelines.ranking"):
+    for module in ("hmtrec.pipelines.sequence", "hmtrec.pipelines.ranking", "hmtrec.pipelines.geo"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

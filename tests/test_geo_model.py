@@ -134,3 +134,24 @@ def test_history_popularity_counts_the_users_actions():
     out = model.predict(batch)
     torch.testing.assert_close(out["region"].exp(), torch.tensor([[2 / 3, 1 / 3]]))
     torch.testing.assert_close(out["cell"].exp(), torch.tensor([[2 / 3, 0.0, 0.0, 1 / 3]]))
+
+
+def test_copy_pointer_puts_mass_on_the_history_only():
+    torch.manual_seed(0)
+    taxonomy = geo_taxonomy()
+    log = destination_log(taxonomy, n_users=6, days=30)
+    examples, _ = sample_examples(log, SETTINGS.model_copy(update={"max_targets": 8}))
+    batch = ActionStreams(log, SETTINGS).batch(examples)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=16), ["event"]).eval()
+    with torch.no_grad():
+        model.copy_gate.bias.fill_(-60.0)            # gate ~ 0: the copy distribution alone
+        model.copy_gate.weight.zero_()
+        out = model.predict(batch)
+    history = torch.cat([batch["long_leaves"], batch["short_leaves"]], 1)
+    for row in range(len(examples)):
+        visited = {int(c) for c in taxonomy.ancestors(history[row][history[row] != PAD].numpy(), "cell")}
+        probability = out["cell"][row].exp()
+        assert set(torch.nonzero(probability > 1e-6).flatten().tolist()) <= visited
+        torch.testing.assert_close(probability.sum(), torch.tensor(1.0))
+    plain = ActionTransformer(taxonomy, ActionTransformerParams(dim=16, copy_history=False), ["event"])
+    assert not hasattr(plain, "copy_gate")

@@ -31,7 +31,12 @@ def register(app: typer.Typer) -> None:
     ):
         """Recommend the next items for a history, with the predicted label at every coarser level."""
         from hmtrec.serve.artefact import load_sequence_run
+        from hmtrec.serve.geo_suggest import is_geo_run, suggest_for_run
 
+        if is_geo_run(run_dir):  # a geo run answers with regions and the top k cities inside each
+            result = suggest_for_run(run_dir, history, k_fine=k)
+            sys.stdout.write(json.dumps(result, indent=indent or None, ensure_ascii=False) + "\n")
+            return
         ids = [token for token in history.replace(",", " ").split() if token]
         if not ids:
             raise HmtrecError("--history is empty: give at least one item id")

@@ -17,7 +17,8 @@ class Pipeline(Protocol):
 
 
 PIPELINES: dict[str, Callable[[], Pipeline]] = {}
-PIPELINE_MODULES = {"sequence": "hmtrec.pipelines.sequence", "ranking": "hmtrec.pipelines.ranking"}
+PIPELINE_MODULES = {"sequence": "hmtrec.pipelines.sequence", "ranking": "hmtrec.pipelines.ranking",
+                    "geo": "hmtrec.pipelines.geo"}
 
 
 def register_pipeline(kind: str):

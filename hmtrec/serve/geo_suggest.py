@@ -150,3 +150,37 @@ def _seconds_since_origin(at: str | None, time_origin: str | None) -> float:
     moment = moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
     origin = origin.tz_localize("UTC") if origin.tzinfo is None else origin.tz_convert("UTC")
     return float((moment - origin).total_seconds())
+
+
+def parse_history(history: str) -> tuple[list[str], list[float], list[str] | None]:
+    """"venue@days[:type] venue@days[:type] ..." -> (venues, ages in days, types or None).
+    Entries are separated by spaces or commas; every entry needs its age in days before now."""
+    venues, ages, types = [], [], []
+    for entry in history.replace(",", " ").split():
+        venue, separator, rest = entry.rpartition("@")
+        if not separator or not venue:
+            raise HmtrecError(f"history entry {entry!r}: write VENUE@DAYS_AGO (optionally VENUE@DAYS_AGO:TYPE)")
+        age, _, kind = rest.partition(":")
+        try:
+            ages.append(float(age))
+        except ValueError:
+            raise HmtrecError(f"history entry {entry!r}: {age!r} is not a number of days") from None
+        venues.append(venue)
+        types.append(kind or None)
+    if any(t is not None for t in types) and any(t is None for t in types):
+        raise HmtrecError("history: give an action type for every entry or for none")
+    return venues, ages, None if all(t is None for t in types) else types
+
+
+def is_geo_run(run_dir: str | Path) -> bool:
+    from hmtrec.train.run_dir import read_json
+
+    path = Path(run_dir) / "run.json"
+    return path.exists() and read_json(path).get("kind") == "geo"
+
+
+def suggest_for_run(run_dir: str | Path, history: str, *, k_coarse: int = 3, k_fine: int = 5,
+                    at: str | None = None) -> dict:
+    """What `hmtrec recommend` / `hmtrec suggest` print for a geo run."""
+    venues, ages, types = parse_history(history)
+    return GeoSuggester(run_dir).suggest(venues, ages, types=types, at=at, k_coarse=k_coarse, k_fine=k_fine)

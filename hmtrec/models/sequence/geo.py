@@ -13,6 +13,14 @@ embedding is a learned vector plus the embeddings of the prediction time's calen
 token's final state feeds `HierarchicalHeads` for the predicted levels only (e.g. region and cell,
 no venue head), trained jointly with the optional consistency term.
 
+Optionally (`copy_history: true`, the default) each head's distribution is mixed with a copy distribution
+over the example's own actions, as in pointer-generator networks: the summary state attends over
+the actions' final states, each action's attention weight goes to its node at the head's level,
+and a learned per-level gate g mixes  p = g · softmax(head logits) + (1 - g) · copy. People go
+back to places they have been; the pointer lets the model say so without first learning it into
+every node's output weights. The mixture's log is returned as the level's logits, so the joint
+loss and the consistency term apply to the final distribution.
+
 Batches come from `hmtrec.data.actions.ActionStreams.batch`: per stream `{s}_leaves`, `{s}_types`,
 `{s}_age_days` [B, L] and `context_<feature>` [B]. `predict` returns log-probabilities for every
 level from the taxonomy's root down to the finest head; a level without a head (e.g. region for a
@@ -53,6 +61,7 @@ class ActionTransformerParams(StrictModel):
     coupling: Literal["parallel", "cascade"] = "parallel"
     loss_weights: dict[str, float] = Field(default_factory=dict)
     consistency_weight: float = Field(1.0, ge=0)
+    copy_history: bool = True                # mix each head with a pointer over the history's actions
 
     @field_validator("age_bucket_days")
     @classmethod
@@ -94,6 +103,9 @@ class ActionTransformer(SequenceRecommender):
         self.heads = HierarchicalHeads(taxonomy, self.head_levels, dim, coupling=params.coupling,
                                        loss_weights=params.loss_weights,
                                        consistency_weight=params.consistency_weight)
+        if params.copy_history:
+            self.copy_query = nn.Linear(dim, dim)
+            self.copy_gate = nn.Linear(dim, len(self.head_levels))
         # Each leaf's node at every level (token lookups) and, for levels coarser than the finest
         # head, each finest-head node's ancestor there (to derive levels without a head).
         self.register_buffer("leaf_ancestors", torch.from_numpy(taxonomy.leaf_ancestors.copy()), persistent=False)
@@ -142,19 +154,22 @@ class ActionTransformer(SequenceRecommender):
     def stream_names(batch: dict[str, torch.Tensor]) -> list[str]:
         return sorted(key[: -len(LEAVES_SUFFIX)] for key in batch if key.endswith(LEAVES_SUFFIX))
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The summary token's final state [B, D]."""
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summary state [B, D], action states [B, L, D], action leaves [B, L] with PAD), the
+        actions of every stream side by side."""
         streams = self.stream_names(batch)
         if not streams or batch["targets"].dim() != 1:
             raise ConfigError("the action-transformer reads action-stream examples (hmtrec.data.actions), "
                               "not sequence windows: train it with a config of kind 'geo'")
         tokens = [self.summary_embedding(batch)[:, None]]
-        valid = [torch.ones_like(batch["targets"][:, None], dtype=torch.bool)]
+        leaves = [torch.zeros_like(batch["targets"][:, None])]   # the summary token's slot (never PAD)
         for stream in streams:
-            leaves = batch[f"{stream}_leaves"]
-            tokens.append(self.token_embeddings(leaves, batch[f"{stream}_types"], batch[f"{stream}_age_days"]))
-            valid.append(leaves != PAD)
-        x, valid_keys = torch.cat(tokens, 1), torch.cat(valid, 1)
+            stream_leaves = batch[f"{stream}_leaves"]
+            tokens.append(self.token_embeddings(stream_leaves, batch[f"{stream}_types"],
+                                                batch[f"{stream}_age_days"]))
+            leaves.append(stream_leaves)
+        x, leaves = torch.cat(tokens, 1), torch.cat(leaves, 1)
+        valid_keys = leaves != PAD
         length = x.shape[1]
         # Bidirectional: every token sees every real action (padding keys masked; a query always
         # sees itself, so padded rows never have every key masked).
@@ -162,11 +177,31 @@ class ActionTransformer(SequenceRecommender):
         h = self.input_dropout(x)
         for block in self.blocks:
             h = block(h, allowed)
-        return self.final_norm(h[:, 0])
+        h = self.final_norm(h)
+        return h[:, 0], h[:, 1:], leaves[:, 1:]
 
     # ---- outputs ---------------------------------------------------------------------------
     def logits(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.heads(self.encode(batch))
+        summary, states, leaves = self.encode(batch)
+        logits = self.heads(summary)
+        if self.params.copy_history:
+            logits = self.mix_copy(logits, summary, states, leaves)
+        return logits
+
+    def mix_copy(self, logits: dict[str, torch.Tensor], summary: torch.Tensor, states: torch.Tensor,
+                 leaves: torch.Tensor) -> dict[str, torch.Tensor]:
+        """log(g · softmax(logits) + (1 - g) · copy) per head level (see the module docstring)."""
+        real = leaves != PAD
+        scores = (states @ self.copy_query(summary)[:, :, None]).squeeze(-1) / states.shape[-1] ** 0.5
+        attention = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=1).nan_to_num(0.0)  # [B, L]
+        gate = torch.sigmoid(self.copy_gate(summary))                                                # [B, H]
+        mixed = {}
+        for head, level in enumerate(self.head_levels):
+            nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(level)]
+            copy = attention.new_zeros(leaves.shape[0], self.taxonomy.n_nodes(level)).scatter_add_(1, nodes, attention)
+            probability = gate[:, head:head + 1] * torch.softmax(logits[level], dim=-1) + (1 - gate[:, head:head + 1]) * copy
+            mixed[level] = probability.clamp_min(1e-12).log()
+        return mixed
 
     def log_probabilities(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Log-probabilities for every output level; levels without a head aggregate the finest head."""

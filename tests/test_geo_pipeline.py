@@ -1,0 +1,99 @@
+"""The geo pipeline end to end on a Foursquare NYC sample: train, evaluate, suggest."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hmtrec.cli import app
+from hmtrec.config import load_config
+from hmtrec.errors import ConfigError, HmtrecError
+from hmtrec.pipelines import get_pipeline
+from hmtrec.serve.geo_suggest import GeoSuggester, parse_history
+from hmtrec.train.run_dir import read_json
+
+QUICK = ["data.max_sequences=60", "examples.max_targets=300", "train.epochs=1", "eval.max_targets=150",
+         "model.dim=16", "model.n_layers=1", "train.batch_size=128"]
+
+
+@pytest.fixture(scope="module")
+def geo_run(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("geo") / "run"
+    config = load_config("configs/geo/foursquare-nyc.yaml", QUICK + [f"data.path={data_dir / 'foursquare-nyc'}"])
+    metrics = get_pipeline("geo").train(config, run_dir)
+    return run_dir, metrics
+
+
+def test_training_writes_a_complete_run_dir(geo_run):
+    run_dir, metrics = geo_run
+    for name in ("config.yaml", "run.json", "taxonomy.json", "model.safetensors", "checkpoint.pt", "metrics.json",
+                 "log.txt"):
+        assert (run_dir / name).exists(), name
+    assert read_json(run_dir / "run.json")["kind"] == "geo"
+    test = metrics["test"]
+    assert set(test) == {"action-transformer", "geo-history-pop"}
+    results = test["action-transformer"]
+    assert set(results["overall"]) == {"region", "cell"}
+    assert results["counts"]["active"] > 0 and results["counts"]["dormant"] > 0
+    for level in ("region", "cell"):
+        metrics_of_level = results["overall"][level]
+        assert 0 < metrics_of_level["Acc@1"] <= metrics_of_level["Acc@5"] <= 1
+    assert sum(bucket["n"] for bucket in results["by_frequency"]["buckets"].values()) == results["n_examples"]
+    # the user's own history is a strong signal on check-in data
+    assert test["geo-history-pop"]["overall"]["cell"]["Acc@5"] > 0.4
+
+
+def test_evaluate_reproduces_the_test_metrics(geo_run):
+    run_dir, metrics = geo_run
+    again = get_pipeline("geo").evaluate(run_dir, [])
+    for name in metrics["test"]:
+        assert again["test"][name]["overall"] == metrics["test"][name]["overall"]
+    with pytest.raises(ConfigError, match="model.dim"):
+        get_pipeline("geo").evaluate(run_dir, ["model.dim=8"])
+
+
+def test_suggestions_are_consistent_for_a_real_history(geo_run):
+    run_dir, _ = geo_run
+    suggester = GeoSuggester(run_dir)
+    venues = [str(v) for v in suggester.taxonomy.node_labels[-1][:6]]
+    result = suggester.suggest(venues, [40.0, 20.0, 9.0, 3.0, 1.0, 0.5], at="2013-02-01", k_coarse=3, k_fine=4)
+    assert result["levels"] == ["region", "cell"]
+    taxonomy = suggester.taxonomy
+    total = 0.0
+    for region in result["suggestions"]:
+        region_index = taxonomy.index_of([region["region"]], "region")[0]
+        cells = [cell["cell"] for cell in region["cells"]]
+        parents = taxonomy.node_ancestors(taxonomy.index_of(cells, "cell"), "cell", "region")
+        assert np.all(parents == region_index)
+        joint = [cell["probability"] for cell in region["cells"]]
+        assert joint == sorted(joint, reverse=True) and sum(joint) <= region["probability"] + 1e-6
+        total += region["probability"]
+    assert total <= 1 + 1e-6
+    with pytest.raises(HmtrecError, match="not in the trained catalogue"):
+        suggester.suggest(["no-such-venue"], [1.0])
+
+
+def test_cli_recommend_and_suggest_print_region_and_city_json(geo_run):
+    run_dir, _ = geo_run
+    venue = GeoSuggester(run_dir).taxonomy.node_labels[-1][0]
+    runner = CliRunner()
+    outcome = runner.invoke(app, ["suggest", str(run_dir), "--history", f"{venue}@2 {venue}@10", "--regions", "2",
+                                  "--cities", "3", "--at", "2013-01-15"])
+    assert outcome.exit_code == 0, outcome.output
+    printed = json.loads(outcome.stdout)
+    assert len(printed["suggestions"]) == 2 and all(len(r["cells"]) <= 3 for r in printed["suggestions"])
+    outcome = runner.invoke(app, ["recommend", str(run_dir), "--history", f"{venue}@2", "-k", "2"])
+    assert outcome.exit_code == 0, outcome.output
+    assert json.loads(outcome.stdout)["levels"] == ["region", "cell"]
+
+
+def test_history_syntax_errors_are_explained():
+    assert parse_history("12@1.5 7@30") == (["12", "7"], [1.5, 30.0], None)
+    assert parse_history("a@1:view b@2:booking") == (["a", "b"], [1.0, 2.0], ["view", "booking"])
+    with pytest.raises(HmtrecError, match="VENUE@DAYS_AGO"):
+        parse_history("12 7@3")
+    with pytest.raises(HmtrecError, match="not a number"):
+        parse_history("12@soon")
+    with pytest.raises(HmtrecError, match="every entry or for none"):
+        parse_history("12@1:view 7@3")
