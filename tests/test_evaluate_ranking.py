@@ -374,8 +374,13 @@ def test_bad_predictions_and_settings_are_named():
         EvalSettings(candidate_k=2, candidate_fraction=0.1)
     with pytest.raises(ValidationError, match="adaptive takes candidate_fraction"):
         EvalSettings(candidate_k=2, candidate_mode="adaptive")
-    with pytest.raises(ValidationError, match="candidate_level is set"):
-        EvalSettings(candidate_level="cat")
+    # a level or mode alone describes candidates without turning them on
+    assert not EvalSettings(candidate_level="cat", candidate_mode="adaptive").candidate_enabled
+    assert "candidate" not in evaluate_model(Broken(lambda m: {"item": torch.zeros(m, 40)}), data, taxonomy,
+                                             EvalSettings(candidate_level="cat", segments=[]), max_len=5)
+    lonely = SequenceData(np.array([1, 2]), np.array([0, 1, 2]), np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="no evaluation cases"):
+        evaluate_model(Broken(lambda m: {"item": torch.zeros(m, 40)}), lonely, taxonomy, max_len=5)
     with pytest.raises(ValidationError, match="history_buckets"):
         EvalSettings(history_buckets=[4, 2])
     assert EvalSettings(ks=[20, 10, 20]).ks == [10, 20]

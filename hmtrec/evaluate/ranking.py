@@ -47,8 +47,9 @@ class EvalSettings(StrictModel):
                                                        "scores and every coarser one")
     level_aggregation: Literal["logsumexp", "max"] = Field(
         "logsumexp", description="how scores of a level without a model head are derived from finer scores")
-    candidate_level: str | None = Field(None, description="level whose top nodes define the candidates; "
-                                                          "default: the level just above the leaves")
+    candidate_level: str | None = Field(None, description="level whose top nodes define the candidates "
+                                                          "(when candidate_k or candidate_fraction turns them "
+                                                          "on); default: the level just above the leaves")
     candidate_k: int | None = Field(None, ge=1, description="fixed number of candidate nodes")
     candidate_fraction: float | None = Field(None, gt=0, le=1, description="target share of the catalogue")
     candidate_mode: Literal["fixed_k", "adaptive"] | None = Field(
@@ -77,14 +78,13 @@ class EvalSettings(StrictModel):
 
     @model_validator(mode="after")
     def _check_candidates(self) -> "EvalSettings":
+        # candidate_level and candidate_mode alone are allowed: they say how candidates are made
+        # once turned on, so `candidate_fraction: null` turns candidates off without more edits.
         if self.candidate_k is not None and self.candidate_fraction is not None:
-            raise ValueError("set either candidate_k or candidate_fraction, not both")
+            raise ValueError("set either candidate_k or candidate_fraction, not both (set the other to null)")
         if self.candidate_mode == "adaptive" and self.candidate_k is not None:
-            raise ValueError("candidate_mode adaptive takes candidate_fraction, not candidate_k")
-        if self.candidate_mode is not None and not self.candidate_enabled:
-            raise ValueError(f"candidate_mode {self.candidate_mode} needs candidate_k or candidate_fraction")
-        if self.candidate_level is not None and not self.candidate_enabled:
-            raise ValueError("candidate_level is set but neither candidate_k nor candidate_fraction is")
+            raise ValueError("candidate_mode adaptive takes candidate_fraction, not candidate_k "
+                             "(or set candidate_mode: fixed_k)")
         return self
 
     @property
@@ -220,6 +220,9 @@ class _LevelPlan:
             self.candidate_level = level
         needed = set(self.levels) | ({self.candidate_level} if self.candidate_level else set())
         self.derived = [name for name in taxonomy.level_names if name in needed and name not in predicted]
+        # node of each evaluated level above every leaf: the targets at that level
+        self.target_maps = {name: torch.from_numpy(np.ascontiguousarray(taxonomy.ancestor_table(name))).to(device)
+                            for name in needed}
 
         def to_coarser(fine: str, coarse: str) -> torch.Tensor:
             nodes = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(fine)), fine, coarse)
@@ -313,10 +316,10 @@ def rank_cases(model, data: SequenceData, taxonomy: Taxonomy, settings: EvalSett
                         fraction=settings.candidate_fraction if mode == "adaptive" else None,
                         leaf_counts=plan.candidate_leaf_counts)
                     sizes.append((node_mask.to(torch.float64) @ plan.candidate_leaf_counts).round().long().cpu())
-                    target_nodes = taxonomy.ancestors(targets, plan.candidate_level)
+                    target_nodes = plan.target_maps[plan.candidate_level][targets]
                     covered.append(node_mask.gather(1, target_nodes[:, None]).squeeze(1).cpu())
                 for name in plan.levels:
-                    level_targets = taxonomy.ancestors(targets, name)
+                    level_targets = plan.target_maps[name][targets]
                     beats = beats_target(scores[name], level_targets)
                     full[name].append(ranks_from_beats(beats, level_targets).cpu())
                     if node_mask is None:
