@@ -404,3 +404,25 @@ def test_a_trained_ranking_run_is_calibrated_and_predict_applies_it(tmp_path):
     result = runner.invoke(app, ["predict", str(run_dir), "--input", str(tmp_path / "test.csv"),
                                  "--output", str(tmp_path / "raw.csv"), "--raw"])
     assert result.exit_code == 0 and "click_raw" not in pd.read_csv(tmp_path / "raw.csv").columns
+
+
+def test_diginetica_purchase_table_labels_and_leakage_guard(data_dir):
+    from hmtrec.calibrate.datasets import diginetica_purchase_table
+
+    table = diginetica_purchase_table(data_dir / "diginetica")
+    frame = table.frame
+    views = pd.read_csv(data_dir / "diginetica" / "sample_train-item-views.csv", sep=";")
+    purchases = pd.read_csv(data_dir / "diginetica" / "train-purchases.csv.gz", sep=";")
+    assert len(frame) == len(views[["session_id", "item_id"]].drop_duplicates())
+    bought = set(zip(purchases.sessionId, purchases.itemId))
+    expected = np.array([(s, i) in bought for s, i in zip(frame.session_id, frame.item_id)])
+    np.testing.assert_array_equal(frame.purchase_label.to_numpy() == 1, expected)
+    # Sessions split in time order, and purchase counts only from other sessions before the evaluation period.
+    first_day = views.groupby("session_id").eventdate.min()
+    split_days = {s: first_day[frame.session_id[frame.split == s]] for s in ("train", "valid", "test")}
+    assert split_days["train"].max() <= split_days["valid"].min() <= split_days["valid"].max() <= split_days["test"].min()
+    earlier = purchases[(~purchases.sessionId.isin(set(views.session_id)))
+                        & (purchases.eventdate < table.report["evaluation_start"])]
+    some_item = frame.item_id[frame.item_purchases_before > 0].iloc[0]
+    assert frame.item_purchases_before[frame.item_id == some_item].iloc[0] == (earlier.itemId == some_item).sum()
+    assert frame[table.features].notna().all().all()

@@ -62,7 +62,6 @@ class Calibrator:
     """Base: `fit(p, y)`, `transform(p)`, and a JSON round trip through `to_dict` / `from_dict`."""
 
     method: ClassVar[str] = ""
-    fitted_from_data: ClassVar[bool] = True
 
     def fit(self, p: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> "Calibrator":
         raise NotImplementedError
@@ -214,7 +213,6 @@ class DownsamplingCorrection(Calibrator):
     was kept overestimates the odds by 1/w; q = p / (p + (1 - p) / w) restores them. Not fitted."""
 
     method = "downsampling"
-    fitted_from_data = False
 
     def __init__(self, keep_rate: float = 1.0):
         if not 0.0 < float(keep_rate) <= 1.0:
@@ -239,7 +237,6 @@ class IdentityCalibrator(Calibrator):
     """Leaves scores as they are (method `none`), so a report can show the raw scores beside others."""
 
     method = "none"
-    fitted_from_data = False
 
     def fit(self, p, y, sample_weight=None):
         return self
@@ -255,7 +252,6 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
     cls.method: cls for cls in (PlattCalibrator, TemperatureCalibrator, IsotonicCalibrator,
                                 DownsamplingCorrection, IdentityCalibrator)
 }
-FITTED_METHODS = ("platt", "isotonic", "temperature")
 
 
 def make_calibrator(method: str, **params) -> Calibrator:

@@ -20,8 +20,6 @@ down-sampling correction undoes exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
@@ -68,12 +66,6 @@ class SyntheticEngagementSettings(StrictModel):
     """Spread of the model's per-scenario logit bias (a global calibrator cannot remove it)."""
     downsampling: dict[str, float] = {}
     """head -> w: score as if trained on data keeping a fraction w of that head's negatives."""
-
-
-@dataclass
-class _Truth:
-    marginal: dict[str, np.ndarray]
-    conditional: dict[str, np.ndarray]
 
 
 def _beta(rng: np.random.Generator, shared: np.ndarray, correlation: float, signal: float) -> np.ndarray:

@@ -14,7 +14,6 @@ accepts otherwise), so a study resumes after an interruption and several workers
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -246,11 +245,6 @@ def best_so_far(study: optuna.Study) -> np.ndarray:
 
 def weights_of(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
     return dict(trial.user_attrs["weights"])
-
-
-def quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("optuna").setLevel(logging.WARNING)
 
 
 def evaluation_row(evaluation: Evaluation) -> dict:

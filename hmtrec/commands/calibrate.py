@@ -43,8 +43,7 @@ def _print_calibration(metrics) -> None:
     from rich.table import Table
 
     table = Table(title="calibration on held-out rows (all scenarios)")
-    columns = [c for c in ("head", "method", "rows", "base_rate", "mean_predicted", "ece", "brier", "ratio",
-                           "auc", "true_mae") if c in metrics.columns]
+    columns = [c for c in ("head", "method", "ece", "brier", "ratio", "auc", "true_mae") if c in metrics.columns]
     for column in columns:
         table.add_column(column, justify="left" if column in ("head", "method") else "right")
     for row in metrics[metrics["scenario"] == "all"].to_dict(orient="records"):
