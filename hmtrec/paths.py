@@ -13,7 +13,7 @@ def data_dir(path: str | Path | None = None) -> Path:
         return Path(path)
     if "HMT_DATA_DIR" in os.environ:
         return Path(os.environ["HMT_DATA_DIR"])
-    for candidate in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"):
+    for candidate in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"):
         if candidate.is_dir():
             return candidate.resolve()
     raise DataError("no data folder: set HMT_DATA_DIR or pass data_dir in the config")
