@@ -14,6 +14,7 @@ from hmtrec.serve.geo_suggest import GeoSuggester, parse_history
 from hmtrec.train.run_dir import read_json
 
 QUICK = ["data.max_sequences=60", "examples.max_targets=300", "train.epochs=1", "eval.max_targets=150",
+         "train.valid_max_targets=150",
          "model.dim=16", "model.n_layers=1", "train.batch_size=128"]
 
 

@@ -54,12 +54,13 @@ class GeoTrain(StrictModel):
     monitor: str | None = None       # validation key, e.g. "cell_MRR"; default: MRR of the finest level
     patience: int | None = 2
     resample_each_epoch: bool = True  # fresh dormant offsets (and target sub-sample) every epoch
+    valid_max_targets: int | None = Field(2000, ge=1)  # validation target events (fixed sample) per epoch
     device: str = "cpu"
     threads: int | None = 2           # torch intra-op threads (None: torch's default)
 
 
 class GeoEval(GeoEvalSettings):
-    max_targets: int | None = Field(None, ge=1)  # sub-sample valid/test target events (fixed seed)
+    max_targets: int | None = Field(None, ge=1)  # sub-sample test target events (fixed seed); None: all
     seed: int = 0
 
 
@@ -170,7 +171,8 @@ class GeoPipeline:
             model = build_model(config, taxonomy, event_types)
             train_streams = ActionStreams(prepared.train, config.examples)
             valid_streams, valid_examples = split_examples(prepared.valid, config.examples,
-                                                           max_targets=config.eval.max_targets, seed=config.eval.seed)
+                                                           max_targets=config.train.valid_max_targets,
+                                                           seed=config.eval.seed)
             train_leaves = prepared.train.leaves[prepared.train.targets()]
             finest = model.levels[-1]
             monitor = config.train.monitor or f"{finest}_MRR"
