@@ -163,3 +163,35 @@ def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
 
     with pytest.raises(HmtrecError, match="not a run directory"):
         load_sequence_run(tmp_path)
+
+
+def test_training_batches_visit_each_window_once_per_epoch_deterministically():
+    import numpy as np
+
+    from hmtrec.data.sequences import PAD, SequenceData
+    from hmtrec.pipelines.sequence import TrainSection, training_batches
+
+    lengths = np.random.default_rng(0).integers(2, 30, size=300)
+    data = SequenceData(np.arange(lengths.sum()) % 50, np.r_[0, np.cumsum(lengths)], np.arange(300).astype(str))
+    settings = TrainSection(batch_size=16, max_len=8, seed=3)
+    batches, steps = training_batches(object(), data, settings)
+
+    def targets_of(epoch):
+        seen = [batch["targets"][batch["targets"] != PAD] for batch in batches(epoch)]
+        return seen, torch.cat(seen)
+
+    first, all_targets = targets_of(1)
+    assert len(first) == steps(1)
+    assert sorted(all_targets.tolist()) == sorted(data.leaves[data.targets()].tolist())  # every target once
+    again, _ = targets_of(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))                          # same epoch, same batches
+    second, _ = targets_of(2)
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))                     # reshuffled per epoch
+    # Batches group windows of similar length: far less padding than a plain shuffle would leave.
+    padded = sum(int((batch["inputs"] == PAD).sum()) for batch in batches(1))
+    assert padded < 0.25 * sum(batch["inputs"].numel() for batch in batches(1))
+    half, half_steps = training_batches(object(), data, settings.model_copy(update={"epoch_fraction": 0.5}))
+    visited = list(half(1))
+    assert len(visited) == half_steps(1) < steps(1)
+    n_windows = sum(len(batch["inputs"]) for batch in batches(1))
+    assert sum(len(batch["inputs"]) for batch in visited) == round(0.5 * n_windows)

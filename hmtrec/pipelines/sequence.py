@@ -66,6 +66,8 @@ class TrainSection(StrictModel):
     epochs: int = Field(10, ge=0)
     batch_size: int = Field(128, ge=1, description="windows per training batch")
     max_len: int = Field(50, ge=1, description="longest context window, in events")
+    epoch_fraction: float = Field(1.0, gt=0, le=1, description="share of the training windows each epoch "
+                                  "visits (a different random share every epoch); 1: all")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
@@ -205,21 +207,22 @@ def training_batches(model, train: SequenceData, settings: TrainSection
     if n_windows == 0:
         raise HmtrecError("the training split has no target with context: nothing to train on")
     pool = settings.batch_size * LENGTH_POOL_BATCHES
+    n_visited = max(1, int(round(n_windows * settings.epoch_fraction)))
 
     def batches(epoch: int) -> Iterable[dict]:
         rng = np.random.default_rng([settings.seed, epoch])
-        order = rng.permutation(n_windows)
+        order = rng.permutation(n_windows)[:n_visited]
         # Within pools of shuffled windows, batch windows of similar length together (little
         # padding, so much less encoder work), then visit the batches in random order.
         chunks = []
-        for first in range(0, n_windows, pool):
+        for first in range(0, n_visited, pool):
             members = order[first:first + pool]
             members = members[np.argsort(windows.length[members], kind="stable")]
             chunks += [members[i:i + settings.batch_size] for i in range(0, len(members), settings.batch_size)]
         for chunk in rng.permutation(len(chunks)):
             yield collate_windows(train, windows, chunks[chunk])
 
-    n_batches = (n_windows // pool) * LENGTH_POOL_BATCHES + math.ceil((n_windows % pool) / settings.batch_size)
+    n_batches = (n_visited // pool) * LENGTH_POOL_BATCHES + math.ceil((n_visited % pool) / settings.batch_size)
     return batches, lambda epoch: n_batches
 
 
