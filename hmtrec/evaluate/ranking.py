@@ -178,10 +178,12 @@ def _collate_pieces(data: SequenceData, windows: Windows, pieces: list[_Piece]) 
 # ---- evaluation ------------------------------------------------------------------------------
 
 def _model_device(model) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    if callable(parameters):
-        for parameter in parameters():
-            return parameter.device
+    """Where the model's tensors live (parameters, else buffers, as for POP's counts); CPU if none."""
+    for attribute in ("parameters", "buffers"):
+        tensors = getattr(model, attribute, None)
+        if callable(tensors):
+            for tensor in tensors():
+                return tensor.device
     return torch.device("cpu")
 
 
