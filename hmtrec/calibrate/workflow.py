@@ -288,7 +288,8 @@ def _tune(inputs: Inputs, config: UtilityConfig, calibration_path) -> UtilityRes
             comparison.append(row)
     lines = ["# Utility tuning", "",
              f"U = Σ w_k · f_k(p_k) over heads {heads}"
-             + (" (calibrated probabilities)" if calibration is not None else " (raw scores)") + "; "
+             + (" (scores calibrated here by the run's or the given calibration.json)" if calibration is not None
+                else " (scores as given in the table)") + "; "
              f"tuned on `{inputs.fit}`" + (f", reported on `{inputs.heldout}`" if inputs.heldout else "") + ".",
              f"Objectives: {labels}" + (f"; constraints: {config.constraints.model_dump()}" if config.constraints else "")
              + f". Storage: `{url}`, studies {study_names}.", ""]

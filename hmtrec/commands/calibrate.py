@@ -92,6 +92,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (kind: utility)."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key: a.b=value."),
         group: Optional[str] = typer.Option(None, "--group", "-g", help="Request column (ranked together)."),
+        heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated heads (default: detected)."),
         objective: Optional[List[str]] = typer.Option(
             None, "--objective", help="ndcg@K | value@K | ndcg@K[head]; repeat for a Pareto front."),
         gain: Optional[List[str]] = typer.Option(None, "--gain", help="head=value: engagement value (repeat)."),
@@ -118,6 +119,8 @@ def register(app: typer.Typer) -> None:
         extra = list(overrides or [])
         if group is not None:
             extra.append(f"columns.group={group}")
+        if heads:
+            extra.append(f"columns.heads=[{heads}]")
         gains = _pairs(gain, "--gain")
         if objective:
             parsed = [parse_objective(o).model_copy(update={"gains": gains} if gains else {}) for o in objective]
