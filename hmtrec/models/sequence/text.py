@@ -15,7 +15,9 @@ Two encoders share one interface, `table() -> [n_leaves, dim]`:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -83,8 +85,9 @@ def sentence_embeddings(texts: Sequence[str | None], cache_dir: str | Path | Non
     if cache is not None and cache.exists() and cache.with_suffix(".json").exists():
         if json.loads(cache.with_suffix(".json").read_text()).get("fingerprint") == fingerprint:
             return load_weights(cache)["embeddings"]
+    # The package ships its weights; never let the Hugging Face stack reach for the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import importlib
         package = importlib.import_module(SENTENCE_MODEL_PACKAGE)
         encoder = package.load_model(device="cpu")
     except ImportError as error:
