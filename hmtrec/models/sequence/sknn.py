@@ -18,6 +18,9 @@ For the history h of one prediction:
    idf(i) = log(n_sequences / sequences containing i).
 Leaves no neighbour contains would all tie at 0; with `popularity_fallback` they are ordered by
 training popularity instead, strictly below every neighbour-voted leaf of the same query.
+Every coarser taxonomy level is scored too: a node's votes are the summed votes of its leaves,
+with the same popularity fallback at that level (votes are not logits, so the evaluator's
+log-sum-exp derivation would not suit them).
 
 Everything runs on whole batches: the (query, item, neighbour) triples of a chunk of queries are
 expanded with array gathers, reduced with one sort, and the votes are one sparse matrix product.
