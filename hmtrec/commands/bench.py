@@ -188,7 +188,8 @@ def register(app: typer.Typer) -> None:
                 f"(forward, backward, AdamW) of each model with default parameters on 128 windows of 20 events "
                 f"over a 43,097-item catalogue (Diginetica's size); FLOPs counted by torch's FlopCounterMode "
                 f"(matrix multiplies and attention, forward and backward; element-wise work not counted), "
-                f"compared with a 1024×1024 float32 matrix multiply timed in the same process. {threads} threads; "
+                f"compared with a 1024×1024 float32 matrix multiply timed in the same process (GRU4Rec's step here "
+                f"runs on the same windows, not session-parallel). {threads} thread{'s' if threads > 1 else ''}; "
                 f"the machine is shared, so absolute figures vary between runs while ratios are more stable.")
             console.print(f"updated {report_speed(scoring_table, training_table, description=description, command=_command_line())}")
 
