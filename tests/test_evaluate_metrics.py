@@ -41,6 +41,19 @@ def test_ranks_equal_sort_reference_with_ties(n_columns):
     assert torch.equal(ranks_from_beats(beats, targets), got)  # beats was not modified in place
 
 
+def test_ranks_when_only_a_few_rows_have_ties():
+    """Few tied rows take the row-indexed tie path, many take the in-place one: same ranks."""
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(40, 300, generator=generator)
+    targets = torch.randint(0, 300, (40,), generator=generator)
+    scores[7, :] = 1.0                                  # one row entirely tied
+    scores[21, targets[21] + 1:] = scores[21, targets[21]]   # ties after the target only: no effect
+    ranks = target_ranks(scores, targets)
+    for row in range(40):
+        assert ranks[row] == sorted_rank(scores[row].numpy(), int(targets[row]))
+    assert ranks[7] == int(targets[7]) + 1
+
+
 def test_count_true_across_blocks():
     generator = torch.Generator().manual_seed(0)
     mask = torch.rand(3, 70_000, generator=generator) < 0.9

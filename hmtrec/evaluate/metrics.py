@@ -34,8 +34,11 @@ def beats_target(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     beats = scores > target_scores
     ties = scores == target_scores          # includes the target itself
     tied_rows = torch.nonzero(count_true(ties) > 1).squeeze(1)
-    if len(tied_rows):                      # only rows with ties pay for the index comparison
-        columns = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    columns = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    if 8 * len(tied_rows) > len(targets):   # many tied rows (e.g. count-based scores): in place
+        ties &= columns < targets
+        beats |= ties
+    elif len(tied_rows):                    # a few tied rows: only they pay for the index comparison
         beats[tied_rows] |= ties[tied_rows] & (columns < targets[tied_rows])
     return beats
 
