@@ -137,7 +137,8 @@ def test_popularity_fallback_orders_unvoted_items_below_every_vote():
 
 # ---- V-SKNN --------------------------------------------------------------------------------------
 def test_vsknn_position_weights_and_vote_decay_by_hand():
-    model = fitted(SessionKNN(taxonomy(), VSKNNParams(k=3, sample_size=0, popularity_fallback=False)))
+    model = fitted(SessionKNN(taxonomy(), VSKNNParams(k=3, sample_size=0, idf_weighting=0.0,
+                                                      popularity_fallback=False)))
     item = model.predict(batch_of([0, 3, 1, 2]))["item"].numpy()
     # history [0, 3]: weights 1/2 (item 0), 1 (item 3); similarity = weight sum / 2 distinct items
     # s0 = {0,1,2}: 0.25, latest shared item 0 is 2 steps back -> vote 0.25 / 2
@@ -149,6 +150,16 @@ def test_vsknn_position_weights_and_vote_decay_by_hand():
     # s2: (1/3) / 3 = 1/9, step 3 -> 1/27
     s0, s1, s2 = 4 / 9, 5 / 9, 1 / 27
     np.testing.assert_allclose(item[2], [s0 + s2, s0 + s1, s0, s1, s2, s2], rtol=1e-6)
+
+
+def test_idf_weighting_multiplies_votes_by_inverse_sequence_frequency():
+    plain = fitted(SessionKNN(taxonomy(), VSKNNParams(sample_size=0, idf_weighting=0.0, popularity_fallback=False)))
+    weighted = fitted(SessionKNN(taxonomy(), VSKNNParams(sample_size=0, idf_weighting=2.0, popularity_fallback=False)))
+    # sequences containing each item: 0 -> 2, 1 -> 2, 2..5 -> 1, of 3 sequences
+    idf = np.log(3 / np.array([2, 2, 1, 1, 1, 1]))
+    batch = batch_of([0, 3, 1])
+    np.testing.assert_allclose(weighted.predict(batch)["item"].numpy(),
+                               plain.predict(batch)["item"].numpy() * (1 + 2.0 * idf), rtol=1e-6)
 
 
 def test_knn_chunking_and_reload_do_not_change_scores():

@@ -187,12 +187,20 @@ def test_default_ks_run_from_one_to_all():
 
 
 # ---- measurement and speed ---------------------------------------------------------------------
-def test_child_process_peak_memory_and_exit_code(tmp_path):
-    result = run_measured([sys.executable, "-c", "x = bytearray(120 * 2**20); x[::4096] = b'1' * len(x[::4096])"],
-                          log_path=tmp_path / "log.txt")
-    assert result.returncode == 0 and 120 <= result.peak_rss_mb < 400 and result.wall_seconds > 0
-    failed = run_measured([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], log_path=tmp_path / "log.txt")
-    assert failed.returncode == 3 and "boom" in (tmp_path / "log.txt").read_text()
+def test_child_process_reports_its_own_peak_memory_and_exit_code(tmp_path, monkeypatch):
+    # the measuring parent holds a big buffer too: it must not show up in the child's peak
+    parent_ballast = bytearray(300 * 2**20)
+    parent_ballast[::4096] = b"1" * len(parent_ballast[::4096])
+    (tmp_path / "allocate.py").write_text("import sys\nx = bytearray(int(sys.argv[1]) * 2**20)\n"
+                                          "x[::4096] = b'1' * len(x[::4096])\nprint('done', len(sys.argv))\n")
+    (tmp_path / "fail.py").write_text("import sys\nprint('boom')\nsys.exit(3)\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    result = run_measured("allocate", ["120"], log_path=tmp_path / "log.txt", env=env)
+    assert result.returncode == 0 and 120 <= result.peak_rss_mb < 250 and result.wall_seconds > 0
+    failed = run_measured("fail", [], log_path=tmp_path / "log.txt", env=env)
+    assert failed.returncode == 3
+    assert "done 2" in (tmp_path / "log.txt").read_text() and "boom" in (tmp_path / "log.txt").read_text()
+    del parent_ballast
 
 
 def test_flop_count_covers_the_output_layer():

@@ -1,11 +1,12 @@
 """Measuring: wall time and peak memory of a child process, repeated timings, and FLOP rates.
 
-Each benchmark run is a child process, so its peak resident memory (`ru_maxrss` of that child
-alone, from `os.wait4`) belongs to that run only and one failing run cannot take the suite down.
+Each benchmark run is a child process, so its peak resident memory belongs to that run only and
+one failing run cannot take the suite down.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -24,17 +25,22 @@ class ProcessResult:
     wall_seconds: float
     peak_rss_mb: float
     cpu_seconds: float
+    command: list[str]
 
 
-def run_measured(command: Sequence[str], *, log_path: str | Path, env: dict | None = None,
+def run_measured(module: str, arguments: Sequence[str], *, log_path: str | Path, env: dict | None = None,
                  cwd: str | Path | None = None) -> ProcessResult:
-    """Run `command`, its stdout and stderr appended to `log_path`; return exit code, wall time,
-    the child's peak RSS (MB) and CPU time (user + system)."""
+    """Run `python -m module arguments...` in a child process, its stdout and stderr appended to
+    `log_path`; return the exit code, wall time, and the child's own peak RSS (MB) and CPU time,
+    which the child reports itself (`hmtrec.bench.child`)."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    usage_path = log_path.with_name(log_path.name + ".usage.json")
+    usage_path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "hmtrec.bench.child", str(usage_path), module, *arguments]
     started = time.perf_counter()
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})}, cwd=cwd)
         try:
             _, status, usage = os.wait4(process.pid, 0)
@@ -44,9 +50,14 @@ def run_measured(command: Sequence[str], *, log_path: str | Path, env: dict | No
             raise
         process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    # Linux reports ru_maxrss in kilobytes, macOS in bytes
-    peak_mb = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    return ProcessResult(process.returncode, wall, peak_mb, usage.ru_utime + usage.ru_stime)
+    if usage_path.exists():
+        reported = json.loads(usage_path.read_text())
+        peak, cpu = float(reported["peak_rss_mb"]), float(reported["cpu_seconds"])
+        usage_path.unlink()
+    else:  # killed before it could report: the parent's view, an upper bound
+        peak = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+        cpu = usage.ru_utime + usage.ru_stime
+    return ProcessResult(process.returncode, wall, peak, cpu, command)
 
 
 def time_call(function: Callable[[], object], *, repeats: int = 5, warmup: int = 1,

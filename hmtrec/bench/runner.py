@@ -155,10 +155,10 @@ def run_one(suite: Suite, model: SuiteModel, seed: int, out_dir: Path, *, thread
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     console.print(f"[bold]{suite.name}/{model.label}[/bold] seed {seed} -> {run_dir}")
-    command = [sys.executable, "-m", "hmtrec.cli", "train", "--config", str(config_path), "--run-dir", str(run_dir)]
-    result = run_measured(command, log_path=log_path, env={"HMTREC_PROGRESS": "0"})
+    result = run_measured("hmtrec.cli", ["train", "--config", str(config_path), "--run-dir", str(run_dir)],
+                          log_path=log_path, env={"HMTREC_PROGRESS": "0"})
     bench = {"wall_seconds": result.wall_seconds, "peak_rss_mb": result.peak_rss_mb,
-             "cpu_seconds": result.cpu_seconds, "returncode": result.returncode, "command": command}
+             "cpu_seconds": result.cpu_seconds, "returncode": result.returncode, "command": result.command}
     if result.returncode != 0:
         bench["error"] = f"exit code {result.returncode}; see {log_path}: " + _tail(log_path)
         console.print(f"[red]{model.label} seed {seed} failed[/red]: {bench['error']}")
