@@ -146,3 +146,15 @@ def test_movielens_protocol_smoke(data_dir, tmp_path):
     assert set(metrics["test"]["groups"]["user_activity"]) <= {"new", "old"}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
+
+
+def test_one_table_is_split_by_row_order(tmp_path):
+    from hmtrec.pipelines.ranking import RankingData, load_splits
+
+    synthetic_rows(100, 0).assign(row=range(100)).to_csv(tmp_path / "all.csv", index=False)
+    frames, files, reports = load_splits(RankingData(path=str(tmp_path / "all.csv"), fractions=[0.7, 0.2, 0.1]))
+    assert [len(frames[k]) for k in ("train", "valid", "test")] == [70, 20, 10]
+    assert frames["valid"]["row"].astype(int).tolist() == list(range(70, 90))
+    assert "split 70/20/10 by row order" in reports[0]
+    with pytest.raises(ConfigError, match="data.valid"):
+        load_splits(RankingData(train=str(tmp_path / "all.csv")))
