@@ -100,6 +100,8 @@ def summary_rows(suite: Suite, summaries: list[ModelSummary]) -> list[dict[str, 
         row["eval s/10k cases"] = _seconds(summary.mean_of("eval_seconds_per_10k"))
         peak = summary.mean_of("peak_rss_mb")
         row["peak RSS MB"] = f"{peak:,.0f}" if peak else "—"
+        wall, cpu = summary.mean_of("wall_seconds"), summary.mean_of("cpu_seconds")
+        row["run CPU/wall s"] = f"{cpu:.0f}/{wall:.0f}" if wall else "—"
         parameters = summary.mean_of("parameters")
         row["params"] = f"{parameters / 1e6:.2f}M" if parameters else "0"
         if suite.quality is not None:
@@ -169,12 +171,12 @@ def _write_runs_csv(records: list[RunRecord], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["model", "seed", "status", *metrics, "epochs", "best_epoch", "epoch_seconds",
                          "fit_seconds", "train_seconds", "eval_seconds", "n_cases", "peak_rss_mb", "parameters",
-                         "wall_seconds", "error"])
+                         "wall_seconds", "cpu_seconds", "error"])
         for r in records:
             writer.writerow([r.label, r.seed, r.status, *[_csv_number(r.metrics.get(m)) for m in metrics],
                              r.epochs, r.best_epoch, _csv_number(r.epoch_seconds), _csv_number(r.fit_seconds),
                              f"{r.train_seconds:.3f}", f"{r.eval_seconds:.3f}", r.n_cases, f"{r.peak_rss_mb:.1f}",
-                             r.parameters, f"{r.wall_seconds:.1f}", r.error or ""])
+                             r.parameters, f"{r.wall_seconds:.1f}", f"{r.cpu_seconds:.1f}", r.error or ""])
 
 
 def _csv_number(value) -> str:

@@ -46,7 +46,8 @@ class RunRecord:
     train_targets: int = 0
     parameters: int = 0
     peak_rss_mb: float = 0.0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0                       # the whole child process (data, training, evaluation)
+    cpu_seconds: float = 0.0                        # its CPU time: below wall time when the machine is shared
     history: list[dict] = field(default_factory=list)
     error: str | None = None
 
@@ -75,7 +76,8 @@ def read_record(run_dir: Path, model: SuiteModel, seed: int) -> RunRecord:
     bench = read_json(run_dir / "bench.json") if (run_dir / "bench.json").exists() else {}
     record = RunRecord(label=model.label, seed=seed, group=model.group, status="failed",
                        peak_rss_mb=float(bench.get("peak_rss_mb", 0.0)),
-                       wall_seconds=float(bench.get("wall_seconds", 0.0)))
+                       wall_seconds=float(bench.get("wall_seconds", 0.0)),
+                       cpu_seconds=float(bench.get("cpu_seconds", 0.0)))
     if not (run_dir / "metrics.json").exists():
         record.error = bench.get("error", "no metrics.json (the run did not finish)")
         return record

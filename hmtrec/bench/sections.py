@@ -44,7 +44,8 @@ def settings_text(suite: Suite, records: list[RunRecord]) -> str:
              "- metrics ×100 as mean ± sample std over seeds; `cand.` = candidate mode (only leaves under the "
              "top nodes of the coarse level are ranked); train s/epoch excludes validation; eval s/10k cases "
              "is the full test evaluation (full and candidate mode) per 10,000 cases; peak RSS is the whole "
-             "run's process (data included)"]
+             "run's process (data included); run CPU/wall s is that process's CPU time against its wall time: "
+             "on a shared machine wall-clock timings (s/epoch, s/10k cases) stretch by wall/CPU"]
     if suite.quality is not None:
         lines.append(f"- time to quality: training seconds until validation {suite.quality.metric} first "
                      f"reaches {suite.quality.value:g} (checked once per epoch)")
