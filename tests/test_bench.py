@@ -55,7 +55,7 @@ def record(label, seed, mrr, recall, history=(), **fields) -> RunRecord:
 
 # ---- suites ------------------------------------------------------------------------------------
 def test_builtin_suites_are_valid_configs():
-    assert {"diginetica", "movielens-1m", "foursquare-nyc"} <= set(builtin_suites())
+    assert {"diginetica", "movielens-1m", "foursquare-nyc", "synthetic-large"} <= set(builtin_suites())
     for name in builtin_suites():
         suite = load_suite(name)
         for model in suite.models:  # every run config validates, model parameters included
