@@ -14,6 +14,7 @@ Run directory:
   config.yaml   resolved config            run.json        {"kind": "geo", "model", "event_types", ...}
   taxonomy.json the geographic taxonomy    model.safetensors  final (best-epoch) weights
   checkpoint.pt resumable training state   metrics.json    {"test": {model: results}, "history": [...]}
+  best.safetensors best epoch's weights     evaluation.json the latest `hmtrec evaluate` (with its overrides)
   log.txt
 """
 
@@ -244,6 +245,6 @@ class GeoPipeline:
             baseline.fit(prepared.train)
             models[name] = baseline
         test = self._evaluate_all(config, models, prepared)
-        write_json(run_dir / "metrics_evaluate.json", {"test": test, "overrides": overrides})
+        write_json(run_dir / "evaluation.json", {"test": test, "overrides": overrides})
         print_geo_results(test)
         return {"test": test}
