@@ -98,3 +98,20 @@ def test_history_syntax_errors_are_explained():
         parse_history("12@soon")
     with pytest.raises(HmtrecError, match="every entry or for none"):
         parse_history("12@1:view 7@3")
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path, data_dir):
+    base = QUICK + [f"data.path={data_dir / 'foursquare-nyc'}", "data.max_sequences=40", "baselines=[]",
+                    "train.patience=null"]
+    pipeline = get_pipeline("geo")
+    straight = pipeline.train(load_config("configs/geo/foursquare-nyc.yaml", base + ["train.epochs=2"]),
+                              tmp_path / "straight")
+    # "interrupted" after epoch 1: the same run dir is trained again with epochs=2 and resumes
+    first = pipeline.train(load_config("configs/geo/foursquare-nyc.yaml", base + ["train.epochs=1"]),
+                           tmp_path / "resumed")
+    resumed = pipeline.train(load_config("configs/geo/foursquare-nyc.yaml", base + ["train.epochs=2"]),
+                             tmp_path / "resumed")
+    assert "resumed from" in (tmp_path / "resumed" / "log.txt").read_text()
+    assert resumed["history"][0] == first["history"][0]          # epoch 1 came from the checkpoint
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert resumed["test"]["action-transformer"]["overall"] == straight["test"]["action-transformer"]["overall"]

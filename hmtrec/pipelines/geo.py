@@ -39,7 +39,7 @@ from hmtrec.models.registry import build_model as build_registered, get_model, v
 from hmtrec.pipelines import register_pipeline
 from hmtrec.progress import console
 from hmtrec.train.run_dir import close_run_dir, get_logger, load_weights, open_run_dir, read_json, save_weights, write_json
-from hmtrec.train.trainer import Trainer, TrainerSettings
+from hmtrec.train.trainer import Trainer, TrainerSettings, seed_everything
 
 WEIGHTS_FILE = "model.safetensors"
 TAXONOMY_FILE = "taxonomy.json"
@@ -169,6 +169,7 @@ class GeoPipeline:
             model_name = config.model["name"]
             write_json(run_dir / "run.json", {"kind": "geo", "model": model_name, "event_types": event_types,
                                               "torch": torch.__version__})
+            seed_everything(config.train.seed)       # the initial weights depend on the seed only
             model = build_model(config, taxonomy, event_types)
             train_streams = ActionStreams(prepared.train, config.examples)
             valid_streams, valid_examples = split_examples(prepared.valid, config.examples,
