@@ -134,6 +134,23 @@ def test_consistency_is_kl_between_coarse_head_and_fine_mass_summed_up_the_tree(
     assert heads.consistency(agreeing).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_fused_softmax_cross_entropy_matches_torch(dtype, tolerance):
+    from hmtrec.models.sequence.heads import softmax_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 500) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 500, (7,))
+    reference_logits = logits.detach().float().requires_grad_()
+    reference = F.cross_entropy(reference_logits, targets)
+    (2.0 * reference).backward()
+    loss = softmax_cross_entropy(logits, targets)
+    (2.0 * loss).backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), abs=tolerance * 10)
+    torch.testing.assert_close(logits.grad.float(), reference_logits.grad, atol=tolerance * 0.1, rtol=tolerance)
+
+
 def test_heads_reject_bad_levels():
     taxonomy = three_level_taxonomy()
     with pytest.raises(ValueError, match="coarse to fine"):

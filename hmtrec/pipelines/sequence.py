@@ -74,6 +74,9 @@ class TrainSection(StrictModel):
     seed: int = 0
     device: str = Field("cpu", description="cpu, cuda, cuda:1 or auto")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward pass and loss under bfloat16 autocast (weights, optimiser and "
+                            "evaluation stay float32); much faster full-softmax heads on CPUs with bf16 units")
     monitor: str | None = Field(
         "MRR@20", description="validation metric that picks the best epoch: METRIC (at the finest level "
                               "the model scores) or LEVEL/METRIC; null: no validation, keep the last epoch")
@@ -97,7 +100,7 @@ class TrainSection(StrictModel):
         return TrainerSettings(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                                grad_clip=self.grad_clip, seed=self.seed, device=self.device,
                                monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode,
-                               patience=self.patience, resume=self.resume)
+                               patience=self.patience, resume=self.resume, precision=self.precision)
 
 
 def _model_spec(section: Any, where: str) -> dict:

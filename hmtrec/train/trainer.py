@@ -62,6 +62,7 @@ class TrainerSettings:
     monitor_mode: str = "max"
     patience: int | None = None     # stop after this many epochs without improvement
     resume: bool = True
+    precision: str = "fp32"         # "bf16": forward and loss under bfloat16 autocast (weights stay fp32)
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -119,6 +120,9 @@ class Trainer:
     def fit(self, batches: Callable[[int], Iterable[dict]], steps_per_epoch: Callable[[int], int] | None = None
             ) -> TrainState:
         settings = self.settings
+        if settings.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings.precision!r}")
+        bf16 = settings.precision == "bf16"
         self.try_resume()
         best_state = None
         if self.run_dir is not None and (self.run_dir / BEST_WEIGHTS).exists() and self.state.epoch > 0:
@@ -135,7 +139,8 @@ class Trainer:
                 loss_sum, parts_sum, n_steps = 0.0, {}, 0
                 for batch in batches(epoch):
                     batch = move_to(batch, self.device)
-                    loss, parts = self.model.loss(batch)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss, parts = self.model.loss(batch)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if settings.grad_clip:
