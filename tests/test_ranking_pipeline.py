@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from hmtrec.cli import app
 from hmtrec.config import load_config
+from hmtrec.data.features import FeatureEncoder, FeatureSchema, TaskSpec
 from hmtrec.errors import ConfigError, DataError
 from hmtrec.evaluate.classification import auc, average_ranks, binary_metrics_by_group, logloss, task_metrics
 from hmtrec.pipelines import get_pipeline
@@ -156,5 +157,13 @@ def test_one_table_is_split_by_row_order(tmp_path):
     assert [len(frames[k]) for k in ("train", "valid", "test")] == [70, 20, 10]
     assert frames["valid"]["row"].astype(int).tolist() == list(range(70, 90))
     assert "split 70/20/10 by row order" in reports[0]
+    # a bad value in the validation part is reported with its row in the file, not in the split
+    frame = pd.read_csv(tmp_path / "all.csv").astype({"quality": object})
+    frame.loc[74, "quality"] = "??"
+    frame.to_csv(tmp_path / "all.csv", index=False)
+    frames, files, _ = load_splits(RankingData(path=str(tmp_path / "all.csv"), fractions=[0.7, 0.2, 0.1]))
+    encoder = FeatureEncoder(FeatureSchema(numeric=["quality"]), [TaskSpec(name="click")]).fit(frames["train"])
+    with pytest.raises(DataError, match=r"all.csv, row 75, column 'quality'"):
+        encoder.transform(frames["valid"], file=files["valid"], first_row=frames["valid"].attrs["first_row"])
     with pytest.raises(ConfigError, match="data.valid"):
         load_splits(RankingData(train=str(tmp_path / "all.csv")))

@@ -205,7 +205,7 @@ class FeatureEncoder:
 
     # ---- encoding ------------------------------------------------------------------------------
     @staticmethod
-    def _numeric(frame: pd.DataFrame, column: str, file: str | None) -> np.ndarray:
+    def _numeric(frame: pd.DataFrame, column: str, file: str | None, first_row: int = 1) -> np.ndarray:
         raw = frame[column]
         present = raw.notna().to_numpy()
         if not pd.api.types.is_numeric_dtype(raw):
@@ -214,15 +214,18 @@ class FeatureEncoder:
         bad = (np.isnan(values) & present) | np.isinf(values)
         if bad.any():
             row = _first_bad_row(bad)
-            raise DataError(f"not a finite number: {raw.iloc[row - 1]!r}", file=file, row=row, column=column)
+            raise DataError(f"not a finite number: {raw.iloc[row - 1]!r}", file=file, row=row + first_row - 1,
+                            column=column)
         return values
 
     def _codes(self, text: pd.Series, vocabulary: list[str], offset: int) -> np.ndarray:
         codes = pd.Index(vocabulary, dtype=object).get_indexer(text.astype(object)).astype(np.int64)
         return codes + offset   # unknown and missing -> offset - 1
 
-    def transform(self, frame: pd.DataFrame, file: str | None = None, require_labels: bool = True) -> EncodedRows:
-        """Encode rows. With `require_labels=False` (prediction) absent label columns mean "no label"."""
+    def transform(self, frame: pd.DataFrame, file: str | None = None, require_labels: bool = True,
+                  first_row: int = 1) -> EncodedRows:
+        """Encode rows. With `require_labels=False` (prediction) absent label columns mean "no label".
+        `first_row` is the file row of the frame's first row (for frames cut from a larger file)."""
         if not self.fitted:
             raise RuntimeError("FeatureEncoder.transform before fit/load")
         self._check_columns(frame, file, need_labels=require_labels)
@@ -236,7 +239,7 @@ class FeatureEncoder:
 
         numeric = np.zeros((n, len(schema.numeric)), dtype=np.float32)
         for j, column in enumerate(schema.numeric):
-            values = self._numeric(frame, column, file)
+            values = self._numeric(frame, column, file, first_row)
             mean, std = self.numeric_stats[column]
             missing = np.isnan(values)
             numeric[:, j] = np.where(missing, 0.0, (values - mean) / std)
@@ -249,24 +252,24 @@ class FeatureEncoder:
 
         scenario = None
         if schema.scenario:
-            scenario = self._closed_codes(frame, schema.scenario, file)
+            scenario = self._closed_codes(frame, schema.scenario, file, first_row)
         facets = np.zeros((n, len(schema.facets)), dtype=np.int64)
         for j, column in enumerate(schema.facets):
-            facets[:, j] = self._closed_codes(frame, column, file)
+            facets[:, j] = self._closed_codes(frame, column, file, first_row)
 
         labels = np.zeros((n, len(self.tasks)), dtype=np.float32)
         mask = np.zeros((n, len(self.tasks)), dtype=bool)
         for j, task in enumerate(self.tasks):
             if task.label_column not in frame.columns:
                 continue
-            values = self._numeric(frame, task.label_column, file)
+            values = self._numeric(frame, task.label_column, file, first_row)
             present = ~np.isnan(values)
             if task.type == "binary":
                 bad = present & (values != 0) & (values != 1)
                 if bad.any():
                     row = _first_bad_row(bad)
                     raise DataError(f"a binary label must be 0 or 1, got {frame[task.label_column].iloc[row - 1]!r}",
-                                    file=file, row=row, column=task.label_column)
+                                    file=file, row=row + first_row - 1, column=task.label_column)
             labels[:, j] = np.where(present, values, 0.0)
             mask[:, j] = present
             report[f"missing_label:{task.name}"] = int((~present).sum())
@@ -275,14 +278,14 @@ class FeatureEncoder:
                            None if scenario is None else torch.from_numpy(scenario),
                            torch.from_numpy(facets), torch.from_numpy(labels), torch.from_numpy(mask), report)
 
-    def _closed_codes(self, frame: pd.DataFrame, column: str, file: str | None) -> np.ndarray:
+    def _closed_codes(self, frame: pd.DataFrame, column: str, file: str | None, first_row: int = 1) -> np.ndarray:
         vocabulary = self.closed_vocabularies[column]
         codes = self._codes(_as_text(frame[column]), vocabulary, offset=0)
         bad = codes < 0
         if bad.any():
             row = _first_bad_row(bad)
             raise DataError(f"unknown value {frame[column].iloc[row - 1]!r}; the model knows {vocabulary}",
-                            file=file, row=row, column=column)
+                            file=file, row=row + first_row - 1, column=column)
         return codes
 
     def _encode_multi(self, series: pd.Series, spec: MultiValuedFeature) -> np.ndarray:

@@ -104,7 +104,8 @@ class RankingConfig(StrictModel):
 
 # ---- data --------------------------------------------------------------------------------------
 def load_splits(data: RankingData) -> tuple[dict[str, pd.DataFrame], dict[str, str], list[str]]:
-    """Returns ({"train","valid","test"} -> frame, split -> file name for error messages, reports)."""
+    """Returns ({"train","valid","test"} -> frame, split -> file name for error messages, reports).
+    A frame cut from a larger file carries `attrs["first_row"]`, its first row's number in the file."""
     if data.source == "movielens-1m":
         from hmtrec.data.readers.movielens_ranking import load_movielens_ranking
 
@@ -132,9 +133,9 @@ def load_splits(data: RankingData) -> tuple[dict[str, pd.DataFrame], dict[str, s
     if data.max_rows is not None:
         frame = frame.iloc[:data.max_rows].reset_index(drop=True)
     train, valid, test = split_by_row_order(frame, tuple(data.fractions))
-    # rows keep their file numbering in error messages only for the training part; say which split
-    return ({"train": train, "valid": valid, "test": test},
-            {k: f"{data.path} ({k} split)" for k in ("train", "valid", "test")},
+    train.attrs["first_row"], valid.attrs["first_row"] = 1, len(train) + 1
+    test.attrs["first_row"] = len(train) + len(valid) + 1
+    return ({"train": train, "valid": valid, "test": test}, {k: str(data.path) for k in ("train", "valid", "test")},
             [f"{data.path}: {len(frame)} rows split {len(train)}/{len(valid)}/{len(test)} by row order"])
 
 
@@ -234,7 +235,8 @@ class Ranker:
 
     def predict_frame(self, frame: pd.DataFrame, file: str | None = None, keep: Iterable[str] = ()) -> pd.DataFrame:
         """Scores for a table of rows: one column per task, plus labels, scenario and kept columns."""
-        rows = self.encoder.transform(frame, file=file, require_labels=False)
+        rows = self.encoder.transform(frame, file=file, require_labels=False,
+                                      first_row=frame.attrs.get("first_row", 1))
         for column in keep:
             if column not in frame.columns:
                 raise DataError("column to keep is absent from the input", file=file, column=column)
@@ -281,7 +283,7 @@ class RankingPipeline:
         encoder.save(run_dir / FEATURES_FILE)
         encoded = {}
         for split, frame in frames.items():
-            encoded[split] = encoder.transform(frame, file=files[split])
+            encoded[split] = encoder.transform(frame, file=files[split], first_row=frame.attrs.get("first_row", 1))
             log_report(encoded[split].report, split)
         torch.manual_seed(settings.seed)
         model = build_model(config, encoder)
