@@ -28,9 +28,9 @@ ABLATIONS = {
 
 STAGES: list[tuple[str, list[str]]] = [
     ("speed", ["bench", "speed", "--report"]),
-    ("fsq", ["bench", "run", "foursquare-nyc", "--models", MAIN, "--report"]),
     ("digi-full", ["bench", "run", "diginetica-full-train", "--report"]),
     ("digi", ["bench", "run", "diginetica", "--models", MAIN, "--report"]),
+    ("fsq", ["bench", "run", "foursquare-nyc", "--models", MAIN, "--report"]),
     ("sweep", ["bench", "candidates", "bench-results/diginetica/runs/hiersrec/seed0",
                "bench-results/diginetica/runs/sasrec/seed0", "--level", "category", "--report"]),
     ("ml1m", ["bench", "run", "movielens-1m", "--models", MAIN, "--report"]),
@@ -40,6 +40,7 @@ STAGES: list[tuple[str, list[str]]] = [
                         "--report"]),
     ("digi-ablations", ["bench", "run", "diginetica", "--models", ABLATIONS["diginetica"], "--seeds", "0",
                         "--report"]),
+    ("speed-again", ["bench", "speed", "--report"]),
     ("conclude", ["bench", "conclude", "diginetica", "movielens-1m", "foursquare-nyc", "--report"]),
     ("fsq-ablation-seeds", ["bench", "run", "foursquare-nyc", "--models", ABLATIONS["foursquare-nyc"],
                             "--seeds", "0,1,2", "--report"]),
