@@ -65,7 +65,7 @@ def score_examples(model, streams: ActionStreams, examples: Examples, *, batch_s
     """Per level: `rank` of the target node and `top` (the best-scored node) for every example."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    device = next(iter(model.parameters()), torch.zeros(0)).device   # non-neural models have no parameters
     taxonomy = model.taxonomy
     out = {level: {"rank": np.empty(len(examples)), "top": np.empty(len(examples), dtype=np.int64)}
            for level in model.levels}

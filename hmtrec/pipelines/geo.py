@@ -29,7 +29,8 @@ import torch
 from pydantic import Field, field_validator
 
 from hmtrec.config import StrictModel, dump_config, load_config, register_config
-from hmtrec.data.actions import ActionStreams, Examples, ExampleSettings, log_event_types, sample_examples
+from hmtrec.data.actions import (DEFAULT_EVENT_TYPE, ActionStreams, Examples, ExampleSettings, log_event_types,
+                                 sample_examples)
 from hmtrec.data.loading import DataConfig, PreparedData, load_data
 from hmtrec.data.sequences import SequenceData
 from hmtrec.data.taxonomy import Taxonomy
@@ -96,9 +97,10 @@ def build_model(config: GeoRunConfig, taxonomy: Taxonomy, event_types: list[str]
 
     entry, params = validate_model_params("sequence", section or config.model)
     # builders read the action types from the dataset's log; a stand-in log carries them
+    typed = event_types != [DEFAULT_EVENT_TYPE]
     stand_in = SequenceData(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.array([]),
-                            event_types=np.zeros(0, dtype=np.int64) if event_types != ["event"] else None,
-                            event_type_names=event_types if event_types != ["event"] else [])
+                            event_types=np.zeros(0, dtype=np.int64) if typed else None,
+                            event_type_names=event_types if typed else [])
     return build_registered(entry, params, taxonomy=taxonomy, dataset=Dataset("geo", stand_in, taxonomy))
 
 

@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from hmtrec.config import StrictModel
-from hmtrec.data.actions import CALENDAR_FEATURES, log_event_types
+from hmtrec.data.actions import CALENDAR_FEATURES, DEFAULT_EVENT_TYPE, log_event_types
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
@@ -224,7 +224,7 @@ class ActionTransformer(SequenceRecommender):
 
 @register_model("sequence", "action-transformer", params=ActionTransformerParams)
 def build_action_transformer(params: ActionTransformerParams, *, taxonomy: Taxonomy, dataset=None, **_) -> ActionTransformer:
-    event_types = log_event_types(dataset.sequences) if dataset is not None else ["event"]
+    event_types = log_event_types(dataset.sequences) if dataset is not None else [DEFAULT_EVENT_TYPE]
     return ActionTransformer(taxonomy, params, event_types)
 
 
