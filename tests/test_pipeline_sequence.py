@@ -126,6 +126,7 @@ def test_evaluate_reloads_the_models_and_accepts_eval_overrides(cascade_run):
 
 
 def test_config_mistakes_are_named():
+    assert build_config({"kind": "sequence"}).model["name"] == "hiersrec"   # the default main model
     with pytest.raises(ConfigError, match="unknown key 'train.epoch'"):
         small_config(train={"epoch": 3})
     with pytest.raises(ConfigError, match="key 'train.batch_size'"):

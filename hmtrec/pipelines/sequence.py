@@ -52,7 +52,7 @@ from hmtrec.models.registry import build_model, validate_model_params
 from hmtrec.pipelines import register_pipeline
 from hmtrec.progress import console
 from hmtrec.train.run_dir import close_run_dir, get_logger, open_run_dir, read_json, save_weights, write_json
-from hmtrec.train.trainer import TrainerSettings, TrainState, Trainer, seed_everything
+from hmtrec.train.trainer import TrainerSettings, TrainState, Trainer, resolve_device, seed_everything
 
 MAIN_WEIGHTS = "model.safetensors"
 BASELINES_DIR = "baselines"
@@ -122,7 +122,8 @@ def _model_spec(section: Any, where: str) -> dict:
 class SequenceConfig(StrictModel):
     kind: Literal["sequence"] = "sequence"
     data: DataConfig = Field(default_factory=DataConfig)
-    model: dict[str, Any] = Field(default_factory=lambda: {"name": "hiersrec"})
+    model: dict[str, Any] = Field("hiersrec", validate_default=True,
+                                  description="the main model: a name, or {name, label, <params>}")
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     baselines: list[str | dict[str, Any]] = Field(default_factory=list,
@@ -368,7 +369,6 @@ class SequencePipeline:
         batches, steps = training_batches(model, prepared.train, settings)
         trainer = Trainer(model, settings.trainer_settings(), directory, validate=validate, on_epoch_end=on_epoch_end)
         state = trainer.fit(batches, steps)
-        model.to("cpu")
         epoch_seconds = [record["epoch_seconds"] for record in state.history]
         return {"epochs": state.epoch, "best_epoch": state.best_epoch or state.epoch,
                 "stopped_early": state.stopped_early, "train_seconds": state.train_seconds,
@@ -383,23 +383,30 @@ class SequencePipeline:
         for item in overrides:
             key = item.split("=", 1)[0].strip()
             if not any(key == prefix or key.startswith(prefix) for prefix in EVALUATION_OVERRIDES):
-                raise ConfigError(f"--set {key}: `hmtrec evaluate` can only change "
-                                  f"{', '.join(p.rstrip('.') + ('.*' if p.endswith('.') else '') for p in EVALUATION_OVERRIDES)}")
+                raise ConfigError(f"--set {key}: `hmtrec evaluate` can only change eval.*, data.path, "
+                                  f"train.device and train.threads (the rest describes the trained models)")
         run_dir = Path(run_dir)
         config = load_config(run_dir / "config.yaml", overrides)
         set_threads(config.train.threads)
-        artefact = load_sequence_run(run_dir, config=config)
-        prepared = load_data(config.data)
-        artefact.check_catalogue(prepared.taxonomy)
-        artefact.fit_missing(prepared.train)
-        results = {}
-        for label, model in artefact.models.items():
-            console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
-            results[label] = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval,
-                                            max_len=config.eval_max_len)
-        write_json(run_dir / "evaluation.json", {"overrides": list(overrides), "models": results})
-        print_tables(results, config.eval.ks)
-        return results
+        open_run_dir(run_dir)
+        try:
+            get_logger().info("evaluate with overrides %s", list(overrides))
+            artefact = load_sequence_run(run_dir, config=config)
+            prepared = load_data(config.data)
+            artefact.check_catalogue(prepared.taxonomy)
+            artefact.fit_missing(prepared.train)
+            device = resolve_device(config.train.device)
+            results = {}
+            for label, model in artefact.models.items():
+                console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
+                results[label] = evaluate_model(model.to(device), prepared.test, prepared.taxonomy, config.eval,
+                                                max_len=config.eval_max_len)
+                get_logger().info("%s test: %s", label, flat_metrics(results[label]))
+            write_json(run_dir / "evaluation.json", {"overrides": list(overrides), "models": results})
+            print_tables(results, config.eval.ks)
+            return results
+        finally:
+            close_run_dir(run_dir)
 
 
 def print_tables(results: dict[str, dict], ks: list[int]) -> None:
