@@ -83,7 +83,8 @@ def settings_line(config) -> str:
             f"{model['consistency_weight']}; train: {config.train.epochs} epoch(s), batch {config.train.batch_size}, "
             f"{'' if config.train.epoch_fraction == 1 else f'{config.train.epoch_fraction:.0%} of the windows per epoch, '}"
             f"max_len {config.train.max_len}, lr {config.train.lr}, seed {config.train.seed}, "
-            f"{config.train.threads or 'default'} thread(s), {config.train.precision}; candidates: top {config.eval.candidate_level} "
+            f"{config.train.threads or 'default'} thread(s), {config.train.precision}"
+            f"{', on all training sessions (valid included)' if config.data.split.train_on_all else ''}; candidates: top {config.eval.candidate_level} "
             f"nodes, adaptive, fraction {config.eval.candidate_fraction}")
 
 
