@@ -195,7 +195,7 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_requeued(tmp_path
                             "w_save": optuna.distributions.FloatDistribution(0.01, 100, log=True),
                             "w_purchase": optuna.distributions.FloatDistribution(0.01, 100, log=True)})
     storage.record_heartbeat(orphan._trial_id)
-    time.sleep(1.3)  # > grace_period: the heartbeat is now stale
+    time.sleep(2.5)  # well past grace_period (heartbeat times are stored to the second): now stale
     more = settings.model_copy(update={"n_trials": 4})
     resumed = run_study(evaluator, ranges, more, storage=make_storage(url, more), study_name="u")
     trials = resumed.study.trials
