@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from hmtrec.cli import app
-from hmtrec.data.sequences import PAD, SequenceData, collate_windows, make_windows
+from hmtrec.data.sequences import SequenceData, collate_windows, make_windows
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.serve.artefact import load_sequence_run
 
