@@ -58,6 +58,19 @@ def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: 
     return path
 
 
+def _finish(plt, figure, axis, path: Path, labels: tuple[str, str], title: str) -> Path:
+    """Label, grid, legend, save and close: the common end of the line plots."""
+    axis.set_xlabel(labels[0])
+    axis.set_ylabel(labels[1])
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def optimisation_history(histories: dict[str, np.ndarray], path: str | Path, *, title: str,
                          ylabel: str) -> Path:
     """Best objective so far against the trial number, one line per search (e.g. TPE, random).
@@ -73,15 +86,7 @@ def optimisation_history(histories: dict[str, np.ndarray], path: str | Path, *, 
         axis.plot(trials, np.nanmedian(best, axis=0), linewidth=1.5, label=f"{label} (median)")
         if best.shape[0] > 1:
             axis.fill_between(trials, np.nanmin(best, axis=0), np.nanmax(best, axis=0), alpha=0.2)
-    axis.set_xlabel("trial")
-    axis.set_ylabel(f"best {ylabel} so far")
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _finish(plt, figure, axis, path, ("trial", f"best {ylabel} so far"), title)
 
 
 def pareto_plot(all_points: np.ndarray, front: np.ndarray, path: str | Path, *, labels: tuple[str, str],
@@ -97,12 +102,4 @@ def pareto_plot(all_points: np.ndarray, front: np.ndarray, path: str | Path, *, 
         order = np.argsort(front[:, 0])
         axis.plot(front[order, 0], front[order, 1], marker="o", markersize=4, color="tab:red",
                   label="Pareto front")
-    axis.set_xlabel(labels[0])
-    axis.set_ylabel(labels[1])
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _finish(plt, figure, axis, path, labels, title)
