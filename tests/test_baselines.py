@@ -121,6 +121,18 @@ def test_sknn_category_votes_sum_their_items():
                                scores["item"].numpy().reshape(1, 2, 3).sum(2), rtol=1e-6)
 
 
+def test_without_remind_history_items_get_no_votes_and_rank_last():
+    model = fitted(SessionKNN(taxonomy(), SKNNParams(k=2, sample_size=0, remind=False)))
+    scores = model.predict(batch_of([1, 0, 5]))
+    item, category = scores["item"].numpy(), scores["category"].numpy()
+    # history {1, 0}: s0 (2/sqrt(6)) and s1 (1/2) vote, but not for the history's items 0 and 1
+    a = 2 / math.sqrt(6)
+    assert item[1, 0] == item[1, 1] == -1.0
+    np.testing.assert_allclose(item[1, 2:4], [a, 0.5], rtol=1e-6)
+    assert 0 <= item[1, 4] < 0.25 and item[1].argsort()[::-1][:2].tolist() == [2, 3]
+    np.testing.assert_allclose(category[1], [a, 0.5], rtol=1e-6)       # category votes exclude them too
+
+
 def test_popularity_fallback_orders_unvoted_items_below_every_vote():
     model = fitted(SessionKNN(taxonomy(), SKNNParams(k=1, sample_size=0)))
     item = model.predict(batch_of([3, 2]))["item"][0]

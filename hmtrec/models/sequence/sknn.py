@@ -16,7 +16,8 @@ For the history h of one prediction:
    events count less.
 4. Optionally (`idf_weighting` = λ > 0) scores are multiplied by `1 + λ · idf(i)`, with
    idf(i) = log(n_sequences / sequences containing i).
-Leaves no neighbour contains would all tie at 0; with `popularity_fallback` they are ordered by
+With `remind: false` the history's own items get no votes and rank last (data without repeat
+consumption, such as ratings). Leaves no neighbour contains would all tie at 0; with `popularity_fallback` they are ordered by
 training popularity instead, strictly below every neighbour-voted leaf of the same query.
 Every coarser taxonomy level is scored too: a node's votes are the summed votes of its leaves,
 with the same popularity fallback at that level (votes are not logits, so the evaluator's
@@ -52,6 +53,9 @@ class NeighbourParams(StrictModel):
         500, ge=0, description="Only the most recent candidate neighbours are compared (0: all of them).")
     idf_weighting: float = Field(0.0, ge=0.0, description="λ in score * (1 + λ idf(item)); 0 turns it off.")
     popularity_fallback: bool = Field(True, description="Order leaves without votes by training popularity.")
+    remind: bool = Field(
+        True, description="Items of the history may be recommended again (the reference's default); false: "
+                          "they get no votes and rank last (for data without repeats, e.g. ratings).")
     max_triples: int = Field(
         20_000_000, ge=1000, description="Bound on (query, item, neighbour) triples expanded at once (memory).")
 
@@ -244,12 +248,18 @@ class SessionKNN(SequenceRecommender):
             pairs = slice(pair_begin, pair_end)
             votes = self._votes(query[pairs] - begin, item[pairs], position[pairs], weight[pairs],
                                 length[begin:end], fitted)
+            if not self.params.remind:  # the history's own items get no votes
+                seen = sp.csr_matrix((np.ones(pair_end - pair_begin, dtype=np.float32),
+                                      (query[pairs] - begin, item[pairs])), shape=votes.shape)
+                votes = votes - votes.multiply(seen)
             votes.eliminate_zeros()
             if self.params.idf_weighting > 0:
                 votes.data *= 1.0 + self.params.idf_weighting * fitted["idf"][votes.indices]
             for level in self.levels:
                 level_votes = votes if level == self.taxonomy.leaf_level else votes @ fitted["to_level"][level]
                 self._write_scores(scores[level][begin:end], level_votes, fitted["fallback"][level])
+            if not self.params.remind:  # and rank below every other leaf
+                scores[self.taxonomy.leaf_level][query[pairs], item[pairs]] = -1.0
         return scores
 
     def _votes(self, query, item, position, weight, length, fitted) -> sp.csr_matrix:
