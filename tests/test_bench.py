@@ -17,7 +17,7 @@ from hmtrec.bench.candidate_sweep import candidate_sweep, default_ks
 from hmtrec.bench.measure import run_measured, step_flops
 from hmtrec.bench.results import summarize, summary_rows, write_results
 from hmtrec.bench.runner import RunRecord, run_suite
-from hmtrec.bench.sections import report_suite, verdict
+from hmtrec.bench.sections import ablation_effects, report_suite, verdict
 from hmtrec.bench.speed import scoring_benchmark, synthetic_catalogue, training_benchmark
 from hmtrec.bench.suites import Suite, builtin_suites, load_suite
 from hmtrec.cli import app
@@ -142,6 +142,19 @@ def test_verdict_states_who_wins_and_by_how_much():
     assert "HierSRec beats gru4rec: item/MRR@20 20.10 vs 10.00 (+10.10 points, +101.0%)" in text
 
 
+def test_ablation_effects_are_differences_from_full_hiersrec():
+    suite = tiny_suite(metrics=["item/MRR@20", "item/Recall@20"])
+    records = [record("hiersrec", s, 0.20 + 0.001 * s, 0.50) for s in range(3)] + \
+              [record("hiersrec-no-ids", s, 0.15 + 0.001 * s, 0.45) for s in range(3)] + \
+              [record("hiersrec-parallel", 0, 0.21, 0.49)]
+    for r in records:
+        r.group = "hiersrec" if r.label == "hiersrec" else "ablation"
+    text = ablation_effects(suite, summarize(suite, records))
+    assert "- hiersrec-no-ids vs hiersrec: item/MRR@20 15.10 vs 20.10 (-5.00 points, -24.9%)" in text
+    assert "- hiersrec-parallel vs hiersrec: item/MRR@20 21.00 vs 20.10 (+0.90 points, +4.5%, one seed)" in text
+    assert ablation_effects(suite, summarize(suite, records[:3])) == ""     # no ablation run: no paragraph
+
+
 def test_report_rewrites_only_the_suite_section(tmp_path):
     report = tmp_path / "benchmarks.md"
     report.write_text("# Benchmarks\n\n<!-- BEGIN other -->\nkeep me\n<!-- END other -->\n")
@@ -152,6 +165,12 @@ def test_report_rewrites_only_the_suite_section(tmp_path):
     text = report.read_text()
     assert "keep me" in text and text.count("<!-- BEGIN bench-tiny -->") == 1
     assert "`hmtrec bench run tiny`" in text and "| hiersrec |" in text
+    assert "Last updated by" not in text
+    report_suite(suite, records, {}, command="hmtrec bench run tiny --report",
+                 updated_by="hmtrec bench run tiny --models sasrec --report", report=report)
+    text = report.read_text()
+    assert "*Command:* `hmtrec bench run tiny --report`" in text
+    assert "*Last updated by:* `hmtrec bench run tiny --models sasrec --report`" in text
 
 
 # ---- candidate sweep ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 from pathlib import Path
 
 from hmtrec.bench.report import DEFAULT_REPORT, markdown_table, update_section
@@ -52,6 +51,21 @@ def settings_text(suite: Suite, records: list[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _difference(ours: ModelSummary, theirs: ModelSummary, metric: str) -> tuple[float, str] | None:
+    """(ours - theirs in points, a phrase) for one metric, means over seeds; None without values."""
+    mine, other = ours.stat(ours.values(metric)), theirs.stat(theirs.values(metric))
+    if mine is None or other is None:
+        return None
+    difference = (mine[0] - other[0]) * 100
+    relative = (mine[0] / other[0] - 1) * 100 if other[0] else float("inf")
+    # separated by more than twice the larger seed-to-seed std: a difference the seeds do not explain
+    clear = abs(difference) > 2 * max(mine[1], other[1]) * 100
+    single = ours.n < 2 or theirs.n < 2
+    note = ", one seed" if single else "" if clear else ", within seed noise"
+    return difference, (f"{metric} {mine[0] * 100:.2f} vs {other[0] * 100:.2f} "
+                        f"({difference:+.2f} points, {relative:+.1f}%{note})")
+
+
 def verdict(suite: Suite, summaries: list[ModelSummary], metrics: list[str] | None = None) -> str:
     """One sentence per compared model: does HierSRec beat it, and by how much (mean over seeds)."""
     metrics = metrics or suite.metrics[:2]
@@ -65,28 +79,36 @@ def verdict(suite: Suite, summaries: list[ModelSummary], metrics: list[str] | No
         if other is None or not other.runs:
             lines.append(f"- {other_label}: no finished run to compare with.")
             continue
-        parts, wins = [], 0
-        for metric in metrics:
-            ours, theirs = main.stat(main.values(metric)), other.stat(other.values(metric))
-            if ours is None or theirs is None:
-                continue
-            difference = (ours[0] - theirs[0]) * 100
-            relative = (ours[0] / theirs[0] - 1) * 100 if theirs[0] else float("inf")
-            # separated by more than twice the larger seed-to-seed std: a difference the seeds do not explain
-            clear = abs(difference) > 2 * max(ours[1], theirs[1]) * 100
-            wins += difference > 0
-            parts.append(f"{metric} {ours[0] * 100:.2f} vs {theirs[0] * 100:.2f} "
-                         f"({difference:+.2f} points, {relative:+.1f}%{'' if clear else ', within seed noise'})")
-        outcome = "beats" if wins == len(parts) and parts else "does not beat" if wins == 0 else "is mixed against"
-        lines.append(f"- HierSRec {outcome} {other_label}: " + "; ".join(parts))
+        compared = [c for c in (_difference(main, other, metric) for metric in metrics) if c is not None]
+        wins = sum(difference > 0 for difference, _ in compared)
+        outcome = "beats" if wins == len(compared) and compared else "does not beat" if wins == 0 else "is mixed against"
+        lines.append(f"- HierSRec {outcome} {other_label}: " + "; ".join(phrase for _, phrase in compared))
     return "\n".join(lines) + "\n"
 
 
+def ablation_effects(suite: Suite, summaries: list[ModelSummary], metrics: list[str] | None = None) -> str:
+    """Each ablation against full HierSRec: what switching that part off (or reweighting it) costs."""
+    metrics = metrics or suite.metrics[:2]
+    by_label = {s.label: s for s in summaries}
+    main = by_label.get("hiersrec")
+    ablations = [s for s in summaries if s.group == "ablation" and s.runs]
+    if main is None or not main.runs or not ablations:
+        return ""
+    lines = []
+    for ablation in ablations:
+        compared = [c for c in (_difference(ablation, main, metric) for metric in metrics) if c is not None]
+        lines.append(f"- {ablation.label} vs hiersrec: " + "; ".join(phrase for _, phrase in compared))
+    return "\n**Ablations against full HierSRec** (negative = the ablated part helps):\n\n" + "\n".join(lines) + "\n"
+
+
 def report_suite(suite: Suite, records: list[RunRecord], plots: dict[str, Path], *, command: str,
-                 report: Path | None = None) -> Path:
+                 updated_by: str | None = None, report: Path | None = None) -> Path:
+    """`command` regenerates the whole table (every model and seed of the suite, reusing finished
+    runs); `updated_by`, when different, is the narrower invocation that wrote this update."""
     report = Path(report) if report is not None else DEFAULT_REPORT
     summaries = summarize(suite, records)
-    body = (f"{suite.description.strip()}\n\n" if suite.description else "") + settings_text(suite, records) + "\n"
+    body = f"*Last updated by:* `{updated_by}`\n\n" if updated_by and updated_by != command else ""
+    body += (f"{suite.description.strip()}\n\n" if suite.description else "") + settings_text(suite, records) + "\n"
     body += markdown_summary(suite, summaries) + "\n"
     body += _copy_plot(plots.get("metrics_plot"), f"bench-{suite.name}-metrics.png", report)
     body += _copy_plot(plots.get("quality_plot"), f"bench-{suite.name}-time-to-quality.png", report)
@@ -94,6 +116,7 @@ def report_suite(suite: Suite, records: list[RunRecord], plots: dict[str, Path],
     if failed:
         body += "\nRuns that did not finish: " + "; ".join(f"{r.label} seed {r.seed} ({r.error})" for r in failed) + "\n"
     body += "\n**HierSRec against the single-task baselines:**\n\n" + verdict(suite, summaries)
+    body += ablation_effects(suite, summaries)
     return update_section(f"bench-{suite.name}", body, title=suite.title or suite.name, command=command, path=report)
 
 

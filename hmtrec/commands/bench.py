@@ -29,6 +29,16 @@ def _command_line() -> str:
     return "hmtrec " + " ".join(sys.argv[1:])
 
 
+def _whole_suite_command(suite_argument: str, out: Path, overrides: list[str] | None) -> str:
+    """The command that regenerates a suite's whole table: every model and seed, finished runs reused."""
+    parts = ["hmtrec", "bench", "run", suite_argument]
+    if out != Path("bench-results"):
+        parts += ["--out", str(out)]
+    for item in overrides or []:
+        parts += ["--set", item]
+    return " ".join(parts + ["--report"])
+
+
 def _int_list(text: Optional[str], option: str) -> list[int] | None:
     if not text:
         return None
@@ -84,7 +94,7 @@ def register(app: typer.Typer) -> None:
 
         labels = [label.strip() for label in models.split(",")] if models else None
         loaded = [load_suite(name) for name in suites]          # every suite validated before any run
-        for suite in loaded:
+        for argument, suite in zip(suites, loaded):
             suite_dir = out / suite.name
             run_suite(suite, suite_dir, labels=labels, seeds=_int_list(seeds, "--seeds"),
                       threads=threads, overrides=_overrides(overrides), force=force)
@@ -95,7 +105,9 @@ def register(app: typer.Typer) -> None:
             console.print(paths["markdown"].read_text())
             console.print(f"results: {suite_dir}")
             if report:
-                console.print(f"updated {report_suite(suite, records, paths, command=_command_line())}")
+                written = report_suite(suite, records, paths, updated_by=_command_line(),
+                                       command=_whole_suite_command(argument, out, overrides))
+                console.print(f"updated {written}")
 
     @bench.command("candidates")
     def candidates(
