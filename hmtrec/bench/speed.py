@@ -20,7 +20,7 @@ import torch
 from hmtrec.bench.measure import matmul_gflops, step_flops, time_call
 from hmtrec.data.sequences import Dataset, SequenceData, collate_windows, make_windows
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.serve.candidates import candidate_topk, full_topk, k_for_fraction, top_nodes
+from hmtrec.serve.candidates import NodeBlocks, full_topk, k_for_fraction, top_nodes
 
 
 def synthetic_catalogue(n_items: int, n_nodes: int, *, seed: int = 0) -> Taxonomy:
@@ -45,7 +45,7 @@ class ScoringFigures:
 
 def scoring_benchmark(n_items: int = 1_000_000, n_nodes: int = 1000, dim: int = 64, *, k: int = 20,
                       fractions: tuple[float, ...] = (0.01, 0.05), batch: int = 256, repeats: int = 5,
-                      query_chunk: int = 16, seed: int = 0) -> tuple[list[ScoringFigures], Taxonomy]:
+                      seed: int = 0) -> tuple[list[ScoringFigures], Taxonomy]:
     """Full top-k over every leaf vs candidate top-k under the best nodes, same query vectors."""
     generator = torch.Generator().manual_seed(seed)
     taxonomy = synthetic_catalogue(n_items, n_nodes, seed=seed)
@@ -53,6 +53,7 @@ def scoring_benchmark(n_items: int = 1_000_000, n_nodes: int = 1000, dim: int = 
     nodes = torch.randn(n_nodes, dim, generator=generator) / math.sqrt(dim)
     queries = torch.randn(batch, dim, generator=generator)
     one = queries[:1]
+    blocks = NodeBlocks(leaves, taxonomy, "node")      # regrouped once, as a server would
 
     def full(q):
         return full_topk(q, leaves, k)
@@ -65,10 +66,7 @@ def scoring_benchmark(n_items: int = 1_000_000, n_nodes: int = 1000, dim: int = 
         n_best = k_for_fraction(taxonomy, "node", fraction)
 
         def candidates(q, n_best=n_best):
-            # candidate_topk gathers [queries, candidates, dim]: bound that by chunks of queries
-            for start in range(0, len(q), query_chunk):
-                chunk = q[start:start + query_chunk]
-                candidate_topk(chunk, leaves, taxonomy, "node", top_nodes(chunk @ nodes.T, n_best), k)
+            blocks.topk(q, top_nodes(q @ nodes.T, n_best), k)
 
         # the fraction actually reached by these queries' chosen nodes
         chosen = top_nodes(queries @ nodes.T, n_best)
