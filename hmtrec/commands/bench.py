@@ -195,7 +195,7 @@ def register(app: typer.Typer) -> None:
             description = (
                 f"Scoring: {items:,} synthetic leaves (dim {dim}) under {nodes:,} coarse nodes of Zipf-like sizes; "
                 f"exact top-20 by dot product over every leaf (`serve.candidates.full_topk`, chunked) against "
-                f"top nodes by dot product followed by top-20 over their leaves only (`candidate_topk`); latency is "
+                f"top nodes by dot product followed by top-20 over their leaves only (`NodeBlocks.topk`: the leaves regrouped once into contiguous per-node blocks); latency is "
                 f"the median of single-query calls, throughput uses batches of {batch}. Training: one step "
                 f"(forward, backward, AdamW) of each model with default parameters on 128 windows of 20 events "
                 f"over a 43,097-item catalogue (Diginetica's size); FLOPs counted by torch's FlopCounterMode "
