@@ -135,3 +135,22 @@ def test_movielens_ranking_reader(data_dir):
     # split by row order: train users precede test users
     assert splits.train["user_id"].max() <= splits.test["user_id"].min()
     assert splits.train.loc[0, "genre"] == "Animation"          # Toy Story's first genre
+    assert any("by row order" in line for line in splits.reports)
+
+
+def test_random_split_shares_users_and_is_seeded():
+    from hmtrec.data.readers.movielens_ranking import split_rows
+
+    frame = pd.DataFrame({"user_id": np.repeat(np.arange(20), 10), "row": np.arange(200)})
+    ordered = split_rows(frame, (0.8, 0.1, 0.1))
+    assert ordered[0]["row"].tolist() == list(range(160))
+    assert set(ordered[2]["user_id"]).isdisjoint(ordered[0]["user_id"])        # later users only
+    train, valid, test = split_rows(frame, (0.8, 0.1, 0.1), "random", seed=3)
+    assert [len(train), len(valid), len(test)] == [160, 20, 20]
+    assert sorted(pd.concat([train, valid, test])["row"]) == list(range(200))     # a partition
+    assert set(test["user_id"]) <= set(train["user_id"])                          # seen users
+    again = split_rows(frame, (0.8, 0.1, 0.1), "random", seed=3)
+    assert again[2]["row"].tolist() == test["row"].tolist()
+    assert split_rows(frame, (0.8, 0.1, 0.1), "random", seed=4)[2]["row"].tolist() != test["row"].tolist()
+    with pytest.raises(ValueError, match="unknown split"):
+        split_rows(frame, (0.8, 0.1, 0.1), "by_user")

@@ -167,3 +167,5 @@ def test_one_table_is_split_by_row_order(tmp_path):
         encoder.transform(frames["valid"], file=files["valid"], first_row=frames["valid"].attrs["first_row"])
     with pytest.raises(ConfigError, match="data.valid"):
         load_splits(RankingData(train=str(tmp_path / "all.csv")))
+    with pytest.raises(ValueError, match="data.split=random is for source movielens-1m"):
+        RankingData(path=str(tmp_path / "all.csv"), split="random")

@@ -23,7 +23,7 @@ from typing import Iterable, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from hmtrec.config import StrictModel, dump_config, load_config, register_config
 from hmtrec.data.features import EncodedRows, FeatureEncoder, FeatureSchema, TaskSpec, log_report, read_rows
@@ -51,9 +51,21 @@ class RankingData(StrictModel):
     valid: str | None = None
     test: str | None = None
     fractions: list[float] = [0.8, 0.1, 0.1]
+    # movielens-1m: "row_order" (the M3oE code: test users unseen in training) or "random" (the
+    # Scenario-Wise Rec code's random_split, seeded by split_seed: the same users in every split)
+    split: Literal["row_order", "random"] = "row_order"
+    split_seed: int = 0
     max_rows: int | None = None                # keep only the first rows (quick runs)
     new_user_max_ratings: int = 50             # movielens-1m: user_activity = "new" up to this many ratings
     new_item_max_ratings: int = 20             # movielens-1m: item_popularity = "new" up to this many training ratings
+
+    @model_validator(mode="after")
+    def _random_split_needs_a_known_source(self):
+        if self.split == "random" and self.source != "movielens-1m":
+            # file row numbers in error messages assume contiguous parts of the file
+            raise ValueError("data.split=random is for source movielens-1m; for a table, shuffle the file "
+                             "or give data.train/valid/test")
+        return self
 
     @field_validator("fractions")
     @classmethod
@@ -110,7 +122,8 @@ def load_splits(data: RankingData) -> tuple[dict[str, pd.DataFrame], dict[str, s
         from hmtrec.data.readers.movielens_ranking import load_movielens_ranking
 
         splits = load_movielens_ranking(data.path, tuple(data.fractions), data.max_rows,
-                                        data.new_user_max_ratings, data.new_item_max_ratings)
+                                        data.new_user_max_ratings, data.new_item_max_ratings,
+                                        split=data.split, split_seed=data.split_seed)
         return ({"train": splits.train, "valid": splits.valid, "test": splits.test},
                 {"train": "movielens-1m (train)", "valid": "movielens-1m (valid)", "test": "movielens-1m (test)"},
                 splits.reports)

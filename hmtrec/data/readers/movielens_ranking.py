@@ -4,8 +4,9 @@ Rows: every rating of `ratings_all_users_no_timestamp.csv.gz` (sorted by user, t
 joined with users.dat and movies.dat. Scenarios are user age groups {1, 18} / {25} /
 {35, 45, 50, 56}; task "click" = rating > 3, task "like" = rating > 4; features user_id,
 movie_id, gender, age, occupation, zip, first genre (plus all genres, multi-valued, for
-configs that want them). The split is 8:1:1 by row order, so validation and test rows are
-mostly users never seen in training.
+configs that want them). The split is 8:1:1 by row order (the M3oE code's split), so validation
+and test rows are mostly users never seen in training; `split="random"` shuffles the rows with a
+seed first (the Scenario-Wise Rec code's `random_split`), so every split holds the same users.
 
 Facet columns for per-group evaluation (and MFH facets):
 - `user_activity`: "new" when the user has at most `new_user_max_ratings` ratings in the log,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -46,6 +48,20 @@ def _read_dat(path: Path, names: list[str]) -> pd.DataFrame:
     return frame
 
 
+SplitKind = Literal["row_order", "random"]
+
+
+def split_rows(frame: pd.DataFrame, fractions: tuple[float, float, float], kind: SplitKind = "row_order",
+               seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """`row_order`: the first fractions[0] of rows train, the next fractions[1] valid, the rest test.
+    `random`: the same cut after a seeded shuffle of the rows."""
+    if kind == "random":
+        frame = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
+    elif kind != "row_order":
+        raise ValueError(f"unknown split {kind!r}; expected 'row_order' or 'random'")
+    return split_by_row_order(frame, fractions)
+
+
 def split_by_row_order(frame: pd.DataFrame, fractions: tuple[float, float, float]
                        ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """First fractions[0] of rows train, next fractions[1] valid, the rest test."""
@@ -58,7 +74,8 @@ def split_by_row_order(frame: pd.DataFrame, fractions: tuple[float, float, float
 
 
 def load_movielens_ranking(path: str | Path | None = None, fractions=(0.8, 0.1, 0.1), max_rows: int | None = None,
-                           new_user_max_ratings: int = 50, new_item_max_ratings: int = 20) -> RankingSplits:
+                           new_user_max_ratings: int = 50, new_item_max_ratings: int = 20,
+                           split: SplitKind = "row_order", split_seed: int = 0) -> RankingSplits:
     folder = Path(path) if path is not None else data_dir() / "movielens-1m"
     ratings_path = folder / RATINGS_FILE
     if not ratings_path.exists():
@@ -94,12 +111,13 @@ def load_movielens_ranking(path: str | Path | None = None, fractions=(0.8, 0.1, 
 
     user_counts = rows.groupby("user_id")["movie_id"].transform("size")
     rows["user_activity"] = np.where(user_counts <= new_user_max_ratings, "new", "old")
-    train, valid, test = split_by_row_order(rows, tuple(fractions))
+    train, valid, test = split_rows(rows, tuple(fractions), split, split_seed)
     item_counts = train["movie_id"].value_counts()
     for part in (train, valid, test):
         counts = part["movie_id"].map(item_counts).fillna(0)
         part["item_popularity"] = np.where(counts <= new_item_max_ratings, "new", "old")
     seen_users = set(train["user_id"].unique())
-    reports.append(f"split {len(train)}/{len(valid)}/{len(test)} rows by row order; "
+    how = "by row order" if split == "row_order" else f"at random (seed {split_seed})"
+    reports.append(f"split {len(train)}/{len(valid)}/{len(test)} rows {how}; "
                    f"{int((~test['user_id'].isin(seen_users)).sum())} test rows are of users absent from training")
     return RankingSplits(train, valid, test, reports)
