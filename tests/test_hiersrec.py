@@ -195,6 +195,17 @@ def test_ablation_switches_remove_their_inputs():
     assert no_text.leaf_vectors.text is None
 
 
+def test_input_tokens_are_scaled_by_sqrt_dim_unless_switched_off():
+    batch = batch_of([[0, 1, 2]])
+    for scale_inputs, factor in ((True, 4.0), (False, 1.0)):            # dim 16
+        model = build(scale_inputs=scale_inputs).eval()
+        seen = {}
+        model.encoder.register_forward_hook(lambda module, args, output: seen.update(tokens=args[0]))
+        model.predict(batch)
+        expected = model.leaf_vectors()[batch["inputs"].clamp_min(0)] * (batch["inputs"] >= 0)[..., None]
+        torch.testing.assert_close(seen["tokens"], expected * factor)
+
+
 def test_invalid_params_are_named():
     with pytest.raises(ConfigError, match="cannot both be false"):
         validate_model_params("sequence", {"name": "hiersrec", "use_item_ids": False, "use_metadata": False})

@@ -14,6 +14,8 @@ up to a level), `coupling` (parallel or cascade) and `consistency_weight`.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +54,8 @@ class HierSRecParams(StrictModel):
     loss_weights: dict[str, float] = Field(default_factory=dict, description="Per-level loss weight (default 1).")
     consistency_weight: float = Field(0.0, ge=0.0, description="Weight of the KL consistency term (0: off).")
     tied_leaf_head: bool = Field(True, description="Score leaves by dot product with their input vectors.")
+    scale_inputs: bool = Field(True, description="Multiply input token vectors by sqrt(dim) (as SASRec "
+                                                   "does) so they outweigh the position embeddings.")
 
     @model_validator(mode="after")
     def _some_input(self):
@@ -135,6 +139,8 @@ class HierSRec(SequenceRecommender):
         leaf_vectors = self.leaf_vectors()
         valid = inputs != PAD
         tokens = leaf_vectors[inputs.clamp_min(0)] * valid[..., None]
+        if self.params.scale_inputs:
+            tokens = tokens * math.sqrt(self.params.dim)
         hidden = self.encoder(tokens, valid)
         at = target_positions(batch)
         # Gather the target positions before any output layer: heads run on [M, D], not [B, T, D].
