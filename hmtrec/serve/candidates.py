@@ -2,7 +2,8 @@
 them.
 
 Everything works on whole batches of queries at once (sort, cumsum, scatter, gather): there is no
-Python loop over queries, nodes or leaves. Ties between equal node scores are broken by the lower
+Python loop over queries or leaves (`NodeBlocks.topk` loops over the distinct chosen nodes, one
+matrix product per node block). Ties between equal node scores are broken by the lower
 node index, so candidate sets are deterministic.
 
 Two ways to size the candidate set:
