@@ -1,6 +1,6 @@
 """Baselines against tiny hand-computed cases: S-POP counts, SKNN / V-SKNN neighbour scores, GRU4Rec's
-session-parallel batches, SASRec's causal mask. Every expected number below was worked out by hand
-from the six-item catalogue and the three training sessions in `TRAIN`."""
+session-parallel batches and gate equations, SASRec's causal mask. Every expected number below was
+worked out by hand from the six-item catalogue and the three training sessions in `TRAIN`."""
 
 import math
 
@@ -231,6 +231,45 @@ def test_gru4rec_learns_a_deterministic_successor():
     model.eval()
     scores = model.predict(batch_of([2, 3, 4], [5, 0, 1]))["item"]
     assert scores.argmax(1).tolist() == [3, 4, 0, 1]
+
+
+
+def test_gru4rec_scores_by_hand_with_the_shared_embedding():
+    """Two steps of a 2-unit GRU written out with PyTorch's gate equations: the input of item i is
+    row i of the output matrix Wy (constrained embedding), and the scores are h . Wy^T + b_y."""
+    model = GRU4Rec(taxonomy(), GRU4RecParams(hidden_size=2, dropout_embedding=0.0, dropout_hidden=0.0)).eval()
+    wy = np.array([[0.5, -0.2], [0.1, 0.3], [-0.4, 0.2], [0.0, 0.6], [0.3, 0.3], [-0.1, -0.5]])
+    w_ih = np.array([[0.2, -0.1], [0.4, 0.3],        # reset gate
+                     [-0.3, 0.5], [0.1, 0.1],        # update gate
+                     [0.6, -0.4], [0.2, 0.7]])       # candidate
+    w_hh = np.array([[0.1, 0.2], [-0.2, 0.1], [0.3, 0.0], [0.0, -0.3], [0.5, 0.1], [-0.1, 0.4]])
+    b_ih, b_hh = np.array([0.1, 0.0, -0.1, 0.2, 0.0, 0.05]), np.array([0.0, 0.1, 0.05, 0.0, -0.1, 0.0])
+    b_y = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    with torch.no_grad():
+        model.output_embedding.weight.copy_(torch.tensor(wy))
+        model.output_bias.copy_(torch.tensor(b_y))
+        model.gru.weight_ih_l0.copy_(torch.tensor(w_ih))
+        model.gru.weight_hh_l0.copy_(torch.tensor(w_hh))
+        model.gru.bias_ih_l0.copy_(torch.tensor(b_ih))
+        model.gru.bias_hh_l0.copy_(torch.tensor(b_hh))
+
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-x))
+
+    h, expected = np.zeros(2), []
+    for item in (2, 4):                                  # history [2, 4, 1]: targets after 2 and after 4
+        gi, gh = w_ih @ wy[item] + b_ih, w_hh @ h + b_hh
+        reset, update = sigmoid(gi[0:2] + gh[0:2]), sigmoid(gi[2:4] + gh[2:4])
+        candidate = np.tanh(gi[4:6] + reset * gh[4:6])
+        h = (1 - update) * candidate + update * h
+        expected.append(h @ wy.T + b_y)
+    with torch.no_grad():
+        scores = model.predict(batch_of([2, 4, 1]))["item"]
+        later = model.predict(batch_of([2, 5, 1]))["item"]
+    np.testing.assert_allclose(scores.double().numpy(), np.array(expected), rtol=1e-5, atol=1e-6)
+    # causal: the step after item 2 never sees item 4
+    torch.testing.assert_close(later[0], scores[0])
+    assert not torch.allclose(later[1], scores[1])
 
 
 # ---- SASRec --------------------------------------------------------------------------------------
