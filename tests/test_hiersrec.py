@@ -136,7 +136,7 @@ def test_consistency_is_kl_between_coarse_head_and_fine_mass_summed_up_the_tree(
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_fused_softmax_cross_entropy_matches_torch(dtype, tolerance):
-    from hmtrec.models.sequence.heads import softmax_cross_entropy
+    from hmtrec.models.sequence.losses import softmax_cross_entropy
 
     torch.manual_seed(0)
     logits = (torch.randn(7, 500) * 4).to(dtype).requires_grad_()

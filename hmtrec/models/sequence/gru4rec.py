@@ -29,7 +29,6 @@ from typing import Iterator, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -38,6 +37,7 @@ from hmtrec.data.sequences import PAD, SequenceData
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
+from hmtrec.models.sequence.losses import softmax_cross_entropy
 
 
 class GRU4RecParams(StrictModel):
@@ -117,7 +117,7 @@ class GRU4Rec(SequenceRecommender):
         if len(targets) == 0:  # a step with no target still advanced the hidden state
             zero = self.output_bias.sum() * 0.0
             return zero, {"cross_entropy": 0.0}
-        loss = F.cross_entropy(self._scores(hidden), targets)
+        loss = softmax_cross_entropy(self._scores(hidden), targets)
         return loss, {"cross_entropy": float(loss.detach())}
 
     def _parallel_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

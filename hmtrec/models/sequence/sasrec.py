@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -27,6 +26,7 @@ from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
 from hmtrec.models.sequence.encoder import CausalTransformer
+from hmtrec.models.sequence.losses import softmax_cross_entropy
 
 
 class SASRecParams(StrictModel):
@@ -69,7 +69,7 @@ class SASRec(SequenceRecommender):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         targets = batch["targets"][target_positions(batch)]
-        loss = F.cross_entropy(self._target_logits(batch), targets)
+        loss = softmax_cross_entropy(self._target_logits(batch), targets)
         return loss, {"cross_entropy": float(loss.detach())}
 
 
