@@ -139,9 +139,11 @@ def plot_sweeps(sweeps: dict[str, SweepResult], path, *, title: str = "") -> Non
             axis.set_xlabel(f"candidate fraction (% of leaves, top-k {sweep.level} nodes)")
             axis.set_ylabel(f"{name} (×100)")
             axis.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    # below the panels: long labels (run directories) would cover the curves
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 2), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
