@@ -128,7 +128,7 @@ def plot_sweeps(sweeps: dict[str, SweepResult], path, *, title: str = "") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     for index, (label, sweep) in enumerate(sweeps.items()):
         colour = f"C{index % 10}"
         x = sweep.fraction * 100
@@ -136,7 +136,7 @@ def plot_sweeps(sweeps: dict[str, SweepResult], path, *, title: str = "") -> Non
                                       (f"Recall@{sweep.cutoff}", f"MRR@{sweep.cutoff}", "coverage")):
             axis.plot(x, values * 100, color=colour, label=label)
             axis.set_xscale("log")
-            axis.set_xlabel(f"candidate fraction (% of leaves, top-k {sweep.level} nodes)")
+            axis.set_xlabel(f"candidates: % of leaves (top-k {sweep.level} nodes)")
             axis.set_ylabel(f"{name} (×100)")
             axis.grid(alpha=0.3, which="both")
     # below the panels: long labels (run directories) would cover the curves
