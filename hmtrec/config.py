@@ -61,6 +61,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}")
+        elif not key:  # a check across keys: its message names them, and the input is the whole file
+            lines.append(item["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"key {key!r}: {item['msg']} (got {item.get('input')!r})")
     return f"{source}: invalid config: " + "; ".join(lines)

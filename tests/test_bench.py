@@ -90,6 +90,13 @@ def test_suite_errors_name_the_problem(tmp_path):
                                                                              "seed": 3}]}))
     with pytest.raises(ConfigError, match="models.0.seed"):
         load_suite(path)
+    for field, value in [("metrics", ["item/Recall@5"]), ("metrics", ["Recall@20"]),
+                         ("quality", {"metric": "item/MRR@50", "value": 0.1}),
+                         ("references", [{"label": "paper", "source": "x", "metrics": {"item/HR@20": 0.5}}])]:
+        path.write_text(yaml.safe_dump({"name": "bad", "config": {"eval": {"ks": [10, 20]}},
+                                        "models": [{"label": "x", "model": {"name": "pop"}}], field: value}))
+        with pytest.raises(ConfigError, match=rf"{field}.*is not computed.*config.eval.ks = \[10, 20\]"):
+            load_suite(path)
 
 
 # ---- aggregation -------------------------------------------------------------------------------

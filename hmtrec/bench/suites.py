@@ -30,6 +30,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hmtrec.config import StrictModel, _format_validation_error
 from hmtrec.errors import ConfigError
+from hmtrec.evaluate.metrics import metric_names
+from hmtrec.evaluate.ranking import EvalSettings
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "configs" / "bench"
 
@@ -83,7 +85,21 @@ class Suite(StrictModel):
         for key in ("model", "baselines"):
             if key in self.config:
                 raise ValueError(f"config.{key} is set per run from `models`; remove it from the suite config")
+        self._check_metric_names()
         return self
+
+    def _check_metric_names(self) -> None:
+        # A column whose cut-off is not evaluated would show "—" in every row after hours of runs.
+        ks = EvalSettings.model_validate(self.config.get("eval", {})).ks
+        known = set(metric_names(ks))
+        named = [("metrics", name) for name in self.metrics]
+        named += [("quality.metric", self.quality.metric)] if self.quality else []
+        named += [(f"references[{i}].metrics", name) for i, ref in enumerate(self.references) for name in ref.metrics]
+        for where, name in named:
+            level, _, metric = name.rpartition("/")
+            if not level or metric not in known:
+                raise ValueError(f"{where}: {name!r} is not computed; a metric is LEVEL/NAME@K with NAME@K one of "
+                                 f"{sorted(known)} (config.eval.ks = {ks})")
 
     def select(self, labels: list[str] | None) -> list[SuiteModel]:
         if not labels:
