@@ -20,6 +20,8 @@ import yaml
 from hmtrec.bench.measure import run_measured
 from hmtrec.bench.suites import Suite, SuiteModel
 from hmtrec.config import build_config
+from hmtrec.errors import ConfigError
+from hmtrec.models.registry import validate_model_params
 from hmtrec.progress import console
 from hmtrec.train.run_dir import read_json, write_json
 
@@ -170,7 +172,23 @@ def run_one(suite: Suite, model: SuiteModel, seed: int, out_dir: Path, *, thread
 
 
 def _same_config(path: Path, config: dict) -> bool:
-    return path.exists() and yaml.safe_load(path.read_text()) == yaml.safe_load(yaml.safe_dump(config))
+    """Whether the run recorded at `path` is this config's run: the same config once model
+    parameters are resolved, so spelling out a default (`coupling: cascade`) is not a new run."""
+    if not path.exists():
+        return False
+    recorded, wanted = yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(config))
+    try:
+        return _with_resolved_model(recorded) == _with_resolved_model(wanted)
+    except ConfigError:   # a recorded model that no longer validates is another run
+        return False
+
+
+def _with_resolved_model(config: dict) -> dict:
+    model = config.get("model")
+    if config.get("kind", "sequence") != "sequence" or not isinstance(model, dict):
+        return config
+    _, params = validate_model_params("sequence", {k: v for k, v in model.items() if k != "label"})
+    return {**config, "model": {"name": model.get("name"), "label": model.get("label"), **params.model_dump()}}
 
 
 def _tail(path: Path, lines: int = 5) -> str:
