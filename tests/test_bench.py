@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from hmtrec.bench.candidate_sweep import candidate_sweep, default_ks
 from hmtrec.bench.measure import run_measured, step_flops
 from hmtrec.bench.results import summarize, summary_rows, write_results
-from hmtrec.bench.runner import RunRecord, run_suite
+from hmtrec.bench.runner import RunRecord, _same_config, run_suite
 from hmtrec.bench.sections import ablation_effects, report_suite, verdict
 from hmtrec.bench.speed import scoring_benchmark, synthetic_catalogue, training_benchmark
 from hmtrec.bench.suites import Suite, builtin_suites, load_suite
@@ -95,8 +95,27 @@ def test_suite_errors_name_the_problem(tmp_path):
                          ("references", [{"label": "paper", "source": "x", "metrics": {"item/HR@20": 0.5}}])]:
         path.write_text(yaml.safe_dump({"name": "bad", "config": {"eval": {"ks": [10, 20]}},
                                         "models": [{"label": "x", "model": {"name": "pop"}}], field: value}))
-        with pytest.raises(ConfigError, match=rf"{field}.*is not computed.*config.eval.ks = \[10, 20\]"):
+        with pytest.raises(ConfigError, match=rf"{field}.*is not computed.*config.eval.ks = \[10, 20\]") as error:
             load_suite(path)
+        assert "(got {" not in str(error.value)   # a check across keys does not dump the whole file
+    path.write_text(yaml.safe_dump({"name": "bad", "config": {"eval": {"ks": [0]}},
+                                    "models": [{"label": "x", "model": {"name": "pop"}}]}))
+    with pytest.raises(ConfigError, match=r"config.eval: .*key 'ks': .*positive integers"):
+        load_suite(path)
+
+
+def test_a_recorded_run_matches_its_config_once_model_defaults_are_resolved(tmp_path):
+    suite = tiny_suite(models=[{"label": "s", "model": {"name": "sasrec", "dim": 8}}])
+    config = suite.run_config(suite.models[0], 0)
+    recorded = tmp_path / "seed0.yaml"
+    recorded.write_text(yaml.safe_dump(config))
+    spelled_out = {**config, "model": {**config["model"], "layers": SASRecParams().layers}}
+    assert _same_config(recorded, config) and _same_config(recorded, spelled_out)
+    assert not _same_config(recorded, {**config, "model": {**config["model"], "dim": 16}})
+    assert not _same_config(recorded, {**config, "train": {**config["train"], "lr": 0.5}})
+    assert not _same_config(tmp_path / "missing.yaml", config)
+    recorded.write_text(yaml.safe_dump({**config, "model": {**config["model"], "removed_option": 1}}))
+    assert not _same_config(recorded, config)   # a recorded model that no longer validates
 
 
 # ---- aggregation -------------------------------------------------------------------------------

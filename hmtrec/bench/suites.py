@@ -90,7 +90,10 @@ class Suite(StrictModel):
 
     def _check_metric_names(self) -> None:
         # A column whose cut-off is not evaluated would show "—" in every row after hours of runs.
-        ks = EvalSettings.model_validate(self.config.get("eval", {})).ks
+        try:
+            ks = EvalSettings.model_validate(self.config.get("eval") or {}).ks
+        except ValidationError as error:  # its keys are relative to config.eval: say so
+            raise ValueError(_format_validation_error(error, "config.eval")) from None
         known = set(metric_names(ks))
         named = [("metrics", name) for name in self.metrics]
         named += [("quality.metric", self.quality.metric)] if self.quality else []
