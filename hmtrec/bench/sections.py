@@ -39,8 +39,8 @@ def settings_text(suite: Suite, records: list[RunRecord]) -> str:
              f"- eval: `{json.dumps(evaluation, sort_keys=True)}`",
              f"- test cases: {', '.join(f'{c:,}' for c in cases) or '—'}; training targets: "
              f"{', '.join(f'{t:,}' for t in train_targets) or '—'}",
-             f"- seeds: {sorted({r.seed for r in done}) or suite.seeds} (models marked deterministic ran once: every seed "
-             "gives the same result)",
+             f"- seeds: {sorted({r.seed for r in done}) or suite.seeds} (models marked deterministic ran once: "
+             "every seed gives the same result)",
              "- metrics ×100 as mean ± sample std over seeds; `cand.` = candidate mode (only leaves under the "
              "top nodes of the coarse level are ranked); train s/epoch excludes validation; eval s/10k cases "
              "is the full test evaluation (full and candidate mode) per 10,000 cases; peak RSS is the whole "
