@@ -52,7 +52,8 @@ from hmtrec.models.registry import build_model, validate_model_params
 from hmtrec.pipelines import register_pipeline
 from hmtrec.progress import console
 from hmtrec.train.run_dir import close_run_dir, get_logger, open_run_dir, read_json, save_weights, write_json
-from hmtrec.train.trainer import TrainerSettings, TrainState, Trainer, resolve_device, seed_everything
+from hmtrec.train.trainer import (TrainerSettings, TrainState, Trainer, check_device, resolve_device,
+                                  seed_everything, usable_cores)
 
 MAIN_WEIGHTS = "model.safetensors"
 BASELINES_DIR = "baselines"
@@ -68,15 +69,27 @@ class TrainSection(StrictModel):
     max_len: int = Field(50, ge=1, description="longest context window, in events")
     epoch_fraction: float = Field(1.0, gt=0, le=1, description="share of the training windows each epoch "
                                   "visits (a different random share every epoch); 1: all")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after the warm-up: constant, or cosine / linear decay to lr * lr_floor at the "
+                                "last step of the last epoch")
+    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of all training steps spent warming the "
+                                   "learning rate up linearly from lr / warm-up steps to lr")
+    lr_floor: float = Field(0.0, ge=0, le=1, description="the decay ends at lr * lr_floor")
+    budget_minutes: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="wall-clock budget per model (training plus validation): "
+        "stop after the epoch that passes it and record that it did; null: none")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
     seed: int = 0
-    device: str = Field("cpu", description="cpu, cuda, cuda:1 or auto")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: forward pass and loss under bfloat16 autocast (weights, optimiser and "
-                            "evaluation stay float32); much faster full-softmax heads on CPUs with bf16 units")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, mps or auto")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: every core this process "
+                                                         "may use)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: forward pass and loss under bfloat16 autocast (weights, optimiser and "
+                            "evaluation stay float32); much faster full-softmax heads on CPUs with bf16 units. "
+                            "auto: fp32 on a CPU without native bf16 (emulated bf16 is ~16x slower), else the "
+                            "faster of the two in a short timed probe (logged)")
     monitor: str | None = Field(
         "MRR@20", description="validation metric that picks the best epoch: METRIC (at the finest level "
                               "the model scores) or LEVEL/METRIC; null: no validation, keep the last epoch")
@@ -85,6 +98,15 @@ class TrainSection(StrictModel):
     valid_max_sequences: int | None = Field(
         None, ge=1, description="validate on a fixed random subset of this many valid sequences (speed)")
     resume: bool = Field(True, description="continue from checkpoint.pt when the run directory has one")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device_name(cls, value: str) -> str:
+        try:
+            torch.device(value) if value != "auto" else None
+        except (RuntimeError, ValueError):
+            raise ValueError(f"unknown device {value!r}; expected cpu, cuda, cuda:N, mps or auto") from None
+        return value
 
     @field_validator("monitor")
     @classmethod
@@ -100,7 +122,9 @@ class TrainSection(StrictModel):
         return TrainerSettings(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                                grad_clip=self.grad_clip, seed=self.seed, device=self.device,
                                monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode,
-                               patience=self.patience, resume=self.resume, precision=self.precision)
+                               patience=self.patience, resume=self.resume, precision=self.precision,
+                               lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction,
+                               lr_floor=self.lr_floor, budget_minutes=self.budget_minutes)
 
 
 def _model_spec(section: Any, where: str) -> dict:
@@ -254,9 +278,12 @@ def _validation_subset(valid: SequenceData, settings: TrainSection) -> SequenceD
     return valid.select(np.sort(chosen))
 
 
-def set_threads(threads: int | None) -> None:
-    if threads is not None and torch.get_num_threads() != threads:
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: `threads`, or every core this process may use when None."""
+    threads = threads or usable_cores()
+    if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    return threads
 
 
 def versions() -> dict[str, str]:
@@ -293,11 +320,17 @@ class SequencePipeline:
               on_epoch_end: Callable[[TrainState], None] | None = None) -> dict:
         """Train and evaluate the main model and the baselines; write the run directory.
         `on_epoch_end` is passed to the main model's Trainer (tests use it to interrupt a run)."""
+        try:
+            check_device(config.train.device)
+        except ValueError as error:  # before anything is written
+            raise ConfigError(f"key 'train.device': {error}") from None
         run_dir = open_run_dir(run_dir)
         log = get_logger()
         try:
             _check_same_run(run_dir, config)
-            set_threads(config.train.threads)
+            threads = set_threads(config.train.threads)
+            log.info("torch CPU threads: %d (%s)", threads, "train.threads" if config.train.threads else
+                     f"every usable core; train.threads: N to change")
             dump_config(config, run_dir / "config.yaml")
             run_info = {"kind": "sequence", "model": config.model["label"],
                         "baselines": [spec["label"] for spec in config.baselines], "status": "training",
@@ -367,11 +400,18 @@ class SequencePipeline:
                 return {**metrics, "monitored": metrics[monitor_key]}
 
         batches, steps = training_batches(model, prepared.train, settings)
+        own_steps = getattr(model, "training_steps", None)
+        if steps is None and callable(own_steps):
+            n_steps = own_steps(prepared.train, settings.batch_size, settings.max_len)
+            steps = lambda epoch: n_steps  # noqa: E731
         trainer = Trainer(model, settings.trainer_settings(), directory, validate=validate, on_epoch_end=on_epoch_end)
         state = trainer.fit(batches, steps)
         epoch_seconds = [record["epoch_seconds"] for record in state.history]
         return {"epochs": state.epoch, "best_epoch": state.best_epoch or state.epoch,
-                "stopped_early": state.stopped_early, "train_seconds": state.train_seconds,
+                "stopped_early": state.stopped_early, "stopped_by_budget": state.stopped_by_budget,
+                "budget_minutes": settings.budget_minutes, "precision": state.precision or settings.precision,
+                "precision_reason": state.precision_reason, "train_seconds": state.train_seconds,
+                "fit_seconds": state.fit_seconds,
                 "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
                 "history": state.history}
 

@@ -4,12 +4,17 @@ Contract: the model has `loss(batch) -> (scalar tensor, {name: float})`. Batches
 callable `batches(epoch) -> iterable`, which must be deterministic given the epoch (seed it with
 seed + epoch), so a run resumed from the checkpoint of epoch e replays exactly what an
 uninterrupted run would have done from e + 1 on.
+
+Also here: the learning-rate schedule (a pure function of the step count, so resuming needs only
+the step and the horizon, both in the checkpoint), the wall-clock budget, and `precision: auto`
+(bf16 only where the processor has native bf16 units and a timed probe finds it faster).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +43,102 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_device(name: str) -> None:
+    """Fail with a clear message on a device torch does not know or this machine lacks."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no CUDA device (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N, mps or auto")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# ---- precision -------------------------------------------------------------------------------
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+PROBE_MIN_GAIN = 1.1    # bf16 must be this much faster than fp32 in the probe to be chosen
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_probe_cache: dict[tuple, tuple[str, str]] = {}
+
+
+def choose_precision(device: torch.device, probe: Callable[[str], float] | None = None, *,
+                     flags: set[str] | None = None, cache_key: tuple | None = None) -> tuple[str, str]:
+    """("fp32" or "bf16", why) for `precision: auto`. On a CPU without native bf16 units bf16 is
+    emulated (about 16x slower measured on an AVX2-only Xeon), so fp32; with them, `probe(precision)`
+    (seconds of a few training steps) decides, bf16 only if clearly faster. Probe results are cached
+    per process under `cache_key`. `flags` overrides the CPU's flags (tests)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"CUDA device {torch.cuda.get_device_name(device)} supports bf16"
+        return "fp32", "CUDA device without bf16 support"
+    if device.type != "cpu":
+        return "fp32", f"device type {device.type!r}: fp32"
+    flags = cpu_flags() if flags is None else flags
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+    if not native:
+        return "fp32", f"the CPU has no native bf16 ({' / '.join(NATIVE_BF16_FLAGS)} absent): bf16 would be emulated"
+    if probe is None:
+        return "bf16", f"the CPU has native bf16 ({', '.join(native)})"
+    if cache_key is not None and cache_key in _probe_cache:
+        return _probe_cache[cache_key]
+    fp32_seconds, bf16_seconds = probe("fp32"), probe("bf16")
+    ratio = fp32_seconds / max(bf16_seconds, 1e-12)
+    choice = "bf16" if ratio >= PROBE_MIN_GAIN else "fp32"
+    why = (f"CPU has native bf16 ({', '.join(native)}); timed probe: fp32 {fp32_seconds * 1e3:.1f} ms, "
+           f"bf16 {bf16_seconds * 1e3:.1f} ms per step ({ratio:.2f}x; bf16 needs {PROBE_MIN_GAIN:g}x)")
+    if cache_key is not None:
+        _probe_cache[cache_key] = (choice, why)
+    return choice, why
+
+
+# ---- learning-rate schedule ------------------------------------------------------------------
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, floor: float) -> float:
+    """Multiplier of the base learning rate for optimiser step `step` (0-based): linear warm-up
+    from 1/warmup to 1 over `warmup_steps`, then constant, or a cosine or linear decay to `floor`
+    at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    if schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected constant, cosine or linear")
+
+
 @dataclass
 class TrainState:
     epoch: int = 0                  # epochs completed
@@ -48,6 +149,11 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False     # so a resumed run that had already stopped does not train on
+    fit_seconds: float = 0.0        # training plus validation: what the wall-clock budget counts
+    stopped_by_budget: bool = False
+    precision: str | None = None    # what `auto` resolved to, kept so a resumed run uses the same
+    precision_reason: str = ""
+    total_steps: int | None = None  # the lr schedule's horizon, fixed at the first epoch
 
 
 @dataclass
@@ -62,7 +168,12 @@ class TrainerSettings:
     monitor_mode: str = "max"
     patience: int | None = None     # stop after this many epochs without improvement
     resume: bool = True
-    precision: str = "fp32"         # "bf16": forward and loss under bfloat16 autocast (weights stay fp32)
+    precision: str = "fp32"         # "bf16": forward and loss under bfloat16 autocast (weights stay fp32);
+                                    # "auto": see choose_precision
+    lr_schedule: str = "constant"   # constant, cosine or linear decay after the warm-up
+    warmup_fraction: float = 0.0    # share of all steps spent warming up linearly
+    lr_floor: float = 0.0           # the decay ends at lr * lr_floor
+    budget_minutes: float | None = None   # stop after the epoch whose end passes this much fit time
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -117,28 +228,90 @@ class Trainer:
             return not math.isnan(value)
         return value > best if self.settings.monitor_mode == "max" else value < best
 
+    def _resolve_precision(self, batches: Callable[[int], Iterable[dict]]) -> str:
+        """fp32 or bf16; `auto` is resolved once per run (a resumed run keeps its first choice)."""
+        if self.settings.precision != "auto":
+            return self.settings.precision
+        if self.state.precision is None:
+            probe_batch = None
+            for probe_batch in batches(1):
+                break
+            probe = None
+            if probe_batch is not None:
+                probe_batch = move_to(probe_batch, self.device)
+                probe = lambda precision: self._time_steps(probe_batch, precision)  # noqa: E731
+            key = (type(self.model).__name__, self.device.type, count_parameters(self.model),
+                   tuple(tuple(v.shape) for v in probe_batch.values() if isinstance(v, torch.Tensor))
+                   if probe_batch is not None else ())
+            self.state.precision, self.state.precision_reason = choose_precision(self.device, probe, cache_key=key)
+        self.log.info("precision auto -> %s: %s", self.state.precision, self.state.precision_reason)
+        return self.state.precision
+
+    def _time_steps(self, batch: dict, precision: str, repeats: int = 3) -> float:
+        """Fastest of `repeats` forward + backward passes on `batch` (after one warm-up); the
+        gradients are thrown away, so the probe leaves the weights as they were."""
+        self.model.train()
+        times = []
+        for attempt in range(repeats + 1):
+            started = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, _ = self.model.loss(batch)
+            loss.backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if attempt:
+                times.append(time.perf_counter() - started)
+        self.optimizer.zero_grad(set_to_none=True)
+        return min(times)
+
+    def _schedule_horizon(self, steps_per_epoch: Callable[[int], int] | None) -> int | None:
+        settings = self.settings
+        if settings.lr_schedule == "constant" and settings.warmup_fraction == 0:
+            return None
+        if self.state.total_steps is None:
+            if steps_per_epoch is None:
+                raise ValueError("an lr schedule needs the number of steps per epoch, which this model's "
+                                 "batches do not report")
+            self.state.total_steps = settings.epochs * steps_per_epoch(1)
+        return self.state.total_steps
+
+    def _set_lr(self, horizon: int | None) -> float:
+        settings = self.settings
+        if horizon is None:
+            return settings.lr
+        warmup = int(round(settings.warmup_fraction * horizon))
+        lr = settings.lr * lr_factor(self.state.step, horizon, settings.lr_schedule, warmup, settings.lr_floor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def fit(self, batches: Callable[[int], Iterable[dict]], steps_per_epoch: Callable[[int], int] | None = None
             ) -> TrainState:
         settings = self.settings
-        if settings.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings.precision!r}")
-        bf16 = settings.precision == "bf16"
+        if settings.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {settings.precision!r}")
+        lr_factor(0, 1, settings.lr_schedule, 0, settings.lr_floor)  # an unknown schedule fails now
         self.try_resume()
+        bf16 = self._resolve_precision(batches) == "bf16"
+        horizon = self._schedule_horizon(steps_per_epoch)
         best_state = None
         if self.run_dir is not None and (self.run_dir / BEST_WEIGHTS).exists() and self.state.epoch > 0:
             from hmtrec.train.run_dir import load_weights
             best_state = load_weights(self.run_dir / BEST_WEIGHTS)
         with progress_bar() as bar:
-            while self.state.epoch < settings.epochs and not self.state.stopped_early:
+            while (self.state.epoch < settings.epochs and not self.state.stopped_early
+                   and not self.state.stopped_by_budget):
                 epoch = self.state.epoch + 1
                 seed_everything(settings.seed * 100_003 + epoch)
                 self.model.train()
                 total = steps_per_epoch(epoch) if steps_per_epoch else None
                 task = bar.add_task(f"epoch {epoch}/{settings.epochs}", total=total, info="")
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 loss_sum, parts_sum, n_steps = 0.0, {}, 0
+                lr = settings.lr
                 for batch in batches(epoch):
                     batch = move_to(batch, self.device)
+                    lr = self._set_lr(horizon)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                         loss, parts = self.model.loss(batch)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -156,13 +329,18 @@ class Trainer:
                 bar.remove_task(task)
                 epoch_seconds = time.perf_counter() - started
                 self.state.train_seconds += epoch_seconds
+                # CPU seconds beside wall seconds: on a shared machine the wall clock counts the
+                # other processes too
                 record = {"epoch": epoch, "loss": loss_sum / max(n_steps, 1), "epoch_seconds": epoch_seconds,
-                          **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()}}
+                          "epoch_cpu_seconds": time.process_time() - cpu_started, "lr": lr, **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()}}
                 if self.validate is not None:
+                    validation_started = time.perf_counter()
                     self.model.eval()
                     with torch.no_grad():
                         record.update({f"valid_{k}": v for k, v in self.validate(self.model).items()})
                     self.model.train()
+                    record["valid_seconds"] = time.perf_counter() - validation_started
+                self.state.fit_seconds += time.perf_counter() - started
                 self.state.epoch = epoch
                 self.state.history.append(record)
                 if settings.monitor is not None:
@@ -180,9 +358,18 @@ class Trainer:
                 if settings.patience is not None and self.state.epochs_without_improvement >= settings.patience:
                     self.state.stopped_early = True
                     self.log.info("early stop after epoch %d (best epoch %d)", epoch, self.state.best_epoch)
+                if (settings.budget_minutes is not None and epoch < settings.epochs and not self.state.stopped_early
+                        and self.state.fit_seconds >= settings.budget_minutes * 60):
+                    self.state.stopped_by_budget = True
+                    self.log.info("wall-clock budget of %g min reached after epoch %d (%.0f s of training and "
+                                  "validation); stopping", settings.budget_minutes, epoch, self.state.fit_seconds)
                 self.save_checkpoint()
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(self.state)
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return self.state
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

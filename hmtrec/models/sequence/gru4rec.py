@@ -7,7 +7,8 @@ Choices follow the official GRU4Rec PyTorch implementation (hidasib/GRU4Rec_PyTo
   embedding is an option;
 - output: `scores = h Wy^T + b_y`, final activation softmax, cross-entropy on the next item. The
   reference samples negatives (in-batch plus popularity-sampled); here the softmax runs over every
-  item, so there is no sampling bias to correct (its `logq` option has nothing to do);
+  item by default, and `item_loss: sampled` gives in-batch (plus uniform) negatives with log-Q
+  correction instead (`hmtrec.models.sequence.losses`);
 - session-parallel mini-batches: `batch_size` sequences advance side by side one event per step;
   when one ends, the next sequence (ordered by start time) takes its slot with a zero hidden state,
   and when none are left the batch shrinks (the reference does the same). The hidden state is
@@ -32,15 +33,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from hmtrec.config import StrictModel
 from hmtrec.data.sequences import PAD, SequenceData
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
-from hmtrec.models.sequence.losses import softmax_cross_entropy
+from hmtrec.models.sequence.losses import ItemLossParams, item_loss
 
 
-class GRU4RecParams(StrictModel):
+class GRU4RecParams(ItemLossParams):
     hidden_size: int = Field(100, ge=1, description="GRU units per layer (and the shared embedding size).")
     n_layers: int = Field(1, ge=1)
     input_embedding: Literal["shared", "separate"] = Field(
@@ -117,7 +117,8 @@ class GRU4Rec(SequenceRecommender):
         if len(targets) == 0:  # a step with no target still advanced the hidden state
             zero = self.output_bias.sum() * 0.0
             return zero, {"cross_entropy": 0.0}
-        loss = softmax_cross_entropy(self._scores(hidden), targets)
+        loss = item_loss(self.hidden_dropout(hidden), self.output_embedding.weight, self.output_bias, targets,
+                         self.params)
         return loss, {"cross_entropy": float(loss.detach())}
 
     def _parallel_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

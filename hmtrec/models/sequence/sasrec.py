@@ -20,16 +20,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from hmtrec.config import StrictModel
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
 from hmtrec.models.sequence.encoder import CausalTransformer
-from hmtrec.models.sequence.losses import softmax_cross_entropy
+from hmtrec.models.sequence.losses import ItemLossParams, item_loss
 
 
-class SASRecParams(StrictModel):
+class SASRecParams(ItemLossParams):
     dim: int = Field(64, ge=1, description="Embedding and Transformer width.")
     layers: int = Field(2, ge=1, description="Self-attention blocks.")
     heads: int = Field(1, ge=1, description="Attention heads (the paper uses one); must divide dim.")
@@ -60,16 +59,18 @@ class SASRec(SequenceRecommender):
         x = self.item_embedding(inputs.clamp(min=0)) * self.scale
         return self.encoder(x * valid[..., None], valid)
 
+    def _target_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode(batch["inputs"])[target_positions(batch)]   # gather before the big matmul
+
     def _target_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.encode(batch["inputs"])[target_positions(batch)]   # gather before the big matmul
-        return hidden @ self.item_embedding.weight.T
+        return self._target_hidden(batch) @ self.item_embedding.weight.T
 
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.taxonomy.leaf_level: self._target_logits(batch)}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         targets = batch["targets"][target_positions(batch)]
-        loss = softmax_cross_entropy(self._target_logits(batch), targets)
+        loss = item_loss(self._target_hidden(batch), self.item_embedding.weight, None, targets, self.params)
         return loss, {"cross_entropy": float(loss.detach())}
 
 
