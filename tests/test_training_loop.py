@@ -113,7 +113,7 @@ def test_auto_precision_probe_is_cached_per_key():
     key = ("test-cache", object())
     first = choose_precision(torch.device("cpu"), probe, flags={"avx512_bf16"}, cache_key=key)
     second = choose_precision(torch.device("cpu"), probe, flags={"avx512_bf16"}, cache_key=key)
-    assert first == second and first[0] == "bf16" and calls == ["fp32", "bf16"]
+    assert first == second and first[0] == "bf16" and calls == ["fp32", "bf16", "fp32", "bf16"]
 
 
 def test_auto_precision_is_resolved_once_and_kept_on_resume(tmp_path, monkeypatch):

@@ -76,6 +76,10 @@ def time_to_quality_cell(summary: ModelSummary, suite: Suite) -> str:
     if not times:
         return "not reached"
     text = f"{statistics.fmean(times):.0f} s"
+    cpu = [r.cpu_seconds_to_quality(suite.quality.metric, suite.quality.value) for r in summary.runs]
+    cpu = [seconds for seconds in cpu if seconds is not None]
+    if len(cpu) == len(times):
+        text += f" (CPU {statistics.fmean(cpu):.0f} s)"
     return text if len(times) == len(reached) else f"{text} ({len(times)}/{len(reached)} runs)"
 
 

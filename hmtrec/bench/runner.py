@@ -68,6 +68,20 @@ class RunRecord:
                 return elapsed, int(record["epoch"])
         return None, None
 
+    def cpu_seconds_to_quality(self, metric: str, value: float) -> float | None:
+        """Training CPU seconds (all threads) until `metric` first reaches `value`; None when it
+        never does or the history predates CPU timing. On a shared machine this is the figure the
+        other processes do not stretch."""
+        elapsed = 0.0
+        for record in self.history:
+            if "epoch_cpu_seconds" not in record:
+                return None
+            elapsed += float(record["epoch_cpu_seconds"])
+            reached = record.get(f"valid_{metric}")
+            if reached is not None and reached >= value:
+                return elapsed
+        return None
+
 
 def flat(section: dict | None) -> dict[str, float]:
     return {f"{level}/{name}": float(value) for level, metrics in (section or {}).items()

@@ -110,7 +110,10 @@ def choose_precision(device: torch.device, probe: Callable[[str], float] | None 
         return "bf16", f"the CPU has native bf16 ({', '.join(native)})"
     if cache_key is not None and cache_key in _probe_cache:
         return _probe_cache[cache_key]
+    # alternate the two, twice, and keep each one's best: load from other processes then
+    # stretches both alike instead of whichever ran during a busy moment
     fp32_seconds, bf16_seconds = probe("fp32"), probe("bf16")
+    fp32_seconds, bf16_seconds = min(fp32_seconds, probe("fp32")), min(bf16_seconds, probe("bf16"))
     ratio = fp32_seconds / max(bf16_seconds, 1e-12)
     choice = "bf16" if ratio >= PROBE_MIN_GAIN else "fp32"
     why = (f"CPU has native bf16 ({', '.join(native)}); timed probe: fp32 {fp32_seconds * 1e3:.1f} ms, "
@@ -247,7 +250,7 @@ class Trainer:
         self.log.info("precision auto -> %s: %s", self.state.precision, self.state.precision_reason)
         return self.state.precision
 
-    def _time_steps(self, batch: dict, precision: str, repeats: int = 3) -> float:
+    def _time_steps(self, batch: dict, precision: str, repeats: int = 2) -> float:
         """Fastest of `repeats` forward + backward passes on `batch` (after one warm-up); the
         gradients are thrown away, so the probe leaves the weights as they were."""
         self.model.train()
