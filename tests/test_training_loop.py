@@ -86,6 +86,15 @@ def test_the_budget_stops_after_the_epoch_that_passes_it_and_says_so(tmp_path, m
     assert again.epoch == state.epoch
 
 
+def test_a_cpu_clock_budget_counts_process_time_per_thread(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 30))   # 30 CPU seconds per process_time call; the wall clock barely moves
+    monkeypatch.setattr(trainer_module.time, "process_time", lambda: float(next(clock)))
+    monkeypatch.setattr(trainer_module.torch, "get_num_threads", lambda: 2)
+    settings = TrainerSettings(epochs=10, lr=0.05, budget_minutes=1.0, budget_clock="cpu")
+    state = Trainer(Regression(), settings, tmp_path).fit(batches)
+    assert state.stopped_by_budget and state.fit_cpu_seconds / 2 >= 60 and state.fit_seconds < 60
+
+
 # ---- precision -----------------------------------------------------------------------------------
 
 def test_auto_precision_is_fp32_without_native_bf16_and_never_probes():

@@ -79,6 +79,9 @@ class TrainSection(StrictModel):
     budget_minutes: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="wall-clock budget per model (training plus validation): "
         "stop after the epoch that passes it and record that it did; null: none")
+    budget_clock: Literal["wall", "cpu"] = Field(
+        "wall", description="what the budget counts: wall (elapsed time) or cpu (process CPU time / threads: the "
+                            "time an otherwise idle machine would need, so other processes do not shorten the run)")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
     seed: int = 0
@@ -124,7 +127,8 @@ class TrainSection(StrictModel):
                                monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode,
                                patience=self.patience, resume=self.resume, precision=self.precision,
                                lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction,
-                               lr_floor=self.lr_floor, budget_minutes=self.budget_minutes)
+                               lr_floor=self.lr_floor, budget_minutes=self.budget_minutes,
+                               budget_clock=self.budget_clock)
 
 
 def _model_spec(section: Any, where: str) -> dict:
@@ -411,7 +415,7 @@ class SequencePipeline:
                 "stopped_early": state.stopped_early, "stopped_by_budget": state.stopped_by_budget,
                 "budget_minutes": settings.budget_minutes, "precision": state.precision or settings.precision,
                 "precision_reason": state.precision_reason, "train_seconds": state.train_seconds,
-                "fit_seconds": state.fit_seconds,
+                "fit_seconds": state.fit_seconds, "fit_cpu_seconds": state.fit_cpu_seconds,
                 "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
                 "history": state.history}
 

@@ -153,6 +153,7 @@ class TrainState:
     train_seconds: float = 0.0
     stopped_early: bool = False     # so a resumed run that had already stopped does not train on
     fit_seconds: float = 0.0        # training plus validation: what the wall-clock budget counts
+    fit_cpu_seconds: float = 0.0    # the same in process CPU seconds (all threads)
     stopped_by_budget: bool = False
     precision: str | None = None    # what `auto` resolved to, kept so a resumed run uses the same
     precision_reason: str = ""
@@ -177,6 +178,8 @@ class TrainerSettings:
     warmup_fraction: float = 0.0    # share of all steps spent warming up linearly
     lr_floor: float = 0.0           # the decay ends at lr * lr_floor
     budget_minutes: float | None = None   # stop after the epoch whose end passes this much fit time
+    budget_clock: str = "wall"      # "wall": elapsed time; "cpu": process CPU time / torch threads, the
+                                    # time an idle machine would need, unaffected by other processes
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -288,12 +291,20 @@ class Trainer:
             group["lr"] = lr
         return lr
 
+    def _budget_spent(self) -> float:
+        """Seconds counted against the budget so far, on the configured clock."""
+        if self.settings.budget_clock == "cpu":
+            return self.state.fit_cpu_seconds / max(torch.get_num_threads(), 1)
+        return self.state.fit_seconds
+
     def fit(self, batches: Callable[[int], Iterable[dict]], steps_per_epoch: Callable[[int], int] | None = None
             ) -> TrainState:
         settings = self.settings
         if settings.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {settings.precision!r}")
         lr_factor(0, 1, settings.lr_schedule, 0, settings.lr_floor)  # an unknown schedule fails now
+        if settings.budget_clock not in ("wall", "cpu"):
+            raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {settings.budget_clock!r}")
         self.try_resume()
         bf16 = self._resolve_precision(batches) == "bf16"
         horizon = self._schedule_horizon(steps_per_epoch)
@@ -344,6 +355,7 @@ class Trainer:
                     self.model.train()
                     record["valid_seconds"] = time.perf_counter() - validation_started
                 self.state.fit_seconds += time.perf_counter() - started
+                self.state.fit_cpu_seconds += time.process_time() - cpu_started
                 self.state.epoch = epoch
                 self.state.history.append(record)
                 if settings.monitor is not None:
@@ -361,11 +373,12 @@ class Trainer:
                 if settings.patience is not None and self.state.epochs_without_improvement >= settings.patience:
                     self.state.stopped_early = True
                     self.log.info("early stop after epoch %d (best epoch %d)", epoch, self.state.best_epoch)
+                spent = self._budget_spent()
                 if (settings.budget_minutes is not None and epoch < settings.epochs and not self.state.stopped_early
-                        and self.state.fit_seconds >= settings.budget_minutes * 60):
+                        and spent >= settings.budget_minutes * 60):
                     self.state.stopped_by_budget = True
-                    self.log.info("wall-clock budget of %g min reached after epoch %d (%.0f s of training and "
-                                  "validation); stopping", settings.budget_minutes, epoch, self.state.fit_seconds)
+                    self.log.info("%s budget of %g min reached after epoch %d (%.0f s of training and validation); "
+                                  "stopping", settings.budget_clock, settings.budget_minutes, epoch, spent)
                 self.save_checkpoint()
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(self.state)
