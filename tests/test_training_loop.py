@@ -81,9 +81,12 @@ def test_the_budget_stops_after_the_epoch_that_passes_it_and_says_so(tmp_path, m
     assert state.stopped_by_budget and not state.stopped_early
     assert 1 <= state.epoch < 10
     assert state.fit_seconds >= 120 and state.fit_seconds - state.history[-1]["epoch_seconds"] < 120 + 60
-    # resuming a run that stopped on its budget does not train on
+    # resuming a run that stopped on its budget does not train on, unless the budget grew
     again = Trainer(Regression(), settings, tmp_path, validate=validation).fit(batches)
     assert again.epoch == state.epoch
+    settings.budget_minutes = 1000.0
+    longer = Trainer(Regression(), settings, tmp_path, validate=validation).fit(batches)
+    assert longer.epoch == 10 and not longer.stopped_by_budget
 
 
 def test_a_cpu_clock_budget_counts_process_time_per_thread(tmp_path, monkeypatch):

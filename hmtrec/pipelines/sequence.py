@@ -302,11 +302,15 @@ def _check_same_run(run_dir: Path, config: SequenceConfig) -> None:
     if not path.exists():
         return
     saved, current = yaml.safe_load(path.read_text()) or {}, config.model_dump(mode="json")
-    ignored = {"train.resume", "train.device", "train.threads"}
+    ignored = {"train.resume", "train.device", "train.threads", "train.budget_minutes", "train.budget_clock"}
+    # a train key newer than the saved run, at its default, changes nothing the run did
+    train_defaults = {name: field.default for name, field in TrainSection.model_fields.items()}
     different = []
     for section in ("data", "model", "train", "baselines"):
         old, new = saved.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
+            if section == "train":
+                old = {**{k: v for k, v in train_defaults.items() if k in new}, **old}
             different += [f"{section}.{key}" for key in sorted(set(old) | set(new))
                           if f"{section}.{key}" not in ignored and old.get(key) != new.get(key)]
         elif old != new:

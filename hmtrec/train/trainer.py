@@ -306,6 +306,9 @@ class Trainer:
         if settings.budget_clock not in ("wall", "cpu"):
             raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {settings.budget_clock!r}")
         self.try_resume()
+        if self.state.stopped_by_budget and (settings.budget_minutes is None
+                                             or self._budget_spent() < settings.budget_minutes * 60):
+            self.state.stopped_by_budget = False   # resumed with a larger budget: train on
         bf16 = self._resolve_precision(batches) == "bf16"
         horizon = self._schedule_horizon(steps_per_epoch)
         best_state = None
