@@ -1,98 +1,188 @@
-"""Next-destination prediction on Foursquare NYC at region and cell level (issue 5).
+"""Next-destination prediction on Foursquare NYC at region and cell level (issues 5 and 14).
 
-    python benchmarks/foursquare_geo.py                  # the settings below, ~15 minutes on 2 shared cores
-    python benchmarks/foursquare_geo.py --quick          # a smoke run, not written to docs/benchmarks.md
-    python benchmarks/foursquare_geo.py --set train.epochs=4
+    python benchmarks/foursquare_geo.py                      # 3 seeds + ablations, ~1 hour on 2 busy cores
+    python benchmarks/foursquare_geo.py --quick              # a smoke run, not written to docs/benchmarks.md
+    python benchmarks/foursquare_geo.py --seeds 0 --no-ablations --set train.epochs=2
 
 Trains configs/geo/foursquare-nyc.yaml through the geo pipeline (exactly what `hmtrec train`
-does) in three variants and rewrites the "foursquare-geo" section of docs/benchmarks.md:
-- multi-level: region and cell heads, joint loss with the consistency term;
-- no consistency: the same model with consistency_weight 0;
-- single-level: a cell head only (regions derived by summing cell probabilities);
+does) and rewrites the "foursquare-geo" section of docs/benchmarks.md:
+- multi-level (region and cell heads, consistency term) and single-level (a cell head only,
+  regions summed from cells), each over `--seeds` (train.seed and examples.seed), mean ± std;
+- one ablation row per switch of the model (seed 0): each signal turned off alone;
 plus the non-neural reference geo-history-pop (the user's recency-weighted visits plus
-popularity). Tables: Acc@1, Acc@5 and MRR at region and cell level; the same bucketed by the
-target cell's training frequency; active vs dormant examples; hierarchy-violation rate (top cell
-outside the top region). Run directories are kept under bench-results/foursquare-geo/.
+popularity) on the same test examples. Tables: Acc@1, Acc@5 and MRR at region and cell level,
+overall, for active and dormant examples and by the target cell's training check-ins; the
+hierarchy-violation rate; validation cell MRR (what settings were chosen on); training time.
+
+Runs go to bench-results/foursquare-geo/<variant>-seed<k>/; a run whose metrics.json exists and
+whose config.yaml equals the resolved config is reused, so an interrupted benchmark resumes.
+`--jobs 2` trains two runs at once, one torch thread each (both cores).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import math
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hmtrec.bench.report import markdown_table, update_section  # noqa: E402
-from hmtrec.config import load_config  # noqa: E402
-from hmtrec.pipelines import get_pipeline  # noqa: E402
+from hmtrec.config import dump_config, load_config  # noqa: E402
+from hmtrec.train.run_dir import read_json  # noqa: E402
 
 CONFIG = REPO / "configs" / "geo" / "foursquare-nyc.yaml"
-VARIANTS = {
-    "multi-level": [],
-    "no consistency": ["model.consistency_weight=0.0"],
-    "single-level (cell)": ["model.levels=[cell]"],
+MAIN = {"multi-level": [], "single-level (cell)": ["model.levels=[cell]"]}
+ABLATIONS = {
+    "no copy pointer": ["model.copy_history=false"],
+    "no recency bias on the pointer": ["model.copy_recency=false"],
+    "no hour/weekday in tokens": ["model.token_time=false"],
+    "no user embedding": ["model.user_buckets=0"],
+    "no distance bias": ["model.distance_bias=false"],
+    "no consistency term": ["model.consistency_weight=0.0"],
 }
 BASELINE = "geo-history-pop"
 QUICK = ["data.max_sequences=150", "examples.max_targets=1000", "train.epochs=1", "train.valid_max_targets=300",
          "eval.max_targets=500"]
+LEVELS = ("region", "cell")
+METRICS = ("Acc@1", "Acc@5", "MRR")
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
 
 
-def run_variant(name: str, overrides: list[str], out: Path) -> tuple[dict, float, object]:
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def run_one(name: str, overrides: list[str], out: Path) -> dict:
+    """Train one run in its own process (unless an identical finished run exists); its metrics.json."""
+    run_dir = out / slug(name)
     config = load_config(CONFIG, overrides)
-    run_dir = out / name.replace(" ", "-").replace("(", "").replace(")", "")
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    started = time.perf_counter()
-    metrics = get_pipeline("geo").train(config, run_dir)
-    return metrics, time.perf_counter() - started, config
+    wanted = out / f".{slug(name)}.wanted.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(config, wanted)
+    finished = run_dir / "metrics.json"
+    if not (finished.exists() and (run_dir / "config.yaml").read_text() == wanted.read_text()):
+        if run_dir.exists():
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        command = [sys.executable, "-m", "hmtrec.cli", "train", "-c", str(CONFIG), "-o", str(run_dir)]
+        for item in overrides:
+            command += ["--set", item]
+        log = (out / f"{slug(name)}.log").open("w")
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    wanted.unlink()
+    return read_json(finished)
 
 
-def metric_row(label: str, per_level: dict, levels=("region", "cell"), **extra) -> dict:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def cell_text(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def metric_row(label: str, per_seed: list[dict], **extra) -> dict:
+    """per_seed: [{level: {metric: value}}] -> one table row of mean ± std."""
     row = {"model": label, **extra}
-    for level in levels:
-        for metric in ("Acc@1", "Acc@5", "MRR"):
-            row[f"{level} {metric}"] = per_level[level][metric]
+    for level in LEVELS:
+        for metric in METRICS:
+            row[f"{level} {metric}"] = cell_text([r[level][metric] for r in per_seed])
     return row
+
+
+def best_valid(metrics: dict, key: str = "cell_MRR") -> float:
+    return metrics["history"][metrics["best_epoch"] - 1]["valid"][key]
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(flag for flag in CPU_FLAGS if flag in flags)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; does not touch docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "foursquare-geo")
     args = parser.parse_args()
-    overrides = (QUICK if args.quick else []) + args.overrides
+    base = (QUICK if args.quick else []) + args.overrides
 
-    results, seconds, epochs, config = {}, {}, {}, None
-    for name, variant in VARIANTS.items():
-        extra = variant + ([] if name == "multi-level" else ["baselines=[]"])
-        metrics, elapsed, config = run_variant(name, overrides + extra, args.out)
-        main_model = config.model["name"]
-        results[name] = metrics["test"][main_model]
-        seconds[name] = elapsed
-        epochs[name] = (len(metrics["history"]), metrics["best_epoch"], metrics["epoch_seconds"])
-        if name == "multi-level":
-            results[BASELINE] = metrics["test"][BASELINE]
+    jobs: dict[tuple[str, int], list[str]] = {}
+    for name, variant in MAIN.items():
+        for seed in args.seeds:
+            jobs[(name, seed)] = base + variant + [f"train.seed={seed}", f"examples.seed={seed}"]
+    if not args.no_ablations:
+        for name, variant in ABLATIONS.items():
+            jobs[(name, args.seeds[0])] = base + variant + [f"train.seed={args.seeds[0]}",
+                                                            f"examples.seed={args.seeds[0]}", "baselines=[]"]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {key: pool.submit(run_one, f"{key[0]} seed{key[1]}", overrides, args.out)
+                   for key, overrides in jobs.items()}
+        runs = {key: future.result() for key, future in futures.items()}
+    wall = time.perf_counter() - started
+    config = load_config(CONFIG, base)
+    main_model = config.model["name"]
 
-    overall = [metric_row(name, r["overall"], examples=r["n_examples"]) for name, r in results.items()]
-    kinds = [metric_row(name, r["by_kind"][kind], kind=kind, examples=r["counts"][kind])
-             for name, r in results.items() for kind in ("active", "dormant")]
+    def results(name: str) -> list[dict]:
+        return [runs[(name, seed)]["test"][main_model] for seed in args.seeds if (name, seed) in runs]
+
+    reference = runs[("multi-level", args.seeds[0])]["test"][BASELINE]
+    groups = {name: results(name) for name in MAIN} | {BASELINE: [reference]}
+    overall = [metric_row(name, [r["overall"] for r in rs], seeds=len(rs), examples=rs[0]["n_examples"])
+               for name, rs in groups.items()]
+    kinds = [metric_row(name, [r["by_kind"][kind] for r in rs], kind=kind, examples=rs[0]["counts"][kind])
+             for kind in ("active", "dormant") for name, rs in groups.items()]
     frequency = []
-    for name, r in results.items():
-        for bucket, values in r["by_frequency"]["buckets"].items():
-            frequency.append(metric_row(name, values, **{"cell train events": bucket, "examples": values["n"]}))
-    violations = [{"model": name, "all": r["violation_rate"]["cell_in_region"],
-                   "active": r["violation_rate_by_kind"]["active"]["cell_in_region"],
-                   "dormant": r["violation_rate_by_kind"]["dormant"]["cell_in_region"]}
-                  for name, r in results.items()]
-    timing = [{"model": name, "epochs run": e[0], "best epoch": e[1], "s/epoch": e[2],
-               "total s (train+eval)": seconds[name]} for name, e in epochs.items()]
+    for bucket in reference["by_frequency"]["buckets"]:
+        for name, rs in groups.items():
+            values = [r["by_frequency"]["buckets"][bucket] for r in rs]
+            frequency.append(metric_row(name, values, **{"cell train check-ins": bucket, "examples": values[0]["n"]}))
+    violations = [{"model": name, **{group: cell_text([(r["violation_rate"] if group == "all" else
+                                                        r["violation_rate_by_kind"][group])["cell_in_region"]
+                                                       for r in rs]) for group in ("all", "active", "dormant")}}
+                  for name, rs in groups.items()]
+    multi = [r["overall"]["cell"]["MRR"] for r in groups["multi-level"]]
+    single = [r["overall"]["cell"]["MRR"] for r in groups["single-level (cell)"]]
+    gap, (_, multi_std), (_, single_std) = mean_std(multi)[0] - mean_std(single)[0], mean_std(multi), mean_std(single)
 
+    ablation_rows = []
+    seed0 = args.seeds[0]
+    for name in ["multi-level", *([] if args.no_ablations else ABLATIONS)]:
+        metrics = runs[(name, seed0)]
+        test = metrics["test"][main_model]["overall"]
+        ablation_rows.append({"model": name, "valid cell MRR": f"{best_valid(metrics):.4f}",
+                              **{f"test {level} {metric}": f"{test[level][metric]:.4f}"
+                                 for level in LEVELS for metric in ("Acc@1", "MRR")}})
+    timing = []
+    for name in [*MAIN, *([] if args.no_ablations else ABLATIONS)]:
+        ms = [runs[(name, seed)] for seed in args.seeds if (name, seed) in runs]
+        timing.append({"model": name, "runs": len(ms),
+                       "epochs run": "/".join(str(len(m["history"])) for m in ms),
+                       "best epoch": "/".join(str(m["best_epoch"]) for m in ms),
+                       "s/epoch": cell_text([m["epoch_seconds"] for m in ms]).replace(".0000", ""),
+                       "train s (whole run)": cell_text([m["train_seconds"] for m in ms])})
+
+    model = config.model
     taxonomy = config.data.geo
+    train = config.train
     body = "\n".join([
         f"Foursquare NYC check-ins (Yang et al., IEEE TSMC 2015; STAN release, 1,083 users, 5,135 venues, "
         f"147,938 check-ins). Taxonomy region ⊃ cell ⊃ venue from the venues' coordinates: "
@@ -102,24 +192,43 @@ def main() -> None:
         f"{config.examples.active_days} active examples at T-1..T-{config.examples.active_days} days (long + short "
         f"stream) and {config.examples.dormant_per_target} dormant example at T-D, D ~ U"
         f"{list(config.examples.dormant_days)} days (long-term stream only). Long-term stream = check-ins at least "
-        f"7 days old at prediction time; short-term = the last 7 days. Model: action-token transformer "
-        f"(dim {config.model.get('dim')}, {config.model.get('n_layers')} layer(s), copy pointer "
-        f"{'on' if config.model.get('copy_history', True) else 'off'}), {config.train.epochs} epochs of "
-        f"{config.examples.max_targets} sampled training check-ins (x {config.examples.active_days} active + "
-        f"dormant examples), best epoch by validation cell MRR. MRR is over all nodes of the level (no cut-off). "
-        f"Reference: {BASELINE} = the user's recency-weighted visits (half-life 30 days) plus popularity.",
-        "", "**Overall (test)**", "", markdown_table(overall),
-        "**Active vs dormant examples**", "", markdown_table(kinds),
-        "**By the target cell's number of training check-ins** (rare cells first)", "", markdown_table(frequency),
+        f"7 days old at prediction time; short-term = the last 7 days.",
+        "",
+        f"Model: action-token transformer (dim {model.get('dim')}, {model.get('n_layers')} layer, dropout "
+        f"{model.get('dropout')}), copy pointer with a recency bias, hour and weekday in the tokens, hashed user "
+        f"embedding ({model.get('user_buckets')} buckets), distance-from-last-check-in bias, consistency weight "
+        f"{model.get('consistency_weight')}. Training: every training check-in is a target "
+        f"({'all' if config.examples.max_targets is None else config.examples.max_targets} targets), "
+        f"{train.active_per_target or config.examples.active_days} active day(s) per target and epoch drawn from "
+        f"T-1..T-{config.examples.active_days} plus the dormant example, fresh every epoch; batch {train.batch_size}, "
+        f"lr {train.lr}, at most {train.epochs} epochs, early stopping (patience {train.patience}) and the best "
+        f"epoch by validation cell MRR on {train.valid_max_targets} validation check-ins; test is never used to "
+        f"choose anything. Seeds {args.seeds} (train.seed = examples.seed): mean ± sample std. MRR is over all "
+        f"nodes of the level (no cut-off). Reference: {BASELINE} = the user's recency-weighted visits (half-life "
+        f"30 days) plus popularity, deterministic.",
+        "",
+        "**Overall (test)**", "", markdown_table(overall),
+        f"Cell MRR, multi-level minus single-level: {gap:+.4f} (seed std {multi_std:.4f} multi-level, "
+        f"{single_std:.4f} single-level).", "",
+        "**Active vs dormant examples (test)**", "", markdown_table(kinds),
+        "**By the target cell's number of training check-ins** (test; rare cells first)", "",
+        markdown_table(frequency),
         "**Hierarchy-violation rate** (top cell outside the top region; lower is more consistent)", "",
         markdown_table(violations),
-        "**Training**", "", markdown_table(timing, float_format="{:.1f}"),
+        f"**Ablations** (seed {seed0}; each signal off alone; the valid column is what the default was chosen on)",
+        "", markdown_table(ablation_rows),
+        f"**Training time** (one torch thread per run, {args.jobs} runs at once on the shared machine; CPU flags: "
+        f"{cpu_flags()}; the whole benchmark took {wall / 60:.0f} min wall clock)", "", markdown_table(timing),
     ])
     print(body)
     if args.quick:
         print("\n(--quick: docs/benchmarks.md not updated)")
         return
     command = "python benchmarks/foursquare_geo.py" + "".join(f" --set {o}" for o in args.overrides)
+    if args.seeds != [0, 1, 2]:
+        command += " --seeds " + " ".join(map(str, args.seeds))
+    if args.no_ablations:
+        command += " --no-ablations"
     path = update_section("foursquare-geo", body, title="Foursquare NYC: next destination at region and cell level",
                           command=command)
     print(f"\nwrote {path}")

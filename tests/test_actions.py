@@ -1,5 +1,7 @@
 """Action streams and the active / dormant example sampler."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_sampler_never_reads_anything_at_or_after_prediction_time():
         future = times >= t
         leaves[future] = rng.integers(0, 12, future.sum())
         types[future] = rng.integers(0, 3, future.sum())
-        altered = SequenceData(leaves, np.array([0, end - start]), np.array(["x"]), timestamps=times,
+        altered = SequenceData(leaves, np.array([0, end - start]), log.sequence_ids[user:user + 1], timestamps=times,
                                event_types=types, event_type_names=log.event_type_names)
         one = examples.subset(np.array([row]))
         one.user = np.array([0])
@@ -156,3 +158,30 @@ def test_calendar_features_follow_the_time_origin():
     # a negative UTC offset moves 02:00 UTC on a Wednesday back to Tuesday evening
     local = calendar_features(np.array([0.0]), "2012-04-04T02:00:00", utc_offset_hours=-5)
     assert local["weekday"].tolist() == [1]
+
+
+def test_batches_carry_each_actions_local_clock_and_a_stable_user_hash():
+    log = tiny_log()
+    settings = ExampleSettings(streams=[StreamSettings(name="all", max_events=8, dormant=True)], active_days=1,
+                               dormant_days=(2.0, 3.0), dormant_per_target=0,
+                               time_origin="2024-01-01T00:00:00", utc_offset_hours=-5)
+    examples, _ = sample_examples(log, settings)
+    batch = ActionStreams(log, settings).batch(examples)
+    # user u's actions on days 0, 10, 20, 28 at 00:00 UTC are 19:00 local the evening before
+    assert batch["all_hour"][0, :4].tolist() == [19] * 4
+    # 2023-12-31 (Sunday), 01-10 (Wed), 01-20 (Sat), 01-28 (Sun): weekday Monday = 0
+    assert batch["all_weekday"][0, :4].tolist() == [6, 2, 5, 6]
+    assert batch["user_hash"].tolist() == [zlib.crc32(b"u"), zlib.crc32(b"v")]
+
+
+def test_active_per_target_draws_distinct_active_days():
+    log = random_log(seed=3)
+    settings = airbnb_settings()
+    every, _ = sample_examples(log, settings, seed=2)
+    drawn, _ = sample_examples(log, settings, seed=2, active_per_target=1)
+    active = drawn.kind == ACTIVE
+    lead = np.round(drawn.lead_days[active])
+    assert set(lead.tolist()) <= set(range(1, settings.active_days + 1)) and len(set(lead.tolist())) > 1
+    # one active example per target event (those whose drawn day has history)
+    assert len(np.unique(drawn.target_time[active] + drawn.user[active] * 1e12)) == active.sum()
+    assert active.sum() < (every.kind == ACTIVE).sum()

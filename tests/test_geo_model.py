@@ -155,3 +155,85 @@ def test_copy_pointer_puts_mass_on_the_history_only():
         torch.testing.assert_close(probability.sum(), torch.tensor(1.0))
     plain = ActionTransformer(taxonomy, ActionTransformerParams(dim=16, copy_history=False), ["event"])
     assert not hasattr(plain, "copy_gate")
+
+
+def test_summary_row_is_the_first_row_of_the_full_block():
+    from hmtrec.models.sequence.encoder import Block
+    from hmtrec.models.sequence.geo import summary_row
+
+    torch.manual_seed(0)
+    block = Block(16, 2, 0.0).eval()
+    h = torch.randn(3, 7, 16)
+    valid = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    allowed = valid[:, None, None, :] | torch.eye(7, dtype=torch.bool)[None, None]
+    row, keys = summary_row(block, h, valid)
+    torch.testing.assert_close(row, block(h, allowed)[:, 0])
+    torch.testing.assert_close(keys, block.attention.qkv(block.norm_attention(h))[..., 16:32])
+
+
+def test_token_time_adds_the_hour_and_weekday_embeddings():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=8, token_levels=["cell"], token_time=True),
+                              ["event"])
+    leaves, types, ages = torch.tensor([[3]]), torch.tensor([[0]]), torch.tensor([[0.5]])
+    tokens = model.token_embeddings(leaves, types, ages, torch.tensor([[17]]), torch.tensor([[4]]))[0, 0]
+    expected = (model.level_embeddings["cell"].weight[1] + model.type_embedding.weight[0]
+                + model.age_embedding.weight[0] + model.hour_embedding.weight[17] + model.weekday_embedding.weight[4])
+    torch.testing.assert_close(tokens, expected)
+    with pytest.raises(ConfigError, match="token_time"):
+        model.token_embeddings(leaves, types, ages)
+
+
+def test_recency_bias_alone_makes_the_pointer_a_recency_weighted_visit_count():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=8, age_bucket_days=[1, 7, 30], copy_recency=True),
+                              ["event"]).eval()
+    with torch.no_grad():
+        model.copy_query.weight.zero_()
+        model.copy_query.bias.zero_()                 # no content term: attention = softmax(age bias)
+        model.copy_gate.weight.zero_()
+        model.copy_gate.bias.fill_(-60.0)             # the copy distribution alone
+        model.copy_age_bias.copy_(torch.tensor([0.0, -1.0, -2.0, -3.0]))
+        batch = {"a_leaves": torch.tensor([[0, 2, 7]]), "a_types": torch.tensor([[0, 0, 0]]),
+                 "a_age_days": torch.tensor([[0.5, 3.0, 40.0]]), "targets": torch.tensor([0])}
+        out = model.predict(batch)
+    weights = torch.tensor([1.0, float(np.exp(-1.0)), float(np.exp(-3.0))])
+    weights = weights / weights.sum()                 # venues 0, 2 lie in cell 0 and 1; venue 7 in cell 3
+    torch.testing.assert_close(out["cell"].exp()[0], torch.stack([weights[0], weights[1], torch.tensor(0.0), weights[2]]),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_distance_bias_uses_the_last_action_and_each_nodes_centre():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    params = ActionTransformerParams(dim=8, copy_history=False, distance_bias=True, distance_km_edges=[1.0, 5.0],
+                                     age_bucket_days=[1, 7], levels=["cell"])
+    model = ActionTransformer(taxonomy, params, ["event"]).eval()
+    # venues of cell c at latitude c / 100 (about 1.1 km apart), all on one meridian
+    model.set_leaf_coordinates(np.column_stack([np.repeat(np.arange(4) / 100, 2), np.zeros(8)]))
+    torch.testing.assert_close(model.node_centres("cell")[:, 0], torch.arange(4) / 100)
+    batch = {"a_leaves": torch.tensor([[6, 0]]), "a_types": torch.tensor([[0, 0]]),
+             "a_age_days": torch.tensor([[9.0, 0.5]]), "targets": torch.tensor([0])}
+    plain = model.logits(batch)["cell"]
+    with torch.no_grad():
+        model.distance_table[0, 0] = torch.tensor([3.0, 2.0, 1.0])   # last action 0.5 days old: age bucket 0
+        model.distance_table[0, 1:] = 10.0                            # other age buckets: unused here
+    biased = model.logits(batch)["cell"]
+    # the last action is venue 0 (cell 0): cell 0 is 0 km away, cell 1 1.1 km, cells 2-3 2.2 and 3.3 km
+    torch.testing.assert_close(biased - plain, torch.tensor([[3.0, 2.0, 2.0, 2.0]]))
+    with pytest.raises(ValueError, match="leaf coordinates"):
+        model.set_leaf_coordinates(np.zeros((3, 2)))
+
+
+def test_user_embedding_separates_users_by_their_hash():
+    torch.manual_seed(0)
+    taxonomy = geo_taxonomy()
+    log = destination_log(taxonomy, n_users=4, days=30)
+    examples, _ = sample_examples(log, SETTINGS.model_copy(update={"max_targets": 4}))
+    batch = ActionStreams(log, SETTINGS).batch(examples)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=16, user_buckets=64), ["event"]).eval()
+    other = dict(batch, user_hash=batch["user_hash"] + 1)
+    same = dict(batch, user_hash=batch["user_hash"] + 64)      # the same bucket
+    with torch.no_grad():
+        base = model.predict(batch)["cell"]
+        assert not torch.allclose(base, model.predict(other)["cell"])
+        torch.testing.assert_close(base, model.predict(same)["cell"])

@@ -115,3 +115,16 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, data_dir):
     assert resumed["history"][0] == first["history"][0]          # epoch 1 came from the checkpoint
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     assert resumed["test"]["action-transformer"]["overall"] == straight["test"]["action-transformer"]["overall"]
+
+
+@pytest.mark.parametrize("override, key", [("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
+                                           ("train.lr=0", "train.lr"), ("train.lr=-0.1", "train.lr"),
+                                           ("train.lr=nan", "train.lr"), ("train.lr=inf", "train.lr"),
+                                           ("train.threads=0", "train.threads")])
+def test_out_of_range_train_settings_are_refused_before_the_run_dir_is_written(tmp_path, override, key):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "-c", "configs/geo/foursquare-nyc.yaml", "-o", str(run_dir),
+                                      "--set", override])
+    assert isinstance(result.exception, ConfigError)
+    assert f"key '{key}'" in str(result.exception)
+    assert not run_dir.exists()

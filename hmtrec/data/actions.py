@@ -20,6 +20,7 @@ demand, per batch, with one vectorised binary search per stream. Nothing at or a
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,6 +191,10 @@ class ActionStreams:
         types = log.event_types if log.event_types is not None else np.zeros(log.n_events, dtype=np.int64)
         self.types = np.asarray(types, dtype=np.int64)
         self.times = np.asarray(log.timestamps, dtype=np.float64)
+        # local time of day and weekday of every action, for the tokens (computed once, not per batch)
+        local = action_clock(self.times, settings.time_origin, settings.utc_offset_hours)
+        self.hours, self.weekdays = local["hour"], local["weekday"]
+        self.user_hashes = user_hashes(log.sequence_ids)
         self.indexes: list[_StreamIndex] = []
         for position, stream in enumerate(settings.streams):
             if stream.event_types is None:
@@ -231,8 +236,10 @@ class ActionStreams:
 
     def batch(self, examples: Examples, rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Tensors for a batch of examples. Per stream s: `{s}_leaves` [B, L] (PAD = -1),
-        `{s}_types` [B, L] and `{s}_age_days` [B, L] (age of each action at t, > 0); plus `targets` [B],
-        `kind` [B], `lead_days` [B] and the calendar features of t (`context_<name>` [B])."""
+        `{s}_types` [B, L], `{s}_age_days` [B, L] (age of each action at t, > 0), `{s}_hour` and
+        `{s}_weekday` [B, L] (local hour 0..23 and weekday of each action); plus `targets` [B], `kind` [B],
+        `lead_days` [B], `user_hash` [B] (a stable hash of the user id) and the calendar features of t
+        (`context_<name>` [B])."""
         chosen = examples if rows is None else examples.subset(np.asarray(rows))
         batch: dict[str, torch.Tensor] = {}
         for stream, index, (start, end) in zip(self.settings.streams, self.indexes, self.ranges(chosen)):
@@ -247,9 +254,12 @@ class ActionStreams:
             batch[f"{stream.name}_types"] = torch.from_numpy(np.where(valid, self.types[events], PAD))
             age = (chosen.time[:, None] - self.times[events]) / DAY_SECONDS
             batch[f"{stream.name}_age_days"] = torch.from_numpy(np.where(valid, age, 0.0))
+            batch[f"{stream.name}_hour"] = torch.from_numpy(np.where(valid, self.hours[events], 0))
+            batch[f"{stream.name}_weekday"] = torch.from_numpy(np.where(valid, self.weekdays[events], 0))
         batch["targets"] = torch.from_numpy(chosen.target.copy())
         batch["kind"] = torch.from_numpy(chosen.kind.astype(np.int64))
         batch["lead_days"] = torch.from_numpy(chosen.lead_days)
+        batch["user_hash"] = torch.from_numpy(self.user_hashes[chosen.user])
         for name, values in calendar_features(chosen.time, self.settings.time_origin,
                                               self.settings.utc_offset_hours).items():
             batch[f"context_{name}"] = torch.from_numpy(values)
@@ -271,10 +281,30 @@ def calendar_features(times: np.ndarray, time_origin: str | None = None,
     }
 
 
+def action_clock(times: np.ndarray, time_origin: str | None = None, utc_offset_hours: float = 0.0
+                 ) -> dict[str, np.ndarray]:
+    """Local hour of day (0..23) and weekday (Monday = 0) of each time."""
+    origin = pd.Timestamp(time_origin) if time_origin is not None else pd.Timestamp(0)
+    if origin.tzinfo is not None:
+        origin = origin.tz_convert(None)
+    seconds = np.asarray(times, dtype=np.float64) + utc_offset_hours * 3600.0
+    stamps = pd.DatetimeIndex(origin + pd.to_timedelta(seconds, unit="s"))
+    return {"hour": stamps.hour.to_numpy().astype(np.int64), "weekday": stamps.day_of_week.to_numpy().astype(np.int64)}
+
+
+def user_hashes(sequence_ids: np.ndarray) -> np.ndarray:
+    """A stable non-negative int64 per user id (CRC-32 of its text), the same in every split and run,
+    so a model can hash users into embedding buckets without a vocabulary."""
+    return np.array([zlib.crc32(str(identifier).encode()) for identifier in sequence_ids], dtype=np.int64)
+
+
 def sample_examples(log: SequenceData, settings: ExampleSettings, *, seed: int | None = None,
-                    streams: ActionStreams | None = None) -> tuple[Examples, SamplerReport]:
+                    streams: ActionStreams | None = None, active_per_target: int | None = None
+                    ) -> tuple[Examples, SamplerReport]:
     """Active and dormant examples for every target event of `log` (its target mask), deterministic
-    given the seed (default: settings.seed). Examples whose streams are all empty are dropped and counted."""
+    given the seed (default: settings.seed). Examples whose streams are all empty are dropped and counted.
+    `active_per_target` (training): that many distinct active days per target, drawn from 1..active_days,
+    instead of all of them."""
     streams = streams or ActionStreams(log, settings)
     rng = np.random.default_rng(settings.seed if seed is None else seed)
     target_events = np.flatnonzero(log.targets())
@@ -286,8 +316,13 @@ def sample_examples(log: SequenceData, settings: ExampleSettings, *, seed: int |
     targets = log.leaves[target_events]
 
     offsets_days, kinds, which = [], [], []
-    for day in range(1, settings.active_days + 1):
-        offsets_days.append(np.full(len(target_events), float(day)))
+    if active_per_target is None or active_per_target >= settings.active_days:
+        active_offsets = [np.full(len(target_events), float(day)) for day in range(1, settings.active_days + 1)]
+    else:
+        days = np.argsort(rng.random((len(target_events), settings.active_days)), axis=1)[:, :active_per_target] + 1
+        active_offsets = [days[:, pick].astype(np.float64) for pick in range(active_per_target)]
+    for offsets in active_offsets:
+        offsets_days.append(offsets)
         kinds.append(np.full(len(target_events), ACTIVE, dtype=np.int8))
         which.append(np.arange(len(target_events)))
     low, high = settings.dormant_days

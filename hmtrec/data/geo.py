@@ -159,3 +159,16 @@ def geo_taxonomy(venue_ids: Sequence, lat, lon, method: GeoMethod = "grid", *,
     regions, cells = geo_levels(lat, lon, method, **sizes)
     table = pd.DataFrame({level_names[0]: regions, level_names[1]: cells, level_names[2]: ids})
     return Taxonomy.from_table(table, list(level_names), file=file)
+
+
+def leaf_coordinates(taxonomy: Taxonomy, venue_ids: Sequence, lat, lon, *, file: str | None = None) -> np.ndarray:
+    """[n_leaves, 2] (latitude, longitude) of every leaf of a geo taxonomy, from a venue table
+    (validated like `geo_taxonomy`'s input). Every leaf must be in the table."""
+    ids, lat, lon = validate_coordinates(venue_ids, lat, lon, file=file)
+    position = {venue: row for row, venue in enumerate(ids)}
+    labels = taxonomy.labels_of(np.arange(taxonomy.n_leaves))
+    missing = [str(label) for label in labels if str(label) not in position]
+    if missing:
+        raise DataError(f"{len(missing)} venues of the taxonomy have no coordinates (first: {missing[0]!r})", file=file)
+    rows = np.array([position[str(label)] for label in labels], dtype=np.int64)
+    return np.column_stack([lat[rows], lon[rows]])

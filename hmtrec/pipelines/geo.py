@@ -49,8 +49,8 @@ TAXONOMY_FILE = "taxonomy.json"
 class GeoTrain(StrictModel):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(256, ge=1)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     grad_clip: float | None = 5.0
     seed: int = 0
     monitor: str | None = None       # validation key, e.g. "cell_MRR"; default: MRR of the finest level
@@ -58,7 +58,10 @@ class GeoTrain(StrictModel):
     resample_each_epoch: bool = True  # fresh dormant offsets (and target sub-sample) every epoch
     valid_max_targets: int | None = Field(2000, ge=1)  # validation target events (fixed sample) per epoch
     device: str = "cpu"
-    threads: int | None = 2           # torch intra-op threads (None: torch's default)
+    threads: int | None = Field(2, ge=1)  # torch intra-op threads (None: torch's default)
+    # active examples per training target and epoch, drawn from T-1 .. T-active_days (None: all of
+    # them); the days of one target share most of their history, so fewer cost little signal
+    active_per_target: int | None = Field(None, ge=1)
 
 
 class GeoEval(GeoEvalSettings):
@@ -102,6 +105,22 @@ def build_model(config: GeoRunConfig, taxonomy: Taxonomy, event_types: list[str]
                             event_types=np.zeros(0, dtype=np.int64) if typed else None,
                             event_type_names=event_types if typed else [])
     return build_registered(entry, params, taxonomy=taxonomy, dataset=Dataset("geo", stand_in, taxonomy))
+
+
+def set_coordinates(model, data: DataConfig, taxonomy: Taxonomy) -> None:
+    """Give a model with `distance_bias` its leaves' coordinates (read from the source's venue file)."""
+    if not getattr(getattr(model, "params", None), "distance_bias", False):
+        return
+    if data.source != "foursquare-nyc":
+        raise ConfigError(f"key 'model.distance_bias': needs venue coordinates, which source {data.source!r} "
+                          "does not give (foursquare-nyc does)")
+    from hmtrec.data.geo import leaf_coordinates
+    from hmtrec.data.readers import source_folder
+    from hmtrec.data.readers.foursquare import read_venues
+
+    venues, file = read_venues(source_folder(data, "foursquare-nyc"))
+    model.set_leaf_coordinates(leaf_coordinates(taxonomy, venues["poi"].astype(str).str.strip(), venues["lat"],
+                                                venues["lon"], file=file))
 
 
 def split_examples(log: SequenceData, settings: ExampleSettings, *, max_targets: int | None, seed: int
@@ -173,6 +192,7 @@ class GeoPipeline:
                                               "torch": torch.__version__})
             seed_everything(config.train.seed)       # the initial weights depend on the seed only
             model = build_model(config, taxonomy, event_types)
+            set_coordinates(model, config.data, taxonomy)
             train_streams = ActionStreams(prepared.train, config.examples)
             valid_streams, valid_examples = split_examples(prepared.valid, config.examples,
                                                            max_targets=config.train.valid_max_targets,
@@ -192,7 +212,8 @@ class GeoPipeline:
                 if seed not in drawn:
                     drawn.clear()
                     drawn[seed], _ = sample_examples(prepared.train, config.examples, seed=seed,
-                                                     streams=train_streams)
+                                                     streams=train_streams,
+                                                     active_per_target=config.train.active_per_target)
                 return drawn[seed]
 
             def batches(epoch: int):

@@ -21,6 +21,19 @@ back to places they have been; the pointer lets the model say so without first l
 every node's output weights. The mixture's log is returned as the level's logits, so the joint
 loss and the consistency term apply to the final distribution.
 
+What else the model may read, each a switch (docs/geo.md has the ablations):
+- `copy_recency`: a learned bias per age bucket added to the pointer's attention scores, so the
+  pointer can prefer recent actions the way a recency-weighted visit count does;
+- `token_time`: the local hour of day and weekday of every action, embedded into its token;
+- `user_buckets`: a user embedding (the user id hashed into that many buckets) added to the summary;
+- `distance_bias`: a learned bias by the distance between each candidate node's centre and the
+  place of the most recent action (bucketed, and per age bucket of that action), added to the
+  final logits of every head; needs the leaves' coordinates (`set_leaf_coordinates`).
+
+The last encoder layer computes the summary token's row only (the heads read nothing else), which
+is exactly that row of the full layer at a fraction of the cost; the pointer's keys are the action
+states entering that layer (the token embeddings for a one-layer model).
+
 Batches come from `hmtrec.data.actions.ActionStreams.batch`: per stream `{s}_leaves`, `{s}_types`,
 `{s}_age_days` [B, L] and `context_<feature>` [B]. `predict` returns log-probabilities for every
 level from the taxonomy's root down to the finest head; a level without a head (e.g. region for a
@@ -33,11 +46,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
 from hmtrec.config import StrictModel
 from hmtrec.data.actions import CALENDAR_FEATURES, DEFAULT_EVENT_TYPE, log_event_types
+from hmtrec.data.geo import KM_PER_DEGREE
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
@@ -62,12 +77,17 @@ class ActionTransformerParams(StrictModel):
     loss_weights: dict[str, float] = Field(default_factory=dict)
     consistency_weight: float = Field(1.0, ge=0)
     copy_history: bool = True                # mix each head with a pointer over the history's actions
+    copy_recency: bool = False               # learned per-age-bucket bias on the pointer's attention
+    token_time: bool = False                 # local hour and weekday of each action in its token
+    user_buckets: int = Field(0, ge=0)       # hashed user embedding buckets (0: no user embedding)
+    distance_bias: bool = False              # bias by distance from the last action's place to each node
+    distance_km_edges: list[float] = Field(default_factory=lambda: [0.5, 1, 2, 4, 8, 16])
 
-    @field_validator("age_bucket_days")
+    @field_validator("age_bucket_days", "distance_km_edges")
     @classmethod
-    def _increasing(cls, edges: list[float]) -> list[float]:
+    def _increasing(cls, edges: list[float], info) -> list[float]:
         if any(b <= a for a, b in zip(edges, edges[1:])) or any(edge <= 0 for edge in edges):
-            raise ValueError("age_bucket_days must be positive and strictly increasing")
+            raise ValueError(f"{info.field_name} must be positive and strictly increasing")
         return edges
 
 
@@ -91,8 +111,15 @@ class ActionTransformer(SequenceRecommender):
         self.summary = nn.Parameter(torch.zeros(dim))
         self.context_embeddings = nn.ModuleDict(
             {name: nn.Embedding(CALENDAR_FEATURES[name], dim) for name in params.context})
-        for embedding in [*self.level_embeddings.values(), self.type_embedding, self.age_embedding,
-                          *self.context_embeddings.values()]:
+        embeddings = [*self.level_embeddings.values(), self.type_embedding, self.age_embedding,
+                      *self.context_embeddings.values()]
+        if params.token_time:
+            self.hour_embedding, self.weekday_embedding = nn.Embedding(24, dim), nn.Embedding(7, dim)
+            embeddings += [self.hour_embedding, self.weekday_embedding]
+        if params.user_buckets:
+            self.user_embedding = nn.Embedding(params.user_buckets, dim)
+            embeddings.append(self.user_embedding)
+        for embedding in embeddings:
             nn.init.normal_(embedding.weight, std=0.02)
         self.input_dropout = nn.Dropout(params.dropout)
         self.blocks = nn.ModuleList(Block(dim, params.n_heads, params.dropout) for _ in range(params.n_layers))
@@ -103,9 +130,20 @@ class ActionTransformer(SequenceRecommender):
         self.heads = HierarchicalHeads(taxonomy, self.head_levels, dim, coupling=params.coupling,
                                        loss_weights=params.loss_weights,
                                        consistency_weight=params.consistency_weight)
+        n_age_buckets = len(params.age_bucket_days) + 1
         if params.copy_history:
             self.copy_query = nn.Linear(dim, dim)
             self.copy_gate = nn.Linear(dim, len(self.head_levels))
+            if params.copy_recency:
+                # starts as a recency weight halving every 30 days (at each bucket's upper edge)
+                edges = torch.tensor([*params.age_bucket_days, 2 * params.age_bucket_days[-1]])
+                self.copy_age_bias = nn.Parameter(-np.log(2.0) * edges / 30.0)
+        if params.distance_bias:
+            # filled by set_leaf_coordinates; saved with the weights so a loaded model has them
+            self.register_buffer("leaf_coordinates", torch.zeros(taxonomy.n_leaves, 2))
+            self.register_buffer("distance_edges", torch.tensor(params.distance_km_edges), persistent=False)
+            self.distance_table = nn.Parameter(
+                torch.zeros(len(self.head_levels), n_age_buckets, len(params.distance_km_edges) + 1))
         # Each leaf's node at every level (token lookups) and, for levels coarser than the finest
         # head, each finest-head node's ancestor there (to derive levels without a head).
         self.register_buffer("leaf_ancestors", torch.from_numpy(taxonomy.leaf_ancestors.copy()), persistent=False)
@@ -134,65 +172,131 @@ class ActionTransformer(SequenceRecommender):
         """Bucket b holds ages in (edge[b-1], edge[b]]; the last bucket everything older."""
         return torch.bucketize(age_days.to(torch.float64), self.age_edges, right=False)
 
-    def token_embeddings(self, leaves: torch.Tensor, types: torch.Tensor, age_days: torch.Tensor) -> torch.Tensor:
-        """[B, L] actions -> [B, L, D]: Σ level embeddings + type embedding + age-bucket embedding.
-        Values at padding (leaves == PAD) are meaningless and masked out of attention."""
-        leaves = leaves.clamp_min(0)
-        tokens = self.type_embedding(types.clamp_min(0)) + self.age_embedding(self.age_buckets(age_days))
-        for level, embedding in self.level_embeddings.items():
-            tokens = tokens + embedding(self.leaf_ancestors[leaves, self.taxonomy.level_index(level)])
+    def token_embeddings(self, leaves: torch.Tensor, types: torch.Tensor, age_days: torch.Tensor,
+                         hours: torch.Tensor | None = None, weekdays: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] actions -> [B, L, D]: Σ level embeddings + type embedding + age-bucket embedding
+        (+ hour and weekday embeddings with `token_time`). Values at padding (leaves == PAD) are
+        meaningless and masked out of attention.
+
+        The sums are taken over the small tables first (every leaf's Σ of level embeddings, every
+        (type, age bucket) pair, every (weekday, hour) pair), so a token costs two or three gathers."""
+        n_ages = self.age_embedding.num_embeddings
+        place = self.leaf_vectors()[leaves.clamp_min(0)]
+        kind_age = (self.type_embedding.weight[:, None] + self.age_embedding.weight[None]).flatten(0, 1)
+        tokens = place + kind_age[types.clamp_min(0) * n_ages + self.age_buckets(age_days)]
+        if self.params.token_time:
+            if hours is None or weekdays is None:
+                raise ConfigError("model.token_time needs the actions' hours and weekdays in the batch")
+            clock = (self.weekday_embedding.weight[:, None] + self.hour_embedding.weight[None]).flatten(0, 1)
+            tokens = tokens + clock[weekdays * 24 + hours]
         return tokens
+
+    def leaf_vectors(self) -> torch.Tensor:
+        """[n_leaves, D]: Σ over token levels of each leaf's node embedding at that level."""
+        total = None
+        for level, embedding in self.level_embeddings.items():
+            vectors = embedding.weight[self.leaf_ancestors[:, self.taxonomy.level_index(level)]]
+            total = vectors if total is None else total + vectors
+        return total
 
     def summary_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         size = batch["targets"].shape[0]
         summary = self.summary.expand(size, -1)
         for name, embedding in self.context_embeddings.items():
             summary = summary + embedding(batch[f"context_{name}"])
+        if self.params.user_buckets:
+            summary = summary + self.user_embedding(batch["user_hash"] % self.params.user_buckets)
         return summary
+
+    def set_leaf_coordinates(self, coordinates: np.ndarray) -> None:
+        """(latitude, longitude) of every leaf, [n_leaves, 2], for `distance_bias`."""
+        coordinates = torch.as_tensor(np.asarray(coordinates, dtype=np.float32))
+        if coordinates.shape != self.leaf_coordinates.shape:
+            raise ValueError(f"need [{self.taxonomy.n_leaves}, 2] leaf coordinates, got {tuple(coordinates.shape)}")
+        self.leaf_coordinates.copy_(coordinates)
 
     @staticmethod
     def stream_names(batch: dict[str, torch.Tensor]) -> list[str]:
         return sorted(key[: -len(LEAVES_SUFFIX)] for key in batch if key.endswith(LEAVES_SUFFIX))
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(summary state [B, D], action states [B, L, D], action leaves [B, L] with PAD), the
-        actions of every stream side by side."""
+        """(summary state [B, D], the last layer's attention keys of the actions [B, L, D], action
+        leaves [B, L] with PAD), the actions of every stream side by side."""
         streams = self.stream_names(batch)
         if not streams or batch["targets"].dim() != 1:
             raise ConfigError("the action-transformer reads action-stream examples (hmtrec.data.actions), "
                               "not sequence windows: train it with a config of kind 'geo'")
-        tokens = [self.summary_embedding(batch)[:, None]]
-        leaves = [torch.zeros_like(batch["targets"][:, None])]   # the summary token's slot (never PAD)
-        for stream in streams:
-            stream_leaves = batch[f"{stream}_leaves"]
-            tokens.append(self.token_embeddings(stream_leaves, batch[f"{stream}_types"],
-                                                batch[f"{stream}_age_days"]))
-            leaves.append(stream_leaves)
-        x, leaves = torch.cat(tokens, 1), torch.cat(leaves, 1)
-        valid_keys = leaves != PAD
+        def joined(suffix: str) -> torch.Tensor | None:
+            if any(f"{stream}{suffix}" not in batch for stream in streams):
+                return None
+            return torch.cat([batch[f"{stream}{suffix}"] for stream in streams], 1)
+
+        leaves = joined(LEAVES_SUFFIX)
+        actions = self.token_embeddings(leaves, joined("_types"), joined("_age_days"), joined("_hour"),
+                                        joined("_weekday"))
+        x = torch.cat([self.summary_embedding(batch)[:, None], actions], 1)
+        # the summary token's slot is never padding
+        valid_keys = torch.cat([torch.ones_like(leaves[:, :1], dtype=torch.bool), leaves != PAD], 1)
         length = x.shape[1]
         # Bidirectional: every token sees every real action (padding keys masked; a query always
         # sees itself, so padded rows never have every key masked).
-        allowed = valid_keys[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=x.device)[None, None]
         h = self.input_dropout(x)
-        for block in self.blocks:
-            h = block(h, allowed)
-        h = self.final_norm(h)
-        return h[:, 0], h[:, 1:], leaves[:, 1:]
+        if len(self.blocks) > 1:
+            allowed = valid_keys[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=x.device)[None, None]
+            for block in self.blocks[:-1]:
+                h = block(h, allowed)
+        summary, keys = summary_row(self.blocks[-1], h, valid_keys)
+        return self.final_norm(summary), keys[:, 1:], leaves
 
     # ---- outputs ---------------------------------------------------------------------------
     def logits(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         summary, states, leaves = self.encode(batch)
         logits = self.heads(summary)
+        ages = self.action_ages(batch)
         if self.params.copy_history:
-            logits = self.mix_copy(logits, summary, states, leaves)
+            logits = self.mix_copy(logits, summary, states, leaves, ages)
+        if self.params.distance_bias:
+            logits = self.add_distance_bias(logits, leaves, ages)
         return logits
 
+    def action_ages(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, L] age in days of every action, in the order `encode` lays them out."""
+        return torch.cat([batch[f"{stream}_age_days"] for stream in self.stream_names(batch)], 1)
+
+    def add_distance_bias(self, logits: dict[str, torch.Tensor], leaves: torch.Tensor, ages: torch.Tensor
+                          ) -> dict[str, torch.Tensor]:
+        """logits[level] + table[level, age bucket of the last action, distance bucket of each node's
+        centre from that action's place]."""
+        real = leaves != PAD
+        last = ages.masked_fill(~real, float("inf")).argmin(1)                       # every example has an action
+        last_leaf = leaves.gather(1, last[:, None]).squeeze(1)
+        last_place = self.leaf_coordinates[last_leaf]                                # [B, 2]
+        last_bucket = self.age_buckets(ages.gather(1, last[:, None]))                # [B, 1]
+        km_per_lon_degree = KM_PER_DEGREE * torch.cos(torch.deg2rad(self.leaf_coordinates[:, 0].mean()))
+        out = {}
+        for head, level in enumerate(self.head_levels):
+            centres = self.node_centres(level)                                       # [N, 2]
+            dy = (centres[None, :, 0] - last_place[:, None, 0]) * KM_PER_DEGREE
+            dx = (centres[None, :, 1] - last_place[:, None, 1]) * km_per_lon_degree
+            buckets = torch.bucketize(torch.sqrt(dx * dx + dy * dy), self.distance_edges)   # [B, N]
+            out[level] = logits[level] + self.distance_table[head][last_bucket, buckets]
+        return out
+
+    def node_centres(self, level: str) -> torch.Tensor:
+        """Mean (latitude, longitude) of the leaves under each node of `level`."""
+        nodes = self.leaf_ancestors[:, self.taxonomy.level_index(level)]
+        n_nodes = self.taxonomy.n_nodes(level)
+        total = self.leaf_coordinates.new_zeros(n_nodes, 2).index_add_(0, nodes, self.leaf_coordinates)
+        count = self.leaf_coordinates.new_zeros(n_nodes).index_add_(0, nodes, torch.ones_like(nodes, dtype=torch.float32))
+        return total / count.clamp_min(1)[:, None]
+
     def mix_copy(self, logits: dict[str, torch.Tensor], summary: torch.Tensor, states: torch.Tensor,
-                 leaves: torch.Tensor) -> dict[str, torch.Tensor]:
+                 leaves: torch.Tensor, ages: torch.Tensor) -> dict[str, torch.Tensor]:
         """log(g · softmax(logits) + (1 - g) · copy) per head level (see the module docstring)."""
         real = leaves != PAD
-        scores = (states @ self.copy_query(summary)[:, :, None]).squeeze(-1) / states.shape[-1] ** 0.5
+        scores = (states * self.copy_query(summary)[:, None]).sum(-1) / states.shape[-1] ** 0.5
+        if self.params.copy_recency:
+            scores = scores + self.copy_age_bias[self.age_buckets(ages)]
         attention = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=1).nan_to_num(0.0)  # [B, L]
         gate = torch.sigmoid(self.copy_gate(summary))                                                # [B, H]
         mixed = {}
@@ -220,6 +324,26 @@ class ActionTransformer(SequenceRecommender):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.heads.loss(self.logits(batch), batch["targets"])
+
+
+def summary_row(block: Block, h: torch.Tensor, valid_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row 0 of `block(h, allowed)` alone, [B, D], and the block's attention keys [B, T, D]: the
+    summary query attends over every real token (pre-LN, the block's own weights), then the block's
+    feed-forward. The same numbers as the full block's first row, without the other T - 1 queries."""
+    attention = block.attention
+    batch, length, dim = h.shape
+    heads = attention.n_heads
+    normed = block.norm_attention(h)
+    weight, bias = attention.qkv.weight, attention.qkv.bias
+    q = F.linear(normed[:, 0], weight[:dim], bias[:dim]).view(batch, 1, heads, dim // heads)
+    keys, values = F.linear(normed, weight[dim:], bias[dim:]).split(dim, dim=2)
+    scores = (keys.view(batch, length, heads, -1) * q).sum(-1) / (dim // heads) ** 0.5       # [B, T, H]
+    weights = torch.softmax(scores.masked_fill(~valid_keys[:, :, None], float("-inf")), dim=1)
+    if block.training and attention.attention_dropout:
+        weights = F.dropout(weights, attention.attention_dropout)
+    y = (weights[..., None] * values.view(batch, length, heads, -1)).sum(1).reshape(batch, dim)
+    x = h[:, 0] + attention.residual_dropout(attention.out(y))
+    return x + block.feed_forward(block.norm_feed_forward(x)), keys
 
 
 @register_model("sequence", "action-transformer", params=ActionTransformerParams)
