@@ -139,6 +139,16 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(path, ["train.epoch=3"])
 
 
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=-1", "train.epochs"), ("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=-0.001", "train.lr"), ("train.lr=0", "train.lr"), ("train.lr=inf", "train.lr"),
+    ("train.lr=nan", "train.lr"), ("train.threads=0", "train.threads")])
+def test_out_of_range_training_settings_fail_before_data_loads(tmp_path, override, key):
+    path = write_config(tmp_path, "mmoe")
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_config(path, [override])
+
+
 def test_movielens_protocol_smoke(data_dir, tmp_path):
     config = load_config("configs/ranking/ml1m_hinet.yaml",
                          ["data.max_rows=30000", "train.epochs=1", "train.max_steps_per_epoch=3"])
@@ -167,5 +177,5 @@ def test_one_table_is_split_by_row_order(tmp_path):
         encoder.transform(frames["valid"], file=files["valid"], first_row=frames["valid"].attrs["first_row"])
     with pytest.raises(ConfigError, match="data.valid"):
         load_splits(RankingData(train=str(tmp_path / "all.csv")))
-    with pytest.raises(ValueError, match="data.split=random is for source movielens-1m"):
+    with pytest.raises(ValueError, match="data.split=random are for source movielens-1m"):
         RankingData(path=str(tmp_path / "all.csv"), split="random")
