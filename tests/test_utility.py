@@ -259,8 +259,22 @@ def test_tune_utility_command_writes_weights_report_and_a_resumable_study(tmp_pa
     assert artefact["storage"].endswith("utility_study.db")
     assert "Search comparison" in (out / "report.md").read_text()
     assert (out / "history.png").stat().st_size > 0
+    # the console shows equal weights and every head alone beside the tuned rows, and a verdict
+    output = " ".join(result.output.split())
+    assert "[equal weights] weights" in output and "[purchase only] weights" in output
+    assert "verdict: tuned weights " in output and artefact["verdict"] in output
     result = CliRunner().invoke(app, [a if a != "3" else "5" for a in args])  # resume to 5 trials in total
     assert result.exit_code == 0, result.output
     for name in ("utility", "utility-random"):
         study = optuna.load_study(study_name=name, storage=artefact["storage"])
         assert len(completed_trials(study)) == 5
+    # the same study rerun on other gains, another tuning table or another constraint is refused
+    changed = {"gains": [a if a != "purchase=10" else "purchase=3" for a in args],
+               "tuning table": [a if a != str(tmp_path / "valid.csv") else str(tmp_path / "test.csv") for a in args],
+               "constraint": args + ["--min-head-ratio", "0.5"]}
+    for what, changed_args in changed.items():
+        result = CliRunner().invoke(app, changed_args)
+        assert result.exit_code != 0
+        message = " ".join(str(result.exception).split())
+        assert "study 'utility' was built on other inputs" in message and what in message, (what, message)
+    assert len(completed_trials(optuna.load_study(study_name="utility", storage=artefact["storage"]))) == 5

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pydantic import Field
+
 from hmtrec.config import StrictModel
 from hmtrec.data.features import FeatureLayout
 from hmtrec.models.ranking.blocks import FeatureEmbedding
@@ -31,6 +33,10 @@ class RankingParams(StrictModel):
     oov_rate: float | dict[str, float] = 0.0
     tower_hidden: list[int] = [64]
     dropout: float = 0.0
+    # L2 penalty on the embeddings a batch looks up (mean over rows of the squared norm, summed
+    # over fields), added to the loss: the embedding regulariser of torch-rechub / FuxiCTR, which keeps
+    # rare ids (seen a few times) near the "no information" origin instead of fitting their noise
+    embedding_l2: float = Field(0.0, ge=0)
 
 
 class LossSettings(StrictModel):
@@ -80,6 +86,8 @@ class RankingModel(nn.Module):
         outputs = self.outputs_matrix(batch)
         losses, counts = masked_task_losses(outputs, batch["labels"], batch["label_mask"], self.task_types)
         total = self.weighting(losses, (counts > 0).float())
+        if self.params.embedding_l2 > 0:
+            total = total + self.params.embedding_l2 * self.embedding.squared_norm(batch)
         return total, {name: losses[i].detach() for i, name in enumerate(self.task_names)}
 
     @torch.no_grad()

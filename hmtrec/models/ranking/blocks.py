@@ -64,6 +64,10 @@ class FeatureEmbedding(nn.Module):
             parts.append(pooled.unsqueeze(1))
         return torch.cat(parts, dim=1)
 
+    def squared_norm(self, batch: dict) -> torch.Tensor:
+        """Mean over rows of the summed squared norms of the row's embeddings (for an L2 penalty)."""
+        return self.field_embeddings(batch).pow(2).sum((1, 2)).mean()
+
     def forward(self, batch: dict) -> torch.Tensor:
         flat = self.field_embeddings(batch).flatten(1)
         if self.n_numeric:
