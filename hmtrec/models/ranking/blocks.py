@@ -75,6 +75,22 @@ class FeatureEmbedding(nn.Module):
         return flat
 
 
+class LinearTerms(nn.Module):
+    """First-order terms: a scalar per (id, task) for every categorical column of a FeatureEmbedding
+    (same offsets, so one gather), summed over columns: [B, n_tasks]. Starts at 0; out-of-vocabulary
+    rows are held at 0 unless training replaces ids by OOV (`oov_rate`), which then learns them."""
+
+    def __init__(self, embedding: FeatureEmbedding, n_tasks: int):
+        super().__init__()
+        self.n_categorical = len(embedding.offsets) - int(embedding.scenario_as_feature)
+        self.register_buffer("offsets", embedding.offsets[:self.n_categorical].clone(), persistent=False)
+        self.weight = nn.Embedding(embedding.table.num_embeddings, n_tasks)
+        nn.init.zeros_(self.weight.weight)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.weight(batch["categorical"] + self.offsets).sum(1)
+
+
 class MLP(nn.Sequential):
     """Linear -> ReLU -> Dropout for each hidden size; `output_dim` is the last hidden size."""
 
