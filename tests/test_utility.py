@@ -154,7 +154,7 @@ def test_an_interrupted_trial_is_failed_and_requeued_with_the_same_weights(tmp_p
     evaluator = _synthetic_evaluator()
     ranges = default_weight_ranges(evaluator.heads, {})
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    settings = TuningSettings(n_trials=6, storage=url, seed=2)
+    settings = TuningSettings(n_trials=6, storage=url, seed=2, seed_references=False)   # trial mechanics only
     seen = []
 
     def interrupt_on_fourth(trial, evaluation):
@@ -184,7 +184,8 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_requeued(tmp_path
     evaluator = _synthetic_evaluator()
     ranges = default_weight_ranges(evaluator.heads, {})
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    settings = TuningSettings(n_trials=2, storage=url, seed=3, heartbeat_interval=1, grace_period=1)
+    settings = TuningSettings(n_trials=2, storage=url, seed=3, heartbeat_interval=1, grace_period=1,
+                              seed_references=False)   # trial mechanics only
     run_study(evaluator, ranges, settings, storage=make_storage(url, settings), study_name="u")
     # A worker that died mid-trial: RUNNING, with a heartbeat that then went silent.
     storage = make_storage(url, settings)
@@ -278,3 +279,20 @@ def test_tune_utility_command_writes_weights_report_and_a_resumable_study(tmp_pa
         message = " ".join(str(result.exception).split())
         assert "study 'utility' was built on other inputs" in message and what in message, (what, message)
     assert len(completed_trials(optuna.load_study(study_name="utility", storage=artefact["storage"]))) == 5
+
+
+def test_a_new_study_starts_from_the_reference_points_so_the_best_is_never_below_them():
+    from hmtrec.calibrate.tuning import reference_weights, weights_of
+
+    evaluator = _synthetic_evaluator()
+    ranges = default_weight_ranges(evaluator.heads, {})
+    points = reference_weights(ranges)
+    assert points["equal weights"] == {h: 1.0 for h in evaluator.heads}
+    assert points["purchase dominant"] == {"click": 1.0, "long_click": 0.01, "save": 0.01, "purchase": 100.0}
+    settings = TuningSettings(n_trials=7, seed=0)
+    run = run_study(evaluator, ranges, settings, storage=make_storage("memory", settings), study_name="r")
+    trials = completed_trials(run.study)
+    assert [weights_of(t) for t in trials[:len(points)]] == list(points.values())
+    label = evaluator.objectives[0].label
+    best = best_trials(run.study)[0].values[0]
+    assert best >= max(evaluator.evaluate(p).objectives[label] for p in points.values())

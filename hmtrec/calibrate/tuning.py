@@ -65,6 +65,24 @@ class TuningSettings(StrictModel):
     fail_running: bool = False
     """Mark the study's RUNNING trials FAIL (and re-queue them) before starting."""
     timeout_s: float | None = None
+    seed_references: bool = True
+    """Start a new study with the reference points as its first trials: equal weights and, for each
+    head, that head dominant (its weight at the top of its range, the others at the bottom). The
+    search then never reports weights worse on the tuning table than a reference it could have tried."""
+
+
+def reference_weights(ranges: dict[str, WeightRange]) -> dict[str, dict[str, float]]:
+    """Equal weights and one 'head dominant' vector per head, clipped to the search ranges (a fixed
+    weight stays fixed): the points a tuned blend must beat."""
+    def clip(head: str, value: float) -> float:
+        item = ranges[head]
+        return item.fixed if item.fixed is not None else min(max(value, item.low), item.high)
+    points = {"equal weights": {h: clip(h, 1.0) for h in ranges}}
+    for head in ranges:
+        point = {h: clip(h, ranges[h].low) for h in ranges}
+        point[head] = clip(head, ranges[head].high)
+        points[f"{head} dominant"] = point
+    return points
 
 
 def default_weight_ranges(heads: list[str], given: dict[str, WeightRange]) -> dict[str, WeightRange]:
@@ -198,6 +216,15 @@ def run_study(evaluator: UtilityEvaluator, ranges: dict[str, WeightRange], setti
     failed_running = fail_running_trials(probe) if settings.fail_running else 0
     requeued = requeue_failed(probe, settings.max_retries)
     existing = len(probe.get_trials(deepcopy=False))
+    if existing == 0 and settings.seed_references:
+        searched = [h for h, item in ranges.items() if item.fixed is None]
+        seen = set()
+        for point in reference_weights(ranges).values():
+            params = {f"w_{h}": point[h] for h in searched}
+            key = tuple(sorted(params.items()))
+            if key not in seen:
+                seen.add(key)
+                probe.enqueue_trial(params, user_attrs={"reference": True})
     study = optuna.load_study(storage=storage, study_name=study_name,
                               sampler=_sampler(settings, sampler, existing))
     complete_before = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
