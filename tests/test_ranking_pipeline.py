@@ -157,6 +157,29 @@ def test_movielens_protocol_smoke(data_dir, tmp_path):
     assert set(metrics["test"]["groups"]["user_activity"]) <= {"new", "old"}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
+    # the rows file of docs/ranking.md ("Building the rows file hmtrec predict takes"), built by hand
+    from hmtrec.data.readers.movielens_ranking import AGE_SCENARIOS
+
+    folder = data_dir / "movielens-1m"
+    users = pd.read_csv(folder / "users.dat", sep="::", engine="python", encoding="latin-1",
+                        names=["user_id", "gender", "age", "occupation", "zip"])
+    movies = pd.read_csv(folder / "movies.dat", sep="::", engine="python", encoding="latin-1",
+                         names=["movie_id", "title", "genres"])
+    movies["genre"] = movies["genres"].str.split("|").str[0]
+    pairs = pd.DataFrame({"user_id": [1, 1, 2], "movie_id": [1193, 661, 3105]})
+    rows = pairs.merge(users, on="user_id").merge(movies[["movie_id", "genre"]], on="movie_id")
+    rows["scenario"] = rows["age"].map(AGE_SCENARIOS)
+    rows["user_activity"] = "old"
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "rows.csv"),
+                                      "--output", str(tmp_path / "scores.csv"), "--keep", "user_id,movie_id"])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert scores["movie_id"].tolist() == [1193, 661, 3105] and scores["click"].between(0, 1).all()
+    rows.drop(columns=["genre", "scenario"]).to_csv(tmp_path / "short.csv", index=False)
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "short.csv"),
+                                      "--output", str(tmp_path / "scores.csv")])
+    assert "2 missing columns ['genre', 'scenario']" in " ".join(str(result.exception or result.output).split())
 
 
 def test_one_table_is_split_by_row_order(tmp_path):

@@ -105,6 +105,8 @@ class RankingTrain(StrictModel):
 
 class RankingEval(StrictModel):
     groups: list[str] = []                       # extra columns to break metrics down by (e.g. user_activity)
+    keep: list[str] = []                         # input columns copied into predictions_*.csv (e.g. user_id,
+                                                 # the request column `hmtrec tune-utility --group` ranks by)
     write_predictions: bool = True
 
 
@@ -356,7 +358,8 @@ class RankingPipeline:
             if len(frames[split]) == 0:
                 continue
             frame = prediction_frame(predict_encoded(model, encoded[split], settings.eval_batch_size),
-                                     encoded[split], frames[split], encoder, config.eval.groups)
+                                     encoded[split], frames[split], encoder,
+                                     list(dict.fromkeys([*config.eval.groups, *config.eval.keep])))
             metrics[split] = frame_metrics(frame, encoder, config.eval.groups)
             if config.eval.write_predictions:
                 frame.to_csv(run_dir / f"predictions_{split}.csv", index=False)
