@@ -56,10 +56,10 @@ PUBLISHED = {
 }
 # Settings per preset, chosen on the validation split (see docs/ranking.md).
 PRESET_OVERRIDES = {
-    "m3oe-code": ["model.oov_rate={user_id: 0.5, zip: 0.5}"],
+    "m3oe-code": [],
     "random": [],
     "chronological": ["eval.groups=[item_popularity, user_history]"],
-    "user-sorted": ["model.oov_rate={user_id: 0.5, zip: 0.5}"],
+    "user-sorted": [],
 }
 
 
@@ -142,7 +142,9 @@ def main() -> None:
     tasks = args.tasks
     single = tasks != ALL_TASKS
     tag = args.preset + ("-" + "-".join(tasks) if single else "")
-    overrides = [f"data.preset={args.preset}", *PRESET_OVERRIDES[args.preset], *args.overrides]
+    # user_id in the prediction files: benchmarks/utility_tuning.py --ranking-run ranks each user's rows
+    overrides = [f"data.preset={args.preset}", "eval.keep=[user_id]", *PRESET_OVERRIDES[args.preset],
+                 *args.overrides]
     if single:
         overrides.append("tasks=[" + ", ".join(f"{{name: {t}}}" for t in tasks) + "]")
     out = args.out / tag

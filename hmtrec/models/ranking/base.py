@@ -33,8 +33,8 @@ class RankingParams(StrictModel):
     oov_rate: float | dict[str, float] = 0.0
     tower_hidden: list[int] = [64]
     dropout: float = 0.0
-    # L2 penalty on the embeddings a batch looks up (mean over rows of the squared norm, summed
-    # over fields), added to the loss: the embedding regulariser of torch-rechub / FuxiCTR, which keeps
+    # L2 penalty on the embeddings (and `linear` terms) a batch looks up (mean over rows of the squared
+    # norm, summed over fields), added to the loss: the embedding regulariser of torch-rechub / FuxiCTR, which keeps
     # rare ids (seen a few times) near the "no information" origin instead of fitting their noise
     embedding_l2: float = Field(0.0, ge=0)
     # a first-order ("wide") term per task: one learned scalar per id of every categorical column,
@@ -107,7 +107,10 @@ class RankingModel(nn.Module):
         losses, counts = masked_task_losses(outputs, batch["labels"], batch["label_mask"], self.task_types)
         total = self.weighting(losses, (counts > 0).float())
         if self.params.embedding_l2 > 0:
-            total = total + self.params.embedding_l2 * self.embedding.squared_norm(batch)
+            penalty = self.embedding.squared_norm(batch)
+            if self.linear is not None:
+                penalty = penalty + self.linear.weight(batch["categorical"] + self.linear.offsets).pow(2).sum((1, 2)).mean()
+            total = total + self.params.embedding_l2 * penalty
         return total, {name: losses[i].detach() for i, name in enumerate(self.task_names)}
 
     @torch.no_grad()
