@@ -163,6 +163,27 @@ def test_small_scenarios_fall_back_to_the_global_calibrator_with_a_note():
     assert len(calibration.notes) == 3 and "min_scenario_rows" in calibration.notes[0]
 
 
+def test_rows_of_a_scenario_without_calibration_data_are_reported_when_applied():
+    frame = make_engagement_data(SyntheticEngagementSettings(n_requests=300, seed=5))
+    table = validate_scores(frame, ScoreColumns(heads=["click"]))
+    scenario_column = table.scenario_column
+    scenarios = sorted(frame[scenario_column].astype(str).unique())
+    fitted_on = frame[frame[scenario_column].astype(str) != scenarios[0]]       # one scenario has no rows
+    calibration = fit_calibration(validate_scores(fitted_on, ScoreColumns(heads=["click"])),
+                                  CalibrationSettings(method="platt", per_scenario=True, min_scenario_rows=100,
+                                                      min_scenario_positives=5))
+    assert scenarios[0] not in calibration.heads["click"].by_scenario
+    applied = apply_calibration(frame, calibration)
+    unseen = int((frame[scenario_column].astype(str) == scenarios[0]).sum())
+    notes = applied.attrs["calibration_notes"]
+    assert notes == [f"head 'click': {unseen} rows of scenario {scenarios[0]!r} got the global calibrator "
+                     "(no calibration data of their own for that scenario)"]
+    rows = (frame[scenario_column].astype(str) == scenarios[0]).to_numpy()
+    global_only = calibration.heads["click"].chain.transform(frame["click"].to_numpy(dtype=float)[rows])
+    np.testing.assert_allclose(applied["click"].to_numpy()[rows], global_only)
+    assert apply_calibration(fitted_on, calibration).attrs["calibration_notes"] == []
+
+
 # ---- saving, loading, applying ---------------------------------------------------------------------
 def test_calibration_round_trips_through_json_and_applies_to_a_frame(tmp_path):
     frame = make_engagement_data(SyntheticEngagementSettings(n_requests=300, seed=6))

@@ -147,3 +147,33 @@ def test_oov_rate_replaces_ids_only_in_training():
     assert not torch.allclose(model.outputs_matrix(batch), model.outputs_matrix(unseen))
     with pytest.raises(ValueError, match="not categorical features"):
         build("mmoe", oov_rate={"nope": 0.5})
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_linear_terms_add_one_scalar_per_id_and_task(name):
+    model, rows = build(name, linear=True)
+    model.eval()
+    batch = rows.batch(slice(0, 16))
+    body = model.task_logits(batch)
+    assert all(torch.equal(model(batch)[t], body[t]) for t in body)        # the terms start at 0
+    with torch.no_grad():
+        model.linear.weight.weight.normal_()
+    weights = model.linear.weight.weight
+    offsets = model.embedding.offsets
+    ids = batch["categorical"]
+    expected = weights[ids[:, 0] + offsets[0]] + weights[ids[:, 1] + offsets[1]]   # user + item, per task
+    outputs = model(batch)
+    for i, task in enumerate(model.task_names):
+        assert torch.allclose(outputs[task], body[task] + expected[:, i])
+    model.train()
+    model.loss(batch)[0].backward()
+    assert model.linear.weight.weight.grad.abs().sum() > 0
+
+
+def test_embedding_l2_adds_the_mean_squared_norm_of_the_looked_up_embeddings():
+    plain, rows = build("mmoe")
+    regularised, _ = build("mmoe", embedding_l2=0.5)
+    batch = rows.batch(slice(0, 16))
+    norm = regularised.embedding.field_embeddings(batch).pow(2).sum((1, 2)).mean()
+    assert regularised.loss(batch)[0].item() == pytest.approx(plain.loss(batch)[0].item() + 0.5 * norm.item(),
+                                                              rel=1e-5)

@@ -139,6 +139,16 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(path, ["train.epoch=3"])
 
 
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=-1", "train.epochs"), ("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=-0.001", "train.lr"), ("train.lr=0", "train.lr"), ("train.lr=inf", "train.lr"),
+    ("train.lr=nan", "train.lr"), ("train.threads=0", "train.threads")])
+def test_out_of_range_training_settings_fail_before_data_loads(tmp_path, override, key):
+    path = write_config(tmp_path, "mmoe")
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_config(path, [override])
+
+
 def test_movielens_protocol_smoke(data_dir, tmp_path):
     config = load_config("configs/ranking/ml1m_hinet.yaml",
                          ["data.max_rows=30000", "train.epochs=1", "train.max_steps_per_epoch=3"])
@@ -147,6 +157,29 @@ def test_movielens_protocol_smoke(data_dir, tmp_path):
     assert set(metrics["test"]["groups"]["user_activity"]) <= {"new", "old"}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
+    # the rows file of docs/ranking.md ("Building the rows file hmtrec predict takes"), built by hand
+    from hmtrec.data.readers.movielens_ranking import AGE_SCENARIOS
+
+    folder = data_dir / "movielens-1m"
+    users = pd.read_csv(folder / "users.dat", sep="::", engine="python", encoding="latin-1",
+                        names=["user_id", "gender", "age", "occupation", "zip"])
+    movies = pd.read_csv(folder / "movies.dat", sep="::", engine="python", encoding="latin-1",
+                         names=["movie_id", "title", "genres"])
+    movies["genre"] = movies["genres"].str.split("|").str[0]
+    pairs = pd.DataFrame({"user_id": [1, 1, 2], "movie_id": [1193, 661, 3105]})
+    rows = pairs.merge(users, on="user_id").merge(movies[["movie_id", "genre"]], on="movie_id")
+    rows["scenario"] = rows["age"].map(AGE_SCENARIOS)
+    rows["user_activity"] = "old"
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "rows.csv"),
+                                      "--output", str(tmp_path / "scores.csv"), "--keep", "user_id,movie_id"])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert scores["movie_id"].tolist() == [1193, 661, 3105] and scores["click"].between(0, 1).all()
+    rows.drop(columns=["genre", "scenario"]).to_csv(tmp_path / "short.csv", index=False)
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--input", str(tmp_path / "short.csv"),
+                                      "--output", str(tmp_path / "scores.csv")])
+    assert "2 missing columns ['genre', 'scenario']" in " ".join(str(result.exception or result.output).split())
 
 
 def test_one_table_is_split_by_row_order(tmp_path):
@@ -167,5 +200,5 @@ def test_one_table_is_split_by_row_order(tmp_path):
         encoder.transform(frames["valid"], file=files["valid"], first_row=frames["valid"].attrs["first_row"])
     with pytest.raises(ConfigError, match="data.valid"):
         load_splits(RankingData(train=str(tmp_path / "all.csv")))
-    with pytest.raises(ValueError, match="data.split=random is for source movielens-1m"):
+    with pytest.raises(ValueError, match="data.split=random are for source movielens-1m"):
         RankingData(path=str(tmp_path / "all.csv"), split="random")

@@ -154,7 +154,7 @@ def test_an_interrupted_trial_is_failed_and_requeued_with_the_same_weights(tmp_p
     evaluator = _synthetic_evaluator()
     ranges = default_weight_ranges(evaluator.heads, {})
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    settings = TuningSettings(n_trials=6, storage=url, seed=2)
+    settings = TuningSettings(n_trials=6, storage=url, seed=2, seed_references=False)   # trial mechanics only
     seen = []
 
     def interrupt_on_fourth(trial, evaluation):
@@ -184,7 +184,8 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_requeued(tmp_path
     evaluator = _synthetic_evaluator()
     ranges = default_weight_ranges(evaluator.heads, {})
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    settings = TuningSettings(n_trials=2, storage=url, seed=3, heartbeat_interval=1, grace_period=1)
+    settings = TuningSettings(n_trials=2, storage=url, seed=3, heartbeat_interval=1, grace_period=1,
+                              seed_references=False)   # trial mechanics only
     run_study(evaluator, ranges, settings, storage=make_storage(url, settings), study_name="u")
     # A worker that died mid-trial: RUNNING, with a heartbeat that then went silent.
     storage = make_storage(url, settings)
@@ -259,8 +260,39 @@ def test_tune_utility_command_writes_weights_report_and_a_resumable_study(tmp_pa
     assert artefact["storage"].endswith("utility_study.db")
     assert "Search comparison" in (out / "report.md").read_text()
     assert (out / "history.png").stat().st_size > 0
+    # the console shows equal weights and every head alone beside the tuned rows, and a verdict
+    output = " ".join(result.output.split())
+    assert "[equal weights] weights" in output and "[purchase only] weights" in output
+    assert "verdict: tuned weights " in output and artefact["verdict"] in output
     result = CliRunner().invoke(app, [a if a != "3" else "5" for a in args])  # resume to 5 trials in total
     assert result.exit_code == 0, result.output
     for name in ("utility", "utility-random"):
         study = optuna.load_study(study_name=name, storage=artefact["storage"])
         assert len(completed_trials(study)) == 5
+    # the same study rerun on other gains, another tuning table or another constraint is refused
+    changed = {"gains": [a if a != "purchase=10" else "purchase=3" for a in args],
+               "tuning table": [a if a != str(tmp_path / "valid.csv") else str(tmp_path / "test.csv") for a in args],
+               "constraint": args + ["--min-head-ratio", "0.5"]}
+    for what, changed_args in changed.items():
+        result = CliRunner().invoke(app, changed_args)
+        assert result.exit_code != 0
+        message = " ".join(str(result.exception).split())
+        assert "study 'utility' was built on other inputs" in message and what in message, (what, message)
+    assert len(completed_trials(optuna.load_study(study_name="utility", storage=artefact["storage"]))) == 5
+
+
+def test_a_new_study_starts_from_the_reference_points_so_the_best_is_never_below_them():
+    from hmtrec.calibrate.tuning import reference_weights, weights_of
+
+    evaluator = _synthetic_evaluator()
+    ranges = default_weight_ranges(evaluator.heads, {})
+    points = reference_weights(ranges)
+    assert points["equal weights"] == {h: 1.0 for h in evaluator.heads}
+    assert points["purchase dominant"] == {"click": 1.0, "long_click": 0.01, "save": 0.01, "purchase": 100.0}
+    settings = TuningSettings(n_trials=7, seed=0)
+    run = run_study(evaluator, ranges, settings, storage=make_storage("memory", settings), study_name="r")
+    trials = completed_trials(run.study)
+    assert [weights_of(t) for t in trials[:len(points)]] == list(points.values())
+    label = evaluator.objectives[0].label
+    best = best_trials(run.study)[0].values[0]
+    assert best >= max(evaluator.evaluate(p).objectives[label] for p in points.values())

@@ -61,6 +61,14 @@ class HeadCalibration:
                     out[rows] = chain.transform(scores[rows])
         return out
 
+    def fallback_rows(self, scenarios: np.ndarray | None) -> dict[str, int]:
+        """Scenario -> number of rows that get the global calibrator because the scenario has no
+        calibrator of its own (no or too little calibration data for it)."""
+        if scenarios is None:
+            return {}
+        values, counts = np.unique(scenarios, return_counts=True)
+        return {str(v): int(c) for v, c in zip(values, counts) if str(v) not in self.by_scenario}
+
     @property
     def monotone(self) -> bool:
         return self.chain.monotone and all(c.monotone for c in self.by_scenario.values())
@@ -192,17 +200,20 @@ def apply_calibration(frame: pd.DataFrame, calibration: Calibration | None, *,
                       keep_raw: bool = True, source: str = "scores") -> pd.DataFrame:
     """A copy of `frame` whose head columns hold calibrated probabilities; the raw scores move to
     `<column>_raw` when `keep_raw`. Heads absent from the frame are skipped; with `calibration`
-    None the frame is returned unchanged (so callers need no special case)."""
+    None the frame is returned unchanged (so callers need no special case). Under a per-scenario
+    calibration, rows of a scenario with no calibrator of its own get the global one: each such
+    (head, scenario) is logged as a warning and listed in `out.attrs["calibration_notes"]`."""
     if calibration is None:
         return frame
     out = frame.copy()
     scenarios = None
+    notes: list[str] = []
     if calibration.scenario_column is not None:
         if calibration.scenario_column in frame.columns:
             scenarios = frame[calibration.scenario_column].astype(str).to_numpy()
         else:
-            get_logger().warning("calibration: no scenario column %r in %s; global calibrators used",
-                                 calibration.scenario_column, source)
+            notes.append(f"no scenario column {calibration.scenario_column!r} in {source}; "
+                         "global calibrators used for every row")
     for head, head_calibration in calibration.heads.items():
         column = head_calibration.score_column
         if column not in frame.columns:
@@ -216,4 +227,10 @@ def apply_calibration(frame: pd.DataFrame, calibration: Calibration | None, *,
         if keep_raw:
             out[column + RAW_SUFFIX] = scores
         out[column] = head_calibration.transform(scores, scenarios)
+        for scenario, rows in head_calibration.fallback_rows(scenarios).items():
+            notes.append(f"head {head!r}: {rows} rows of scenario {scenario!r} got the global calibrator "
+                         "(no calibration data of their own for that scenario)")
+    for note in notes:
+        get_logger().warning("calibration: %s", note)
+    out.attrs["calibration_notes"] = notes
     return out

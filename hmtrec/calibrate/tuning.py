@@ -65,6 +65,24 @@ class TuningSettings(StrictModel):
     fail_running: bool = False
     """Mark the study's RUNNING trials FAIL (and re-queue them) before starting."""
     timeout_s: float | None = None
+    seed_references: bool = True
+    """Start a new study with the reference points as its first trials: equal weights and, for each
+    head, that head dominant (its weight at the top of its range, the others at the bottom). The
+    search then never reports weights worse on the tuning table than a reference it could have tried."""
+
+
+def reference_weights(ranges: dict[str, WeightRange]) -> dict[str, dict[str, float]]:
+    """Equal weights and one 'head dominant' vector per head, clipped to the search ranges (a fixed
+    weight stays fixed): the points a tuned blend must beat."""
+    def clip(head: str, value: float) -> float:
+        item = ranges[head]
+        return item.fixed if item.fixed is not None else min(max(value, item.low), item.high)
+    points = {"equal weights": {h: clip(h, 1.0) for h in ranges}}
+    for head in ranges:
+        point = {h: clip(h, ranges[h].low) for h in ranges}
+        point[head] = clip(head, ranges[head].high)
+        points[f"{head} dominant"] = point
+    return points
 
 
 def default_weight_ranges(heads: list[str], given: dict[str, WeightRange]) -> dict[str, WeightRange]:
@@ -152,10 +170,33 @@ class TuningRun:
     failed_running: int
 
 
+FINGERPRINT_ATTR = "fingerprint"
+
+
+def check_fingerprint(study: optuna.Study, fingerprint: dict[str, str], study_name: str) -> None:
+    """A study is defined by its inputs (tuning table, calibration), objectives and gains, constraint,
+    transforms and weight ranges: resuming one built on other definitions would run 0 trials and
+    report its old best. Store the fingerprint on first use; refuse a mismatch, naming what differs."""
+    stored = study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored is None:
+        if study.get_trials(deepcopy=False):
+            raise ConfigError(f"study {study_name!r} holds trials but no fingerprint of what defined it (made by an "
+                              "older hmtrec): use another study_name or output folder")
+        study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+        return
+    differs = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+    if differs:
+        detail = "; ".join(f"{k}: study {stored.get(k)!r}, now {fingerprint.get(k)!r}" for k in differs)
+        raise ConfigError(f"study {study_name!r} was built on other inputs ({', '.join(differs)} differ: {detail}); "
+                          "use another --study-name or --output, or delete the study database")
+
+
 def run_study(evaluator: UtilityEvaluator, ranges: dict[str, WeightRange], settings: TuningSettings, *,
-              storage: optuna.storages.BaseStorage, study_name: str, sampler: str | None = None, on_trial=None) -> TuningRun:
+              storage: optuna.storages.BaseStorage, study_name: str, sampler: str | None = None, on_trial=None,
+              fingerprint: dict[str, str] | None = None) -> TuningRun:
     """Create or resume a study and run it until it holds `settings.n_trials` COMPLETE trials.
-    `on_trial(trial, evaluation)` is called after each evaluation (used by tests to interrupt)."""
+    `on_trial(trial, evaluation)` is called after each evaluation (used by tests to interrupt).
+    `fingerprint` (what defines the study, see `check_fingerprint`) must match a resumed study's."""
     sampler = sampler or settings.sampler
     labels = [o.label for o in evaluator.objectives]
     directions = ["maximize"] * len(labels)
@@ -168,11 +209,22 @@ def run_study(evaluator: UtilityEvaluator, ranges: dict[str, WeightRange], setti
     if stored_labels is not None and stored_labels != labels:
         raise ConfigError(f"study {study_name!r} was run with objectives {stored_labels}, not {labels}; "
                           "use another study_name")
+    if fingerprint is not None:
+        check_fingerprint(probe, fingerprint, study_name)
     probe.set_user_attr("objectives", labels)
     probe.set_user_attr("sampler", sampler)
     failed_running = fail_running_trials(probe) if settings.fail_running else 0
     requeued = requeue_failed(probe, settings.max_retries)
     existing = len(probe.get_trials(deepcopy=False))
+    if existing == 0 and settings.seed_references:
+        searched = [h for h, item in ranges.items() if item.fixed is None]
+        seen = set()
+        for point in reference_weights(ranges).values():
+            params = {f"w_{h}": point[h] for h in searched}
+            key = tuple(sorted(params.items()))
+            if key not in seen:
+                seen.add(key)
+                probe.enqueue_trial(params, user_attrs={"reference": True})
     study = optuna.load_study(storage=storage, study_name=study_name,
                               sampler=_sampler(settings, sampler, existing))
     complete_before = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))

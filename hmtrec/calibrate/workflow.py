@@ -4,8 +4,10 @@ predictions_test.csv) or any score table, and writes its artefact and report to 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -137,6 +139,10 @@ class UtilityResult:
     storage: str
     study_names: dict[str, str]
     runs: dict
+    reference: list[dict] = field(default_factory=list)
+    """Equal weights and each head alone, evaluated like the best rows."""
+    verdict: str = ""
+    beats_references: bool = False
 
 
 def parse_objective(text: str) -> Objective:
@@ -214,6 +220,50 @@ def tune_utility(target: str | Path, config: UtilityConfig | None = None, *, hel
         close_run_dir(inputs.out_dir)
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def study_fingerprint(inputs: Inputs, config: UtilityConfig, calibration: Calibration | None, heads: list[str],
+                      ranges: dict) -> dict[str, str]:
+    """What defines a tuning study, each part as short text (shown when a resumed study differs)."""
+    def text(value) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+    return {
+        "tuning table": f"{inputs.fit.name} sha256:{_file_digest(inputs.fit)}",
+        "heads": text(heads),
+        "objectives and gains": text([o.model_dump(mode="json") for o in config.objectives]),
+        "constraint": text(config.constraints.model_dump(mode="json") if config.constraints else None),
+        "transforms": text({h: t.model_dump(mode="json") for h, t in config.transforms.items()}),
+        "weight ranges": text({h: r.model_dump(mode="json") for h, r in ranges.items()}),
+        "calibration": "none" if calibration is None else
+        "sha256:" + hashlib.sha256(text(calibration.to_dict()["heads"]).encode()).hexdigest()[:16],
+    }
+
+
+def verdict(best_rows: list[dict], reference: list[dict], label: str, sampler: str) -> tuple[str, bool]:
+    """Whether the tuned weights beat equal weights and every single head on `label`, on the held-out
+    table when there is one (else the tuning table), in one plain sentence."""
+    best = [r for r in best_rows if r["sampler"] == sampler]
+    if not best:
+        return "no completed trial: nothing to compare", False
+    split = "heldout" if "heldout" in best[0] else "tuning"
+    tuned = best[0][split][label]
+    beaten = [(r["trial"], r[split][label]) for r in reference if r[split][label] >= tuned]
+    where = "held-out" if split == "heldout" else "tuning (no held-out table)"
+    if not beaten:
+        margin = tuned - max(r[split][label] for r in reference)
+        return (f"tuned weights beat equal weights and every single head on {label} ({where}): {tuned:.4f}, "
+                f"+{margin:.4f} over the best reference", True)
+    names = ", ".join(f"{name} {value:.4f}" for name, value in beaten)
+    return (f"tuned weights do NOT beat every reference on {label} ({where}): tuned {tuned:.4f}, "
+            f"but {names}; prefer that reference", False)
+
+
 def _tune(inputs: Inputs, config: UtilityConfig, calibration_path) -> UtilityResult:
     log = get_logger()
     tuning_table, heldout_table = _read_pair(inputs, config.columns, require_group=True)
@@ -234,11 +284,12 @@ def _tune(inputs: Inputs, config: UtilityConfig, calibration_path) -> UtilityRes
     samplers = [config.tuning.sampler] + (["random"] if config.tuning.compare_random
                                           and config.tuning.sampler != "random" else [])
     labels = [o.label for o in config.objectives]
+    fingerprint = study_fingerprint(inputs, config, calibration, heads, ranges)
     study_names, runs, best_rows, histories, trial_frames = {}, {}, [], {}, []
     for sampler in samplers:
         name = config.tuning.study_name + ("" if sampler == config.tuning.sampler else f"-{sampler}")
         run = run_study(evaluators["tuning"], ranges, config.tuning, storage=storage, study_name=name,
-                        sampler=sampler)
+                        sampler=sampler, fingerprint=fingerprint)
         log.info("study %s (%s): %d trials run now, %d re-queued, %d RUNNING failed", name, sampler, run.ran,
                  run.requeued, run.failed_running)
         study_names[sampler], runs[sampler] = name, run
@@ -251,6 +302,7 @@ def _tune(inputs: Inputs, config: UtilityConfig, calibration_path) -> UtilityRes
                 row[split] = evaluation_row(evaluator.evaluate(weights))
             best_rows.append(row)
     reference = _reference_rows(evaluators, heads)
+    summary, beats = verdict(best_rows, reference, labels[0], config.tuning.sampler)
 
     out = inputs.out_dir
     files: dict[str, Path] = {}
@@ -270,7 +322,7 @@ def _tune(inputs: Inputs, config: UtilityConfig, calibration_path) -> UtilityRes
     main_best = [r for r in best_rows if r["sampler"] == config.tuning.sampler]
     artefact = {"heads": heads, "transforms": {h: t.model_dump() for h, t in config.transforms.items()},
                 "objectives": labels, "storage": url if url != MEMORY else None, "study": study_names,
-                "calibrated": calibration is not None,
+                "calibrated": calibration is not None, "verdict": summary, "beats_references": beats,
                 "best": [{"trial": r["trial"], "weights": r["weights"], "tuning": r["tuning"],
                           "heldout": r.get("heldout")} for r in main_best]}
     write_json(inputs.artefact_dir / UTILITY_FILE, artefact)
@@ -292,7 +344,7 @@ def _tune(inputs: Inputs, config: UtilityConfig, calibration_path) -> UtilityRes
                 else " (scores as given in the table)") + "; "
              f"tuned on `{inputs.fit}`" + (f", reported on `{inputs.heldout}`" if inputs.heldout else "") + ".",
              f"Objectives: {labels}" + (f"; constraints: {config.constraints.model_dump()}" if config.constraints else "")
-             + f". Storage: `{url}`, studies {study_names}.", ""]
+             + f". Storage: `{url}`, studies {study_names}.", "", f"**Verdict:** {summary}.", ""]
     if comparison:
         lines += ["## Search comparison (same budget)", "", markdown_table(comparison), ""]
     lines += ["## Best weights" + (" (Pareto front)" if len(labels) > 1 else ""), "",
@@ -304,4 +356,4 @@ def _tune(inputs: Inputs, config: UtilityConfig, calibration_path) -> UtilityRes
         lines += ["![pareto](pareto.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     files["report"] = out / "report.md"
-    return UtilityResult(best_rows, comparison, files, url, study_names, runs)
+    return UtilityResult(best_rows, comparison, files, url, study_names, runs, reference, summary, beats)

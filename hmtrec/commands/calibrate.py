@@ -143,13 +143,18 @@ def register(app: typer.Typer) -> None:
         result = run_tuning(target, cfg, heldout=heldout, output=output, calibration=calibration)
         from rich.markup import escape
 
-        for row in result.best:
-            console.print(escape(f"[{row['sampler']}] trial {row['trial']}: weights "
-                          + ", ".join(f"{h}={w:.4g}" for h, w in row["weights"].items())
+        def line(tag: str, row: dict) -> str:
+            return escape(f"[{tag}] weights " + ", ".join(f"{h}={w:.4g}" for h, w in row["weights"].items())
                           + "; tuning " + ", ".join(f"{k}={v:.4f}" for k, v in row["tuning"].items()
                                                     if isinstance(v, float))
                           + ("; held-out " + ", ".join(f"{k}={v:.4f}" for k, v in row["heldout"].items()
-                                                       if isinstance(v, float)) if "heldout" in row else "")))
+                                                       if isinstance(v, float)) if "heldout" in row else ""))
+        for row in result.best:
+            console.print(line(f"{row['sampler']} trial {row['trial']}", row))
+        for row in result.reference:
+            console.print(line(row["trial"], row))
+        console.print(("" if result.beats_references else "[bold red]") + escape(f"verdict: {result.verdict}")
+                      + ("" if result.beats_references else "[/bold red]"))
         console.print(f"utility: {result.files['utility']}\nreport: {result.files['report']}\n"
                       f"study storage: {result.storage}")
 

@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         scores = predict_file(run_dir, input, None, keep=columns)
         calibration = load_calibration(run_dir) if calibrated else None
         scores = apply_calibration(scores, calibration, source=str(input))
+        for note in scores.attrs.get("calibration_notes", []):
+            console.print(f"calibration: {note}")
         output.parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(output, index=False)
         console.print(f"wrote {len(scores)} rows x {scores.shape[1]} columns to {output}"

@@ -8,7 +8,9 @@
   categorical (0 = padding, 1 = out-of-vocabulary), at most `max_values` kept per row; models pool them;
 - the scenario column and facet columns (small categorical columns that index tasks, e.g. a user
   group) have closed vocabularies: an unknown value is an error naming the row;
-- one label column per task, binary (0/1) or regression; an empty label masks that task's loss.
+- one label column per task, binary (0/1) or regression; an empty label, or a literal `NaN`
+  (what pandas writes for a missing value), masks that task's loss and is counted in the report;
+  `inf` or any other text is an error naming the row.
 
 `FeatureEncoder.fit(train_frame)` learns vocabularies and statistics; `transform(frame)` returns
 `EncodedRows`; `save`/`load` keep them as JSON beside the model.
@@ -175,9 +177,10 @@ class FeatureEncoder:
                   + ([self.schema.scenario] if self.schema.scenario else []) + self.schema.facets)
         if need_labels:
             wanted += [t.label_column for t in self.tasks]
-        for column in wanted:
-            if column not in frame.columns:
-                raise DataError(f"missing column; the table has {list(frame.columns)[:20]}", file=file, column=column)
+        missing = list(dict.fromkeys(c for c in wanted if c not in frame.columns))
+        if missing:
+            raise DataError(f"{len(missing)} missing column{'s' if len(missing) > 1 else ''} {missing}; "
+                            f"the table has {list(frame.columns)[:20]}", file=file)
 
     def fit(self, frame: pd.DataFrame, file: str | None = None) -> "FeatureEncoder":
         self._check_columns(frame, file, need_labels=True)
@@ -205,11 +208,17 @@ class FeatureEncoder:
 
     # ---- encoding ------------------------------------------------------------------------------
     @staticmethod
-    def _numeric(frame: pd.DataFrame, column: str, file: str | None, first_row: int = 1) -> np.ndarray:
+    def _numeric(frame: pd.DataFrame, column: str, file: str | None, first_row: int = 1,
+                 nan_is_missing: bool = False) -> np.ndarray:
+        """Finite numbers, NaN where empty (and, with `nan_is_missing`, where the text is "NaN")."""
         raw = frame[column]
         present = raw.notna().to_numpy()
         if not pd.api.types.is_numeric_dtype(raw):
-            present = present & (raw.astype("string").str.strip() != "").fillna(False).to_numpy(dtype=bool)
+            text = raw.astype("string").str.strip()
+            blank = text == ""
+            if nan_is_missing:
+                blank = blank | (text.str.lower() == "nan")
+            present = present & (~blank).fillna(False).to_numpy(dtype=bool)
         values = pd.to_numeric(raw.where(present), errors="coerce").to_numpy(dtype=np.float64)
         bad = (np.isnan(values) & present) | np.isinf(values)
         if bad.any():
@@ -262,7 +271,7 @@ class FeatureEncoder:
         for j, task in enumerate(self.tasks):
             if task.label_column not in frame.columns:
                 continue
-            values = self._numeric(frame, task.label_column, file, first_row)
+            values = self._numeric(frame, task.label_column, file, first_row, nan_is_missing=True)
             present = ~np.isnan(values)
             if task.type == "binary":
                 bad = present & (values != 0) & (values != 1)

@@ -23,7 +23,7 @@ from typing import Iterable, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hmtrec.config import StrictModel, dump_config, load_config, register_config
 from hmtrec.data.features import EncodedRows, FeatureEncoder, FeatureSchema, TaskSpec, log_report, read_rows
@@ -43,7 +43,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 class RankingData(StrictModel):
     """Where rows come from. `table`: explicit train/valid/test files, or one file (`path`) split by
-    row order with `fractions`. `movielens-1m`: the multi-scenario protocol of ../shared/data."""
+    row order with `fractions`. `movielens-1m`: the multi-scenario protocol of ../shared/data (or
+    the GroupLens files in `path`), under one of the presets of
+    hmtrec/data/readers/movielens_ranking.py."""
 
     source: Literal["movielens-1m", "table"] = "table"
     path: str | None = None
@@ -51,20 +53,31 @@ class RankingData(StrictModel):
     valid: str | None = None
     test: str | None = None
     fractions: list[float] = [0.8, 0.1, 0.1]
-    # movielens-1m: "row_order" (the M3oE code: test users unseen in training) or "random" (the
-    # Scenario-Wise Rec code's random_split, seeded by split_seed: the same users in every split)
-    split: Literal["row_order", "random"] = "row_order"
+    # movielens-1m: "m3oe-code" (the M3oE code's merge order and row-order split: test users unseen),
+    # "random" (the Scenario-Wise-Rec / HAMUR random_split, seeded by split_seed: users shared),
+    # "chronological" (users 1-2999 by timestamp) or "user-sorted"; default m3oe-code
+    preset: Literal["m3oe-code", "random", "chronological", "user-sorted"] | None = None
+    split: Literal["row_order", "random"] | None = None   # before presets: row_order = user-sorted
     split_seed: int = 0
     max_rows: int | None = None                # keep only the first rows (quick runs)
     new_user_max_ratings: int = 50             # movielens-1m: user_activity = "new" up to this many ratings
     new_item_max_ratings: int = 20             # movielens-1m: item_popularity = "new" up to this many training ratings
+    new_user_max_prior_ratings: int = 50       # chronological: user_history = "new" up to this many earlier ratings
+
+    @property
+    def resolved_preset(self) -> str:
+        if self.preset is not None:
+            return self.preset
+        return {"row_order": "user-sorted", "random": "random"}.get(self.split or "", "m3oe-code")
 
     @model_validator(mode="after")
-    def _random_split_needs_a_known_source(self):
-        if self.split == "random" and self.source != "movielens-1m":
+    def _presets_need_a_known_source(self):
+        if self.source != "movielens-1m" and (self.split == "random" or self.preset is not None):
             # file row numbers in error messages assume contiguous parts of the file
-            raise ValueError("data.split=random is for source movielens-1m; for a table, shuffle the file "
-                             "or give data.train/valid/test")
+            raise ValueError("data.preset and data.split=random are for source movielens-1m; for a table, "
+                             "shuffle the file or give data.train/valid/test")
+        if self.preset is not None and self.split is not None:
+            raise ValueError("give data.preset or the older data.split, not both")
         return self
 
     @field_validator("fractions")
@@ -76,22 +89,24 @@ class RankingData(StrictModel):
 
 
 class RankingTrain(StrictModel):
-    epochs: int = 2
-    batch_size: int = 2048
-    eval_batch_size: int = 32768
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(2048, ge=1)
+    eval_batch_size: int = Field(32768, ge=1)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grad_clip: float | None = Field(None, gt=0, allow_inf_nan=False)
     seed: int = 0
-    patience: int | None = 1
+    patience: int | None = Field(1, ge=0)
     monitor: Literal["auc", "logloss"] = "auc"   # validation metric averaged over (scenario, task)
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = Field(None, ge=1)
     device: str = "cpu"
-    threads: int | None = 2                      # torch intra-op threads (None: torch's default)
+    threads: int | None = Field(2, ge=1)          # torch intra-op threads (None: torch's default)
 
 
 class RankingEval(StrictModel):
     groups: list[str] = []                       # extra columns to break metrics down by (e.g. user_activity)
+    keep: list[str] = []                         # input columns copied into predictions_*.csv (e.g. user_id,
+                                                 # the request column `hmtrec tune-utility --group` ranks by)
     write_predictions: bool = True
 
 
@@ -123,9 +138,11 @@ def load_splits(data: RankingData) -> tuple[dict[str, pd.DataFrame], dict[str, s
 
         splits = load_movielens_ranking(data.path, tuple(data.fractions), data.max_rows,
                                         data.new_user_max_ratings, data.new_item_max_ratings,
-                                        split=data.split, split_seed=data.split_seed)
+                                        split_seed=data.split_seed, preset=data.resolved_preset,
+                                        new_user_max_prior_ratings=data.new_user_max_prior_ratings)
+        name = f"movielens-1m {data.resolved_preset}"
         return ({"train": splits.train, "valid": splits.valid, "test": splits.test},
-                {"train": "movielens-1m (train)", "valid": "movielens-1m (valid)", "test": "movielens-1m (test)"},
+                {k: f"{name} ({k})" for k in ("train", "valid", "test")},
                 splits.reports)
     if data.train is not None:
         if data.path is not None:
@@ -341,7 +358,8 @@ class RankingPipeline:
             if len(frames[split]) == 0:
                 continue
             frame = prediction_frame(predict_encoded(model, encoded[split], settings.eval_batch_size),
-                                     encoded[split], frames[split], encoder, config.eval.groups)
+                                     encoded[split], frames[split], encoder,
+                                     list(dict.fromkeys([*config.eval.groups, *config.eval.keep])))
             metrics[split] = frame_metrics(frame, encoder, config.eval.groups)
             if config.eval.write_predictions:
                 frame.to_csv(run_dir / f"predictions_{split}.csv", index=False)

@@ -13,9 +13,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pydantic import Field
+
 from hmtrec.config import StrictModel
 from hmtrec.data.features import FeatureLayout
-from hmtrec.models.ranking.blocks import FeatureEmbedding
+from hmtrec.models.ranking.blocks import FeatureEmbedding, LinearTerms
 from hmtrec.train.losses import build_weighting, masked_task_losses
 
 
@@ -31,6 +33,15 @@ class RankingParams(StrictModel):
     oov_rate: float | dict[str, float] = 0.0
     tower_hidden: list[int] = [64]
     dropout: float = 0.0
+    # L2 penalty on the embeddings (and `linear` terms) a batch looks up (mean over rows of the squared
+    # norm, summed over fields), added to the loss: the embedding regulariser of torch-rechub / FuxiCTR, which keeps
+    # rare ids (seen a few times) near the "no information" origin instead of fitting their noise
+    embedding_l2: float = Field(0.0, ge=0)
+    # a first-order ("wide") term per task: one learned scalar per id of every categorical column,
+    # summed into the task's logit (logistic regression on ids, as in Wide & Deep / DeepFM). It
+    # carries the item and user effects directly, so the network does not have to learn them
+    # through its experts; an out-of-vocabulary id adds 0
+    linear: bool = False
 
 
 class LossSettings(StrictModel):
@@ -55,6 +66,8 @@ class RankingModel(nn.Module):
             raise ValueError(f"model.oov_rate names columns that are not categorical features: {unknown}")
         self.register_buffer("oov_rates", torch.tensor([float(rates.get(c, 0.0)) for c in columns]),
                              persistent=False)
+        self.linear = (LinearTerms(self.embedding, len(self.task_names))
+                       if params.linear and layout.categorical else None)
         loss = loss or LossSettings()
         self.weighting = build_weighting(loss.weighting, self.task_types, [t.weight for t in layout.tasks])
 
@@ -62,15 +75,28 @@ class RankingModel(nn.Module):
     def input_dim(self) -> int:
         return self.embedding.output_dim
 
+    def drop_ids(self, batch: dict) -> dict:
+        """The batch with `oov_rate` of its ids replaced by the out-of-vocabulary index (training only)."""
+        if not (self.training and bool((self.oov_rates > 0).any())):
+            return batch
+        categorical = batch["categorical"]
+        drop = torch.rand(categorical.shape, device=categorical.device) < self.oov_rates
+        return {**batch, "categorical": categorical.masked_fill(drop, 0)}
+
     def embed(self, batch: dict) -> torch.Tensor:
-        if self.training and bool((self.oov_rates > 0).any()):
-            categorical = batch["categorical"]
-            drop = torch.rand(categorical.shape, device=categorical.device) < self.oov_rates
-            batch = {**batch, "categorical": categorical.masked_fill(drop, 0)}
         return self.embedding(batch)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+    def task_logits(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        """The model body: {task: logit or value} (each model file defines it)."""
         raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        batch = self.drop_ids(batch)          # the body and the linear term see the same ids
+        outputs = self.task_logits(batch)
+        if self.linear is None:
+            return outputs
+        wide = self.linear(batch)                                          # [B, n_tasks]
+        return {name: outputs[name] + wide[:, i] for i, name in enumerate(self.task_names)}
 
     def outputs_matrix(self, batch: dict) -> torch.Tensor:
         outputs = self(batch)
@@ -80,6 +106,11 @@ class RankingModel(nn.Module):
         outputs = self.outputs_matrix(batch)
         losses, counts = masked_task_losses(outputs, batch["labels"], batch["label_mask"], self.task_types)
         total = self.weighting(losses, (counts > 0).float())
+        if self.params.embedding_l2 > 0:
+            penalty = self.embedding.squared_norm(batch)
+            if self.linear is not None:
+                penalty = penalty + self.linear.weight(batch["categorical"] + self.linear.offsets).pow(2).sum((1, 2)).mean()
+            total = total + self.params.embedding_l2 * penalty
         return total, {name: losses[i].detach() for i, name in enumerate(self.task_names)}
 
     @torch.no_grad()

@@ -64,11 +64,31 @@ class FeatureEmbedding(nn.Module):
             parts.append(pooled.unsqueeze(1))
         return torch.cat(parts, dim=1)
 
+    def squared_norm(self, batch: dict) -> torch.Tensor:
+        """Mean over rows of the summed squared norms of the row's embeddings (for an L2 penalty)."""
+        return self.field_embeddings(batch).pow(2).sum((1, 2)).mean()
+
     def forward(self, batch: dict) -> torch.Tensor:
         flat = self.field_embeddings(batch).flatten(1)
         if self.n_numeric:
             flat = torch.cat([flat, batch["numeric"]], dim=1)
         return flat
+
+
+class LinearTerms(nn.Module):
+    """First-order terms: a scalar per (id, task) for every categorical column of a FeatureEmbedding
+    (same offsets, so one gather), summed over columns: [B, n_tasks]. Starts at 0; out-of-vocabulary
+    rows are held at 0 unless training replaces ids by OOV (`oov_rate`), which then learns them."""
+
+    def __init__(self, embedding: FeatureEmbedding, n_tasks: int):
+        super().__init__()
+        self.n_categorical = len(embedding.offsets) - int(embedding.scenario_as_feature)
+        self.register_buffer("offsets", embedding.offsets[:self.n_categorical].clone(), persistent=False)
+        self.weight = nn.Embedding(embedding.table.num_embeddings, n_tasks)
+        nn.init.zeros_(self.weight.weight)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.weight(batch["categorical"] + self.offsets).sum(1)
 
 
 class MLP(nn.Sequential):

@@ -67,7 +67,7 @@ class HiNet(RankingModel):
         others = mix(per_scenario, self.scenario_attention(scenario))
         return torch.cat([shared, own, others], dim=1)
 
-    def forward(self, batch):
+    def task_logits(self, batch):
         x = self.embed(batch)
         representation = self.scenario_representation(x, batch["scenario"])
         logits = self.towers(self.task_layer(representation))

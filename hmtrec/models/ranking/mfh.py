@@ -137,7 +137,7 @@ class MFH(RankingModel):
         tasks = torch.arange(len(self.task_names), device=base.device)
         return base + tasks * self.strides[self._task_position]
 
-    def forward(self, batch):
+    def task_logits(self, batch):
         x = self.embed(batch)
         combined = sum(self._canonical(tree(x), order) for tree, order in zip(self.trees, self.orders))
         if self.params.combine == "mean":

@@ -20,7 +20,7 @@ class MMoE(RankingModel):
                            hidden=params.expert_hidden, dropout=params.dropout)
         self.towers = Towers(len(self.task_names), self.experts.output_dim, params.tower_hidden, params.dropout)
 
-    def forward(self, batch):
+    def task_logits(self, batch):
         logits = self.towers(self.experts(self.embed(batch)))
         return {name: logits[:, i] for i, name in enumerate(self.task_names)}
 

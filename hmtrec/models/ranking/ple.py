@@ -30,7 +30,7 @@ class PLE(RankingModel):
         self.layers = torch.nn.ModuleList(layers)
         self.towers = Towers(n_tasks, in_dim, params.tower_hidden, params.dropout)
 
-    def forward(self, batch):
+    def task_logits(self, batch):
         branch_inputs = self.embed(batch).unsqueeze(1)          # [B, 1 group, in]
         shared = None
         for layer in self.layers[:-1]:

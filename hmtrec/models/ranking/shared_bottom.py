@@ -17,7 +17,7 @@ class SharedBottom(RankingModel):
         self.bottom = MLP(self.input_dim, params.bottom_hidden, params.dropout)
         self.towers = Towers(len(self.task_names), self.bottom.output_dim, params.tower_hidden, params.dropout)
 
-    def forward(self, batch):
+    def task_logits(self, batch):
         logits = self.towers(self.bottom(self.embed(batch)))
         return {name: logits[:, i] for i, name in enumerate(self.task_names)}
 
