@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from hmtrec.progress import progress_bar
+from hmtrec.train.callbacks import notify_epoch_end
 from hmtrec.train.run_dir import get_logger, load_tensors, save_tensors, save_weights
 
 CHECKPOINT = "checkpoint.pt"
@@ -183,6 +184,7 @@ class Trainer:
                 self.save_checkpoint()
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(self.state)
+                notify_epoch_end(self, self.state)
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return self.state
