@@ -21,6 +21,7 @@ import torch
 
 from hmtrec.progress import progress_bar
 from hmtrec.train.callbacks import notify_epoch_end
+from hmtrec.train.distributed import prepare_batches
 from hmtrec.train.run_dir import get_logger, load_tensors, save_tensors, save_weights
 
 CHECKPOINT = "checkpoint.pt"
@@ -129,6 +130,7 @@ class Trainer:
         if self.run_dir is not None and (self.run_dir / BEST_WEIGHTS).exists() and self.state.epoch > 0:
             from hmtrec.train.run_dir import load_weights
             best_state = load_weights(self.run_dir / BEST_WEIGHTS)
+        batches, steps_per_epoch = prepare_batches(self, batches, steps_per_epoch)  # DDP, loader workers
         with progress_bar() as bar:
             while self.state.epoch < settings.epochs and not self.state.stopped_early:
                 epoch = self.state.epoch + 1
