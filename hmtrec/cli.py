@@ -29,14 +29,20 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key: a.b=value."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run directory (resumes if it holds a checkpoint)."),
+    track: bool = typer.Option(False, "--track/--no-track", help="Log params, epochs and the run directory to MLflow."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default ./mlruns)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default hmtrec-<kind>)."),
+    loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader processes building the training batches."),
 ):
-    """Train a model from a config; writes config, checkpoint, weights, metrics and log to the run directory."""
+    """Train a model from a config; writes config, checkpoint, weights, metrics and log to the run directory.
+    Under `torchrun` it trains data-parallel (docs/scale.md)."""
     from hmtrec.config import load_config
-    from hmtrec.pipelines import get_pipeline
+    from hmtrec.train.launch import train_run
 
     cfg = load_config(config, overrides)
     run_dir = run_dir or default_run_dir(config, cfg.kind)
-    metrics = get_pipeline(cfg.kind).train(cfg, run_dir)
+    metrics = train_run(cfg, run_dir, track=track, tracking_uri=tracking_uri, experiment=experiment,
+                        loader_workers=loader_workers)
     console.print(f"run directory: {run_dir}")
     return metrics
 

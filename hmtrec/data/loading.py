@@ -36,7 +36,8 @@ from hmtrec.train.run_dir import LOGGER_NAME
 logger = logging.getLogger(LOGGER_NAME)
 
 Source = Literal["synthetic", "generic", "diginetica", "diginetica-sessions", "movielens-1m",
-                 "movielens-100k", "foursquare-nyc"]
+                 "movielens-100k", "foursquare-nyc",
+                 "prepared"]  # a folder written by `hmtrec prepare` (hmtrec.data.streaming)
 Protocol = Literal["auto", "session_time", "leave_one_out", "time_fraction", "given"]
 
 
@@ -185,6 +186,9 @@ def read_source(cfg: DataConfig) -> SourceData:
 
 
 def load_data(cfg: DataConfig) -> PreparedData:
+    if cfg.source == "prepared":  # memory-mapped shards of a log prepared by `hmtrec prepare`
+        from hmtrec.data.streaming import load_prepared
+        return load_prepared(cfg)
     started = time.perf_counter()
     defaults = SOURCE_DEFAULTS[cfg.source]
     protocol = defaults.protocol if cfg.split.protocol == "auto" else cfg.split.protocol

@@ -241,7 +241,8 @@ def training_batches(model, train: SequenceData, settings: TrainSection
     pool = settings.batch_size * LENGTH_POOL_BATCHES
     n_visited = max(1, int(round(n_windows * settings.epoch_fraction)))
 
-    def batches(epoch: int) -> Iterable[dict]:
+    def batches(epoch: int, part: int = 0, parts: int = 1) -> Iterable[dict]:
+        """The epoch's batches; `part` of `parts` (a DataLoader worker's share): every parts-th of them."""
         rng = np.random.default_rng([settings.seed, epoch])
         order = rng.permutation(n_windows)[:n_visited]
         # Within pools of shuffled windows, batch windows of similar length together (little
@@ -251,7 +252,7 @@ def training_batches(model, train: SequenceData, settings: TrainSection
             members = order[first:first + pool]
             members = members[np.argsort(windows.length[members], kind="stable")]
             chunks += [members[i:i + settings.batch_size] for i in range(0, len(members), settings.batch_size)]
-        for chunk in rng.permutation(len(chunks)):
+        for chunk in rng.permutation(len(chunks))[part::parts]:
             yield collate_windows(train, windows, chunks[chunk])
 
     n_batches = (n_visited // pool) * LENGTH_POOL_BATCHES + math.ceil((n_visited % pool) / settings.batch_size)

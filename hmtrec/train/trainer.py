@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from hmtrec.progress import progress_bar
+from hmtrec.train.callbacks import notify_epoch_end
+from hmtrec.train.distributed import prepare_batches
 from hmtrec.train.run_dir import get_logger, load_tensors, save_tensors, save_weights
 
 CHECKPOINT = "checkpoint.pt"
@@ -315,6 +317,7 @@ class Trainer:
         if self.run_dir is not None and (self.run_dir / BEST_WEIGHTS).exists() and self.state.epoch > 0:
             from hmtrec.train.run_dir import load_weights
             best_state = load_weights(self.run_dir / BEST_WEIGHTS)
+        batches, steps_per_epoch = prepare_batches(self, batches, steps_per_epoch)  # DDP, loader workers
         with progress_bar() as bar:
             while (self.state.epoch < settings.epochs and not self.state.stopped_early
                    and not self.state.stopped_by_budget):
@@ -385,6 +388,7 @@ class Trainer:
                 self.save_checkpoint()
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(self.state)
+                notify_epoch_end(self, self.state)
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return self.state

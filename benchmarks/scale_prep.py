@@ -1,0 +1,219 @@
+"""Streaming data preparation at scale (issue 17): synthetic logs of 1M-50M events over 1M items,
+the engine choice (DuckDB vs Polars lazy/streaming, same work, measured), and peak RSS and wall time
+of `hmtrec prepare` plus one training epoch on the prepared shards.
+
+    python benchmarks/scale_prep.py generate --events 10000000 --out /tmp/scale-logs/10m
+    python benchmarks/scale_prep.py engines --log /tmp/scale-logs/10m
+    python benchmarks/scale_prep.py run --events 1000000 10000000 50000000 --work /tmp/scale-logs --report
+
+Every measured step runs in its own child process; its peak RSS is the child's ru_maxrss (wait4).
+Generated logs are deleted after each size unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+N_ITEMS = 1_000_000
+LEVEL_SIZES = (20, 1000)            # categories > subcategories > 1M items
+MEAN_SESSION_LENGTH = 5
+DAYS = 30
+SESSIONS_PER_CHUNK = 500_000
+
+
+# ---- synthetic logs, written in chunks (memory independent of the log size) --------------------
+
+def generate(events: int, out: Path, seed: int = 0) -> dict:
+    """items.csv (item_id, category, subcategory) and interactions.csv (session_id, item_id, timestamp):
+    sessions of geometric length (>= 1, mean 5) dwelling in one subcategory, power-law popularity
+    within it, starts uniform over 30 days, one event a minute."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per_sub = N_ITEMS // LEVEL_SIZES[1]
+    item = np.arange(N_ITEMS, dtype=np.int64)
+    sub = item // per_sub
+    cat = sub * LEVEL_SIZES[0] // LEVEL_SIZES[1]
+    pacsv.write_csv(pa.table({"item_id": item, "category": [f"c{c}" for c in cat],
+                              "subcategory": [f"s{s}" for s in sub]}), out / "items.csv")
+    written, session = 0, 0
+    with open(out / "interactions.csv", "wb") as sink:
+        sink.write(b"session_id,item_id,timestamp\n")
+        while written < events:
+            n = SESSIONS_PER_CHUNK
+            lengths = rng.geometric(1.0 / MEAN_SESSION_LENGTH, size=n)
+            lengths = lengths[np.cumsum(lengths) <= events - written] if lengths.sum() > events - written else lengths
+            if len(lengths) == 0:
+                lengths = np.array([events - written])
+            total = int(lengths.sum())
+            ids = np.repeat(np.arange(session, session + len(lengths)), lengths)
+            # subcategory per session: Zipf-like over the 1000 subcategories
+            session_sub = np.minimum((LEVEL_SIZES[1] * rng.random(len(lengths)) ** 2.5).astype(np.int64),
+                                     LEVEL_SIZES[1] - 1)
+            rank = np.minimum((per_sub * rng.random(total) ** 3).astype(np.int64), per_sub - 1)
+            items = np.repeat(session_sub, lengths) * per_sub + rank
+            start = rng.integers(1_700_000_000, 1_700_000_000 + DAYS * 86_400, size=len(lengths))
+            within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            stamps = np.repeat(start, lengths) + 60 * within
+            chunk = pa.table({"session_id": ids, "item_id": items, "timestamp": stamps})
+            buffer = pa.BufferOutputStream()
+            pacsv.write_csv(chunk, buffer, write_options=pacsv.WriteOptions(include_header=False))
+            sink.write(buffer.getvalue().to_pybytes())
+            written += total
+            session += len(lengths)
+    info = {"events": written, "sessions": session, "items": N_ITEMS,
+            "bytes": (out / "interactions.csv").stat().st_size}
+    (out / "log.json").write_text(json.dumps(info))
+    return info
+
+
+# ---- the engine comparison: the same work in DuckDB and in Polars ------------------------------
+
+def engine_duckdb(log: Path, out: Path, memory_mb: int, threads: int) -> int:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit='{memory_mb}MB'; SET threads={threads}; "
+                f"SET temp_directory='{out / 'duckdb.tmp'}'; SET preserve_insertion_order=false")
+    con.execute(f"""
+        CREATE TEMP TABLE ev AS
+        SELECT e.session_id, i.leaf, e.timestamp
+        FROM read_csv('{log / 'interactions.csv'}', header=true,
+                      columns={{'session_id': 'BIGINT', 'item_id': 'BIGINT', 'timestamp': 'BIGINT'}}) e
+        JOIN (SELECT item_id, row_number() OVER (ORDER BY item_id) - 1 AS leaf
+              FROM read_csv('{log / 'items.csv'}', header=true)) i USING (item_id)""")
+    con.execute("""CREATE TEMP TABLE kept AS SELECT * FROM ev
+                   WHERE leaf IN (SELECT leaf FROM ev GROUP BY leaf HAVING count(*) >= 5)""")
+    con.execute("""CREATE TEMP TABLE seqs AS SELECT session_id, min(timestamp) AS first, max(timestamp) AS last
+                   FROM kept GROUP BY session_id HAVING count(*) >= 2""")
+    con.execute(f"""COPY (SELECT k.session_id, k.leaf, k.timestamp, s.last > (SELECT max(last) FROM seqs) - 7*86400
+                          AS is_test
+                          FROM kept k JOIN seqs s USING (session_id)
+                          ORDER BY s.first, k.session_id, k.timestamp)
+                    TO '{out / 'events.parquet'}' (FORMAT parquet)""")
+    return con.execute(f"SELECT count(*) FROM '{out / 'events.parquet'}'").fetchone()[0]
+
+
+def engine_polars(log: Path, out: Path, memory_mb: int, threads: int) -> int:
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+    import polars as pl
+
+    schema = {"session_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64}
+    events = pl.scan_csv(log / "interactions.csv", schema=schema)
+    items = (pl.scan_csv(log / "items.csv").select("item_id").sort("item_id")
+             .with_row_index("leaf"))
+    ev = events.join(items, on="item_id", how="inner").select("session_id", "leaf", "timestamp")
+    support = ev.group_by("leaf").agg(pl.len().alias("n")).filter(pl.col("n") >= 5).select("leaf")
+    kept = ev.join(support, on="leaf", how="semi")
+    seqs = (kept.group_by("session_id").agg(pl.col("timestamp").min().alias("first"),
+                                            pl.col("timestamp").max().alias("last"), pl.len().alias("n"))
+            .filter(pl.col("n") >= 2))
+    cut = seqs.select((pl.col("last").max() - 7 * 86400).alias("cut"))
+    result = (kept.join(seqs, on="session_id", how="inner").join(cut, how="cross")
+              .with_columns((pl.col("last") > pl.col("cut")).alias("is_test"))
+              .sort(["first", "session_id", "timestamp"])
+              .select("session_id", "leaf", "timestamp", "is_test"))
+    result.sink_parquet(out / "events.parquet", engine="streaming")
+    return pl.scan_parquet(out / "events.parquet").select(pl.len()).collect().item()
+
+
+ENGINES = {"duckdb": engine_duckdb, "polars": engine_polars}
+
+
+# ---- measuring a child process -----------------------------------------------------------------
+
+def measured(command: list[str], log_file: Path, env: dict | None = None) -> dict:
+    """Run a command; its wall time and peak RSS (ru_maxrss of the child, in MB)."""
+    started = time.perf_counter()
+    with open(log_file, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({code}); see {log_file}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma") if f in flags)
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}; {cpu_flags()}), shared"
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def command_engines(args) -> None:
+    rows = []
+    for engine in args.engines:
+        out = Path(args.work) / f"engine-{engine}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r});"
+                f"from scale_prep import ENGINES; from pathlib import Path;"
+                f"print(ENGINES[{engine!r}](Path({str(args.log)!r}), Path({str(out)!r}), {args.memory_mb}, {args.threads}))")
+        result = measured([sys.executable, "-c", code], out.with_suffix(".log"))
+        rows.append({"engine": engine, **result})
+        print(rows[-1], flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    info = json.loads((Path(args.log) / "log.json").read_text())
+    Path(args.work, "engines.json").write_text(json.dumps({"log": info, "rows": rows}))
+    if args.report:
+        report_engines(info, rows, args)
+
+
+def report_engines(info: dict, rows: list[dict], args) -> None:
+    from hmtrec.bench.report import update_section
+
+    lines = [f"Same work in both engines: read the {info['events']:,}-event CSV ({info['bytes'] / 1e9:.2f} GB) and the "
+             f"1M-item table, join (encode items), item support >= 5, sessions >= 2 events, mark test sessions, sort "
+             f"by session start and write Parquet. `memory_limit` {args.memory_mb} MB (DuckDB; Polars has no such "
+             f"setting), {args.threads} threads. Machine: {machine()}.", "",
+             "| engine | wall s | peak RSS MB |", "|---|---:|---:|"]
+    lines += [f"| {row['engine']} | {row['seconds']:.1f} | {row['peak_rss_mb']:,.0f} |" for row in rows]
+    update_section("scale-engines", "\n".join(lines), title="Streaming preparation: DuckDB vs Polars (engine choice)",
+                   command=f"python benchmarks/scale_prep.py engines --log {args.log} --memory-mb {args.memory_mb} "
+                           f"--threads {args.threads} --report")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate")
+    gen.add_argument("--events", type=int, required=True)
+    gen.add_argument("--out", type=Path, required=True)
+    eng = sub.add_parser("engines")
+    eng.add_argument("--log", type=Path, required=True)
+    eng.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
+    eng.add_argument("--engines", nargs="+", default=["duckdb", "polars"])
+    eng.add_argument("--memory-mb", type=int, default=2048)
+    eng.add_argument("--threads", type=int, default=2)
+    eng.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.command == "generate":
+        print(generate(args.events, args.out))
+    elif args.command == "engines":
+        command_engines(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Streaming preparation (DuckDB) gives the same splits, arrays and filter reports as the in-memory
+generic reader, memory-maps its shards for training, and fails on bad rows with file, row and column."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmtrec.config import build_config
+from hmtrec.data.loading import DataConfig, load_data
+from hmtrec.data.streaming import PrepareSettings, prepare
+from hmtrec.errors import ConfigError, DataError
+
+DAY = 86_400.0
+
+
+def write_log(folder, n_sessions=400, seed=0, unknown=False):
+    """Sessions over 12 days, skewed popularity (rare items get filtered), some 1-event sessions, string ids."""
+    rng = np.random.default_rng(seed)
+    n_items = 120
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(n_items)],
+                          "category": [f"c{i % 4}" for i in range(n_items)],
+                          "sub": [f"s{i % 12}" for i in range(n_items)],
+                          "title": [f"item {i} title" for i in range(n_items)]})
+    rows = []
+    for s in range(n_sessions):
+        start = rng.uniform(0, 12 * DAY)
+        for position in range(int(rng.integers(1, 7))):
+            item = int(min(n_items - 1, n_items * rng.random() ** 2))
+            rows.append((f"u{s:04d}", f"i{item}", 1_600_000_000 + start + 60 * position + (s % 3 == 0) * 0))
+    log = pd.DataFrame(rows, columns=["session", "item", "ts"])
+    log = log.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # file order is not time order
+    if unknown:
+        log.loc[5, "item"] = "ghost"
+    folder.mkdir(parents=True, exist_ok=True)
+    log.to_csv(folder / "log.csv", index=False)
+    items.to_csv(folder / "items.csv", index=False)
+    return folder
+
+
+def data_config(folder, **generic):
+    return DataConfig.model_validate({
+        "source": "generic", "path": str(folder),
+        "split": {"test_days": 2, "valid_days": 2},
+        "generic": {"interactions": "log.csv", "items": "items.csv",
+                    "columns": {"sequence": "session", "item": "item", "time": "ts"},
+                    "item_columns": {"item": "item_id", "levels": ["category", "sub"], "text": ["title"]},
+                    **generic}})
+
+
+def assert_same(memory, streamed):
+    assert streamed.taxonomy.to_dict() == memory.taxonomy.to_dict()
+    assert streamed.dataset.leaf_text == memory.dataset.leaf_text
+    for split in ("train", "valid", "test"):
+        a, b = getattr(memory, split), getattr(streamed, split)
+        np.testing.assert_array_equal(b.offsets, a.offsets)
+        np.testing.assert_array_equal(b.leaves, a.leaves)
+        np.testing.assert_array_equal(b.targets(), a.targets())
+        np.testing.assert_allclose(b.timestamps, a.timestamps)
+    assert [r.to_dict() for r in streamed.reports] == [r.to_dict() for r in memory.reports]
+    assert streamed.info["counts"] == memory.info["counts"]
+    assert streamed.info["protocol_description"] == memory.info["protocol_description"]
+
+
+@pytest.mark.parametrize("mode, valid_days", [("srgnn", 2), ("once", 0)])
+def test_streamed_shards_equal_the_in_memory_splits(tmp_path, mode, valid_days):
+    folder = write_log(tmp_path / "log")
+    cfg = data_config(folder)
+    cfg = cfg.model_copy(update={"filters": cfg.filters.model_copy(update={"mode": mode}),
+                                 "split": cfg.split.model_copy(update={"valid_days": valid_days})})
+    memory = load_data(cfg)
+    prepare(cfg, tmp_path / "shards", PrepareSettings(memory_mb=256, threads=1, batch_rows=97))
+    streamed = load_data(DataConfig(source="prepared", path=str(tmp_path / "shards")))
+    assert isinstance(streamed.train.leaves, np.memmap) or isinstance(streamed.train.leaves.base, np.memmap)
+    assert_same(memory, streamed)
+    assert any(r.rows_removed for r in streamed.reports)  # the filters did remove something here
+
+
+def test_unknown_items_are_dropped_and_reported_like_the_reader(tmp_path):
+    folder = write_log(tmp_path / "log", unknown=True)
+    cfg = data_config(folder, unknown_items="drop")
+    memory = load_data(cfg)
+    prepare(cfg, tmp_path / "shards", PrepareSettings(memory_mb=256, threads=1))
+    streamed = load_data(DataConfig(source="prepared", path=str(tmp_path / "shards")))
+    assert streamed.reports[0].name == "items not in the item table"
+    assert_same(memory, streamed)
+
+
+def test_bad_rows_fail_with_file_row_and_column_like_the_reader(tmp_path):
+    folder = write_log(tmp_path / "log")
+    log = pd.read_csv(folder / "log.csv", dtype=str)
+    cases = {
+        "session": ("session", 7, None),
+        "unknown": ("item", 3, "ghost"),
+        "time": ("ts", 11, "yesterday"),
+    }
+    for name, (column, row, value) in cases.items():
+        broken = log.copy()
+        broken.loc[row - 1, column] = value
+        broken.to_csv(folder / "log.csv", index=False)
+        cfg = data_config(folder)
+        with pytest.raises(DataError) as memory_error:
+            load_data(cfg)
+        with pytest.raises(DataError) as streamed_error:
+            prepare(cfg, tmp_path / f"shards-{name}", PrepareSettings(memory_mb=256, threads=1))
+        assert (streamed_error.value.row, streamed_error.value.column) == (row, column), str(streamed_error.value)
+        assert (memory_error.value.row, memory_error.value.column) == (row, column)
+        assert str(streamed_error.value) == str(memory_error.value)
+    # a malformed line (an extra field) names the file and the line
+    log.to_csv(folder / "log.csv", index=False)
+    lines = (folder / "log.csv").read_text().splitlines()
+    lines[4] += ",extra"
+    (folder / "log.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as memory_error:
+        load_data(data_config(folder))
+    with pytest.raises(DataError) as streamed_error:
+        prepare(data_config(folder), tmp_path / "shards-malformed", PrepareSettings(memory_mb=256, threads=1))
+    assert "line 5 has 4 fields, expected 3" in str(streamed_error.value)
+    assert streamed_error.value.row == memory_error.value.row == 4
+
+
+def test_prepared_source_refuses_settings_it_cannot_honour(tmp_path):
+    folder = write_log(tmp_path / "log")
+    prepare(data_config(folder), tmp_path / "shards", PrepareSettings(memory_mb=256, threads=1))
+    with pytest.raises(ConfigError, match="data.filters: .* was prepared with"):
+        load_data(DataConfig.model_validate({"source": "prepared", "path": str(tmp_path / "shards"),
+                                             "filters": {"min_item_support": 3}}))
+    # the preparing config itself, with source and path switched, is accepted
+    same = data_config(folder).model_copy(update={"source": "prepared", "path": str(tmp_path / "shards")})
+    assert load_data(same).train.n_events > 0
+    with pytest.raises(ConfigError, match="session_time"):
+        cfg = data_config(folder)
+        prepare(cfg.model_copy(update={"split": cfg.split.model_copy(update={"protocol": "leave_one_out"})}),
+                tmp_path / "x")
+
+
+def test_training_streams_from_prepared_shards(tmp_path):
+    from hmtrec.cli import app
+    from hmtrec.pipelines import get_pipeline
+    from typer.testing import CliRunner
+
+    folder = write_log(tmp_path / "log", n_sessions=600)
+    config_file = tmp_path / "prep.yaml"
+    config_file.write_text(json.dumps({"kind": "sequence", "data": data_config(folder).model_dump(mode="json")}))
+    done = CliRunner().invoke(app, ["prepare", str(config_file), "-o", str(tmp_path / "shards"), "--memory-mb", "256",
+                                    "--threads", "1"])
+    assert done.exit_code == 0, done.output
+    config = build_config({"kind": "sequence", "data": {"source": "prepared", "path": str(tmp_path / "shards")},
+                           "model": {"name": "sasrec", "dim": 16, "layers": 1, "heads": 1},
+                           "train": {"epochs": 1, "batch_size": 32, "max_len": 5, "threads": 1},
+                           "eval": {"ks": [5]}})
+    metrics = get_pipeline("sequence").train(config, tmp_path / "run")
+    assert metrics["models"]["sasrec"]["full"]["sub"]["Recall@5"] >= 0
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert data["source"] == "prepared" and data["filters_applied"]
