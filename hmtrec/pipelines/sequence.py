@@ -344,7 +344,8 @@ class SequencePipeline:
         save_weights(directory / MAIN_WEIGHTS, model.state_dict())
         training["parameters"] = count_parameters(model)
         console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
-        result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len)
+        result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len,
+                                train=prepared.train)
         result["training"] = training
         log.info("%s test: %s", label, flat_metrics(result))
         return result
@@ -400,7 +401,7 @@ class SequencePipeline:
             for label, model in artefact.models.items():
                 console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
                 results[label] = evaluate_model(model.to(device), prepared.test, prepared.taxonomy, config.eval,
-                                                max_len=config.eval_max_len)
+                                                max_len=config.eval_max_len, train=prepared.train)
                 get_logger().info("%s test: %s", label, flat_metrics(results[label]))
             write_json(run_dir / "evaluation.json", {"overrides": list(overrides), "models": results})
             print_tables(results, config.eval.ks)
