@@ -337,7 +337,11 @@ class SequencePipeline:
         console.print(f"[bold]{label}[/bold]: {count_parameters(model):,} parameters")
         started = time.perf_counter()
         if getattr(model, "trainable", True):
+            model.fit(prepared.train)   # statistics a trainable model keeps beside its weights (a hybrid's kNN)
             training = self._fit_trainable(model, prepared, config, directory, on_epoch_end)
+            tune = getattr(model, "tune_on_validation", None)
+            if callable(tune):          # settings chosen after training, on the valid split (never test)
+                training["tuned"] = tune(_validation_subset(prepared.valid, config.train), max_len=config.eval_max_len)
         else:
             model.fit(prepared.train)
             training = {"fit_seconds": time.perf_counter() - started}
