@@ -195,3 +195,21 @@ def test_switch_errors_name_the_key():
         build(head_levels=["l1"], repeat_explore=True)
     with pytest.raises(ConfigError, match="reversed_positions"):
         build(reversed_positions=True)
+
+
+def test_exclude_seen_ranks_each_rows_history_last():
+    torch.manual_seed(0)
+    model = build(exclude_seen=True).eval()
+    torch.manual_seed(0)
+    plain_model = build().eval()                          # the same weights
+    batch = batch_of([[0, 3, 4], [5, 2]])                # targets after [0], [0, 3], [5]
+    with torch.no_grad():
+        scores = model.predict(batch)["item"]
+        plain = plain_model.predict(batch)["item"]
+    expected_seen = [{0}, {0, 3}, {5}]
+    for row, seen in enumerate(expected_seen):
+        assert set(torch.nonzero(torch.isinf(scores[row])).flatten().tolist()) == seen
+        others = [i for i in range(6) if i not in seen]
+        torch.testing.assert_close(scores[row, others], plain[row, others])
+    with pytest.raises(ConfigError, match="contradict"):
+        build(exclude_seen=True, repeat_explore=True)

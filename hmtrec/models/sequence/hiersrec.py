@@ -15,7 +15,8 @@ Session-model techniques, each a switch (docs/hiersrec.md has the measured effec
 `leaf_scale` (NISER: normalised item and session vectors, logits = scale · cosine),
 `readout: attention` (SR-GNN / STAMP last-item + attention readout) with `reversed_positions`
 (GCE-GNN), `repeat_explore` (RepeatNet-like repeat-or-explore mixture over the session's own items),
-`tied_leaf_head` (input/output weight tying), `item_dropout` (dropout on the leaf-vector table).
+`tied_leaf_head` (input/output weight tying), `item_dropout` (dropout on the leaf-vector table),
+`exclude_seen` (history items rank last, for data without repeats).
 Hierarchy-to-item switches: `factorized` (p(item) = p(category) · p(item | category)) and
 `sibling_smoothing` (a little target mass on the item's siblings); both in `heads.py`.
 """
@@ -40,6 +41,7 @@ from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
 from hmtrec.models.sequence.encoder import CausalTransformer
 from hmtrec.models.sequence.heads import HierarchicalHeads
+from hmtrec.models.sequence.prefixes import target_prefixes
 from hmtrec.models.sequence.readout import AttentionReadout, RepeatExplore
 from hmtrec.models.sequence.text import build_text_encoder
 from hmtrec.train.run_dir import get_logger
@@ -77,6 +79,8 @@ class HierSRecParams(StrictModel):
                            "the session's end (GCE-GNN's reversed positions).")
     repeat_explore: bool = Field(False, description="RepeatNet-like repeat-or-explore mixture: the item head's "
                                           "distribution mixed with attention over the session's own items.")
+    exclude_seen: bool = Field(False, description="Rank the history's own items last (data without repeat "
+                                                  "consumption, e.g. ratings); prediction only, like kNN's remind: false.")
     item_dropout: float = Field(0.0, ge=0.0, lt=1.0,
                                 description="Dropout on the leaf-vector table (input tokens and, when tied, "
                                             "the output item vectors).")
@@ -92,6 +96,9 @@ class HierSRecParams(StrictModel):
             raise ValueError("use_item_ids and use_metadata cannot both be false: items would have no input")
         if self.dim % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        if self.exclude_seen and self.repeat_explore:
+            raise ValueError("exclude_seen and repeat_explore contradict each other: one ranks the history's "
+                             "items last, the other predicts repeats of them")
         if self.reversed_positions and self.readout != "attention":
             raise ValueError("reversed_positions needs readout: attention (they are part of its attention)")
         return self
@@ -202,6 +209,8 @@ class HierSRec(SequenceRecommender):
         if copied is not None:
             explore = self.heads.leaf_log_probabilities(logits)
             scores = {**scores, self.taxonomy.leaf_level: RepeatExplore.log_probabilities(explore, *copied)}
+        if self.params.exclude_seen:
+            scores = {**scores, self.taxonomy.leaf_level: exclude_history(scores[self.taxonomy.leaf_level], batch)}
         return scores
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -212,6 +221,17 @@ class HierSRec(SequenceRecommender):
         total, parts = self.heads.loss(logits, targets, leaf_nll=leaf_nll)
         parts["repeat_share"] = float(copied[2][:, 0].detach().exp().mean())
         return total, parts
+
+
+def exclude_history(leaf_scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """leaf_scores [M, n_leaves] with each row's history items (the inputs up to its target
+    position) set to -inf, so they rank last."""
+    items = target_prefixes(batch).items
+    n_leaves = leaf_scores.shape[1]
+    # PAD goes to an extra column, so it cannot overwrite a real item's mark at the same index
+    seen = torch.zeros(leaf_scores.shape[0], n_leaves + 1, dtype=torch.bool, device=leaf_scores.device)
+    seen.scatter_(1, torch.where(items == PAD, n_leaves, items), True)
+    return leaf_scores.masked_fill(seen[:, :n_leaves], float("-inf"))
 
 
 @register_model("sequence", "hiersrec", params=HierSRecParams)
