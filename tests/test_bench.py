@@ -181,6 +181,21 @@ def test_ablation_effects_are_differences_from_full_hiersrec():
     assert ablation_effects(suite, summarize(suite, records[:3])) == ""     # no ablation run: no paragraph
 
 
+def test_frequency_breakdown_is_mean_and_std_per_bucket():
+    from hmtrec.bench.sections import frequency_breakdown
+    suite = tiny_suite(metrics=["item/MRR@20", "item/Recall@20"])
+    records = [record("hiersrec", s, 0.2, 0.5, frequency_cases={"unseen": 3, "100+": 7},
+                      frequency_metrics={"unseen": {"item/MRR@20": 0.01 * s, "item/Recall@20": 0.1},
+                                         "100+": {"item/MRR@20": 0.3, "item/Recall@20": 0.6}}) for s in range(3)]
+    records.append(record("pop", 0, 0.1, 0.2))          # recorded no breakdown: no row
+    text = frequency_breakdown(suite, summarize(suite, records))
+    assert "test cases: unseen 3, 100+ 7" in text
+    assert "| model | unseen item/MRR@20 | unseen item/Recall@20 | 100+ item/MRR@20 | 100+ item/Recall@20 |" in text
+    assert "| hiersrec | 1.00 ± 1.00 | 10.00 ± 0.00 | 30.00 ± 0.00 | 60.00 ± 0.00 |" in text
+    assert "| pop |" not in text
+    assert frequency_breakdown(suite, summarize(suite, records[3:])) == ""
+
+
 def test_report_rewrites_only_the_suite_section(tmp_path):
     report = tmp_path / "benchmarks.md"
     report.write_text("# Benchmarks\n\n<!-- BEGIN other -->\nkeep me\n<!-- END other -->\n")

@@ -305,6 +305,26 @@ def test_segments_sum_back_to_overall():
     assert result["segment_cases"]["history_length"]["8+"] == int((positions >= 8).sum())
 
 
+def test_target_frequency_breakdown_counts_training_occurrences():
+    taxonomy = three_level_taxonomy()
+    # training: item 0 eleven times, item 1 twice, items 2 and 3 never
+    train = SequenceData(np.r_[[0] * 11, [1, 1]], np.array([0, 6, 13]), np.arange(2))
+    test = SequenceData(np.array([5, 0, 1, 2, 0, 4, 3]), np.array([0, 3, 5, 7]), np.arange(3))
+    model = TableModel(integer_tables(taxonomy, ["item"], seed=2))
+    settings = EvalSettings(ks=[1, 10], frequency_buckets=[0, 1, 10])
+    result = evaluate_model(model, test, taxonomy, settings, max_len=5, train=train)
+    # cases (targets after the first event): 0 (11 times), 1 (twice), 0, 3 (unseen)
+    assert result["segment_cases"]["target_frequency"] == {"unseen": 1, "1-9": 1, "10+": 2}
+    alone = evaluate_model(model, test.select(np.array([2])), taxonomy, EvalSettings(ks=[1, 10], segments=[]),
+                           max_len=5)
+    assert result["segments"]["target_frequency"]["unseen"]["item"] == pytest.approx(alone["full"]["item"])
+    without_train = evaluate_model(model, test, taxonomy, settings, max_len=5)
+    assert "target_frequency" not in without_train["segments"]
+    assert "target_frequency" in without_train["segments_unavailable"]
+    with pytest.raises(ValidationError, match="frequency_buckets"):
+        EvalSettings(frequency_buckets=[10, 1])
+
+
 def test_logsumexp_derivation_ranks_like_summed_probabilities():
     taxonomy = three_level_taxonomy()
     generator = torch.Generator().manual_seed(3)

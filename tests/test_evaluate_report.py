@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 from rich.console import Console
 
@@ -53,3 +55,26 @@ def test_rich_tables_render(results):
     text = console.export_text()
     assert "Recall@2" in text and "0.3750" in text
     print_results(results)
+
+
+def test_results_table_has_a_training_frequency_breakdown():
+    from hmtrec.data.sequences import SequenceData
+    from hmtrec.evaluate.report import breakdown_table
+    taxonomy, data, model = hand_case()
+    train = SequenceData(data.leaves, data.offsets, np.arange(data.n_sequences))
+    with_frequency = evaluate_model(model, data, taxonomy, EvalSettings(ks=[1, 2]), max_len=10, train=train)
+    counts = with_frequency["segment_cases"]["target_frequency"]
+    text = results_table({"hand": with_frequency, "old": results_without_segments()}, metrics=["Recall@2"])
+    assert "**By the target item's training frequency** (item" in text
+    table = breakdown_table({"hand": with_frequency, "old": results_without_segments()}, "target_frequency",
+                            metrics=["MRR@2"])
+    header, _, hand, old = table.splitlines()
+    assert header == "| model | " + " | ".join(f"{bucket} ({n:,}) MRR@2" for bucket, n in counts.items()) + " |"
+    mrr = with_frequency["segments"]["target_frequency"]
+    assert hand == "| hand | " + " | ".join(f"{mrr[b]['item']['MRR@2']:.4f}" for b in counts) + " |"
+    assert old == "| old | " + " | ".join("–" for _ in counts) + " |"
+
+
+def results_without_segments():
+    taxonomy, data, model = hand_case()
+    return evaluate_model(model, data, taxonomy, EvalSettings(ks=[1, 2], segments=[]), max_len=10)

@@ -51,6 +51,9 @@ class RunRecord:
     wall_seconds: float = 0.0                       # the whole child process (data, training, evaluation)
     cpu_seconds: float = 0.0                        # its CPU time: below wall time when the machine is shared
     history: list[dict] = field(default_factory=list)
+    # test metrics by the target item's training frequency: bucket -> "level/metric" -> value
+    frequency_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    frequency_cases: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -115,6 +118,9 @@ def read_record(run_dir: Path, model: SuiteModel, seed: int) -> RunRecord:
     record.train_targets = int(metrics.get("data", {}).get("train", {}).get("targets", 0))
     record.parameters = int(training.get("parameters", 0))
     record.history = training.get("history", [])
+    record.frequency_metrics = {bucket: flat(by_level) for bucket, by_level in
+                                result.get("segments", {}).get("target_frequency", {}).items()}
+    record.frequency_cases = dict(result.get("segment_cases", {}).get("target_frequency", {}))
     return record
 
 

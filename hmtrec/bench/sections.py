@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from hmtrec.bench.report import DEFAULT_REPORT, markdown_table, update_section
-from hmtrec.bench.results import ModelSummary, markdown_summary, summarize
+from hmtrec.bench.results import ModelSummary, format_stat, markdown_summary, summarize
 from hmtrec.bench.runner import RunRecord
 from hmtrec.bench.suites import Suite
 
@@ -102,6 +102,35 @@ def ablation_effects(suite: Suite, summaries: list[ModelSummary], metrics: list[
     return "\n**Ablations against full HierSRec** (negative = the ablated part helps):\n\n" + "\n".join(lines) + "\n"
 
 
+def frequency_breakdown(suite: Suite, summaries: list[ModelSummary], metrics: list[str] | None = None) -> str:
+    """Test metrics by the target item's training frequency (mean ± std over seeds), one row per model
+    whose runs recorded the breakdown: where a model's accuracy comes from (rare, unseen, popular items)."""
+    metrics = metrics or suite.metrics[:2]
+    with_breakdown = [s for s in summaries if any(r.frequency_metrics for r in s.runs)]
+    if not with_breakdown:
+        return ""
+    buckets: list[str] = []
+    counts: dict[str, int] = {}
+    for summary in with_breakdown:
+        for run in summary.runs:
+            for bucket, count in run.frequency_cases.items():
+                if bucket not in buckets:
+                    buckets.append(bucket)
+                counts.setdefault(bucket, count)
+    rows = []
+    for summary in with_breakdown:
+        row = {"model": summary.label}
+        for bucket in buckets:
+            for metric in metrics:
+                values = [r.frequency_metrics[bucket][metric] for r in summary.runs
+                          if metric in r.frequency_metrics.get(bucket, {})]
+                row[f"{bucket} {metric}"] = format_stat(summary.stat(values), summary.n)
+        rows.append(row)
+    shares = ", ".join(f"{bucket} {counts[bucket]:,}" for bucket in buckets)
+    return ("\n**By the target item's training frequency** (occurrences in the training split; test cases: "
+            f"{shares}):\n\n" + markdown_table(rows) + "\n")
+
+
 def report_suite(suite: Suite, records: list[RunRecord], plots: dict[str, Path], *, command: str,
                  updated_by: str | None = None, report: Path | None = None) -> Path:
     """`command` regenerates the whole table (every model and seed of the suite, reusing finished
@@ -116,6 +145,7 @@ def report_suite(suite: Suite, records: list[RunRecord], plots: dict[str, Path],
     failed = [r for r in records if r.status != "done"]
     if failed:
         body += "\nRuns that did not finish: " + "; ".join(f"{r.label} seed {r.seed} ({r.error})" for r in failed) + "\n"
+    body += frequency_breakdown(suite, summaries)
     body += "\n**HierSRec against the single-task baselines:**\n\n" + verdict(suite, summaries)
     body += ablation_effects(suite, summaries)
     return update_section(f"bench-{suite.name}", body, title=suite.title or suite.name, command=command, path=report)

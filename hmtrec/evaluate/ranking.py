@@ -30,7 +30,8 @@ from hmtrec.config import StrictModel
 from hmtrec.data.sequences import PAD, SequenceData, Windows, collate_windows, make_windows
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.evaluate.metrics import beats_target, metrics_from_ranks, ranks_from_beats
-from hmtrec.evaluate.segments import Segment, check_edges, history_length_segment, segment_from_values
+from hmtrec.evaluate.segments import (Segment, check_edges, frequency_segment, history_length_segment,
+                                      segment_from_values)
 from hmtrec.progress import progress_bar
 from hmtrec.serve.candidates import aggregate_node_scores, candidate_node_mask, k_for_fraction
 
@@ -59,10 +60,14 @@ class EvalSettings(StrictModel):
     max_len: int | None = Field(None, ge=1, description="context length; default: the training max_len")
     batch_size: int = Field(256, ge=1, description="windows per batch (at most)")
     score_budget_mb: float = Field(256.0, gt=0, description="bound on one batch's [cases, leaves] working set")
-    segments: list[Literal["history_length"]] = Field(
-        default_factory=lambda: ["history_length"], description="built-in breakdowns")
+    segments: list[Literal["history_length", "target_frequency"]] = Field(
+        default_factory=lambda: ["history_length", "target_frequency"],
+        description="built-in breakdowns; target_frequency needs the training split (evaluate_model's train=)")
     history_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16],
                                        description="lower bounds of the history-length buckets")
+    frequency_buckets: list[int] = Field(
+        default_factory=lambda: [0, 1, 10, 100],
+        description="lower bounds of the buckets of the target item's training occurrences (0: unseen)")
 
     @field_validator("ks")
     @classmethod
@@ -75,6 +80,14 @@ class EvalSettings(StrictModel):
     @classmethod
     def _check_buckets(cls, edges: list[int]) -> list[int]:
         return check_edges(edges, "history_buckets")
+
+    @field_validator("frequency_buckets")
+    @classmethod
+    def _check_frequency_buckets(cls, edges: list[int]) -> list[int]:
+        edges = check_edges(edges, "frequency_buckets")
+        if edges[0] < 0:
+            raise ValueError(f"frequency_buckets must start at 0 or above, got {edges}")
+        return edges
 
     @model_validator(mode="after")
     def _check_candidates(self) -> "EvalSettings":
@@ -367,7 +380,8 @@ def _metrics_by_level(ranks: dict[str, np.ndarray], ks: list[int], select=None) 
 
 
 def summarize(cases: CaseRanks, data: SequenceData, taxonomy: Taxonomy, settings: EvalSettings,
-              segments: Mapping[str, Segment | np.ndarray] | None = None) -> dict:
+              segments: Mapping[str, Segment | np.ndarray] | None = None,
+              train: SequenceData | None = None) -> dict:
     """Metrics (means over cases) from per-case ranks, overall and per segment bucket."""
     ks = settings.ks
     n_cases = cases.n_cases
@@ -391,7 +405,9 @@ def summarize(cases: CaseRanks, data: SequenceData, taxonomy: Taxonomy, settings
             "level": cases.candidate_level, "mode": settings.resolved_candidate_mode,
             "k": cases.candidate_k, "fraction": settings.candidate_fraction}
 
-    all_segments = _resolve_segments(data, settings, segments)
+    all_segments = _resolve_segments(data, settings, segments, train)
+    if "target_frequency" in settings.segments and train is None:
+        result["segments_unavailable"] = {"target_frequency": "no training split was given to count items in"}
     if all_segments:
         target_events = np.flatnonzero(data.targets())
         case_target = np.searchsorted(target_events, cases.events)
@@ -420,10 +436,13 @@ def summarize(cases: CaseRanks, data: SequenceData, taxonomy: Taxonomy, settings
 
 
 def _resolve_segments(data: SequenceData, settings: EvalSettings,
-                      extra: Mapping[str, Segment | np.ndarray] | None) -> list[Segment]:
+                      extra: Mapping[str, Segment | np.ndarray] | None,
+                      train: SequenceData | None = None) -> list[Segment]:
     segments = []
     if "history_length" in settings.segments:
         segments.append(history_length_segment(data, settings.history_buckets))
+    if "target_frequency" in settings.segments and train is not None:
+        segments.append(frequency_segment(train, data, settings.frequency_buckets))
     for name, value in (extra or {}).items():
         segment = value if isinstance(value, Segment) else segment_from_values(name, value, data)
         if len(segment.codes) != data.n_targets:
@@ -436,15 +455,19 @@ def _resolve_segments(data: SequenceData, settings: EvalSettings,
 
 def evaluate_model(model, data: SequenceData, taxonomy: Taxonomy, settings: EvalSettings | None = None, *,
                    max_len: int | None = None,
-                   segments: Mapping[str, Segment | np.ndarray] | None = None) -> dict:
+                   segments: Mapping[str, Segment | np.ndarray] | None = None,
+                   train: SequenceData | None = None) -> dict:
     """Evaluate `model` on every target of `data`. Returns a JSON-ready dict:
     {"n_cases", "n_skipped", "seconds", "cases_per_second", "ks", "levels", "derived_levels",
      "full": {level: {metric: value}},
      "candidate": {level: {...}}, "candidate_coverage", "candidate_fraction", "candidate_settings"
         (these four only in candidate mode),
      "segments": {segment: {bucket: {level: {...}}}}, "segment_cases": {segment: {bucket: n}},
-     "candidate_segments", "segment_coverage" (candidate mode)}.
-    `segments` adds breakdowns: a `Segment`, or one integer per target of `data` (event order)."""
+     "candidate_segments", "segment_coverage" (candidate mode),
+     "segments_unavailable": {segment: why} (a configured breakdown that could not be made)}.
+    `segments` adds breakdowns: a `Segment`, or one integer per target of `data` (event order).
+    `train`: the split the model learnt from, for the `target_frequency` breakdown (how often each
+    target item occurs in it)."""
     settings = settings or EvalSettings()
     cases = rank_cases(model, data, taxonomy, settings, max_len=max_len)
-    return summarize(cases, data, taxonomy, settings, segments)
+    return summarize(cases, data, taxonomy, settings, segments, train)

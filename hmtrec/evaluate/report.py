@@ -1,7 +1,8 @@
 """Tables of evaluation results: Markdown for files and docs, rich tables for the console.
 
 Inputs are the dicts `hmtrec.evaluate.ranking.evaluate_model` returns, keyed by model name. Models
-are rows; columns are level x metric, in a full-catalogue section and a candidate-mode section.
+are rows; columns are level x metric, in a full-catalogue section, a candidate-mode section and a
+breakdown by the target item's training frequency (bucket x metric at the finest level).
 """
 
 from __future__ import annotations
@@ -76,7 +77,43 @@ def results_table(results_by_model: dict[str, dict], *, metrics: Iterable[str] |
     if candidate_rows:
         parts += [f"\n**Candidates** ({_candidate_caption(results_by_model)}; a target outside the candidates "
                   "is a miss)\n", markdown_table(candidate_rows, float_format=float_format)]
+    if any(FREQUENCY_SEGMENT in result.get("segments", {}) for result in results_by_model.values()):
+        level = levels[-1] if levels else None
+        largest_k = max((k for result in results_by_model.values() for k in result.get("ks", [])), default=None)
+        breakdown_metrics = [f"Recall@{largest_k}", f"MRR@{largest_k}"] if largest_k else []
+        parts += [f"\n**By the target item's training frequency** ({level}; cases per bucket in brackets)\n",
+                  breakdown_table(results_by_model, FREQUENCY_SEGMENT, level=level, metrics=breakdown_metrics,
+                                  float_format=float_format)]
     return "\n".join(parts)
+
+
+FREQUENCY_SEGMENT = "target_frequency"
+
+
+def breakdown_table(results_by_model: dict[str, dict], segment: str, *, level: str | None = None,
+                    metrics: Iterable[str], float_format: str = "{:.4f}") -> str:
+    """Markdown: models as rows, one column per (bucket of `segment`, metric) of the full-catalogue
+    metrics at `level` (default: each result's finest level); a model without that segment shows
+    "–". Bucket headers carry the case count (the same for every model evaluated on one split)."""
+    metrics = list(metrics)
+    buckets: list[str] = []
+    counts: dict[str, int] = {}
+    for result in results_by_model.values():
+        for bucket, count in result.get("segment_cases", {}).get(segment, {}).items():
+            if bucket not in buckets:
+                buckets.append(bucket)
+            counts.setdefault(bucket, count)
+    rows = []
+    for model, result in results_by_model.items():
+        by_bucket = result.get("segments", {}).get(segment, {})
+        at = level or (result.get("levels") or [None])[-1]
+        row: dict = {"model": model}
+        for bucket in buckets:
+            values = by_bucket.get(bucket, {}).get(at, {})
+            for metric in metrics:
+                row[f"{bucket} ({counts[bucket]:,}) {metric}"] = values.get(metric, "–")
+        rows.append(row)
+    return markdown_table(rows, float_format=float_format)
 
 
 def segments_table(result: dict, segment: str, *, level: str | None = None,

@@ -65,11 +65,15 @@ def history_length_segment(data: SequenceData, edges: list[int], name: str = "hi
 def frequency_segment(train: SequenceData, data: SequenceData, edges: list[int],
                       name: str = "target_frequency") -> Segment:
     """Bucket each target of `data` by how often its leaf occurs in `train` (edges are lower
-    bounds; start them at 0 to keep leaves never seen in training)."""
+    bounds; start them at 0 to keep leaves never seen in training, whose bucket is labelled
+    "unseen")."""
+    edges = check_edges(edges)
     n_leaves = int(max(train.leaves.max(initial=-1), data.leaves.max(initial=-1))) + 1
     counts = np.bincount(train.leaves, minlength=n_leaves)
-    return Segment(name, bucketize(counts[data.leaves[data.targets()]], edges),
-                   bucket_labels(check_edges(edges)))
+    labels = bucket_labels(edges)
+    if edges[0] == 0 and (len(edges) == 1 or edges[1] == 1):
+        labels[0] = "unseen"
+    return Segment(name, bucketize(counts[data.leaves[data.targets()]], edges), labels)
 
 
 def segment_from_values(name: str, values: np.ndarray, data: SequenceData,

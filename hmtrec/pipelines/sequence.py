@@ -379,14 +379,19 @@ class SequencePipeline:
         console.print(f"[bold]{label}[/bold]: {count_parameters(model):,} parameters")
         started = time.perf_counter()
         if getattr(model, "trainable", True):
+            model.fit(prepared.train)   # statistics a trainable model keeps beside its weights (a hybrid's kNN)
             training = self._fit_trainable(model, prepared, config, directory, on_epoch_end)
+            tune = getattr(model, "tune_on_validation", None)
+            if callable(tune):          # settings chosen after training, on the valid split (never test)
+                training["tuned"] = tune(_validation_subset(prepared.valid, config.train), max_len=config.eval_max_len)
         else:
             model.fit(prepared.train)
             training = {"fit_seconds": time.perf_counter() - started}
         save_weights(directory / MAIN_WEIGHTS, model.state_dict())
         training["parameters"] = count_parameters(model)
         console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
-        result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len)
+        result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len,
+                                train=prepared.train)
         result["training"] = training
         log.info("%s test: %s", label, flat_metrics(result))
         return result
@@ -449,7 +454,7 @@ class SequencePipeline:
             for label, model in artefact.models.items():
                 console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
                 results[label] = evaluate_model(model.to(device), prepared.test, prepared.taxonomy, config.eval,
-                                                max_len=config.eval_max_len)
+                                                max_len=config.eval_max_len, train=prepared.train)
                 get_logger().info("%s test: %s", label, flat_metrics(results[label]))
             write_json(run_dir / "evaluation.json", {"overrides": list(overrides), "models": results})
             print_tables(results, config.eval.ks)

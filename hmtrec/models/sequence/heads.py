@@ -14,6 +14,18 @@ Loss: Σ_l w_l · CE_l over the targets' ancestors at each head's level, plus, w
 `consistency_weight > 0`, that weight times Σ over consecutive head pairs (coarse c, fine f) of
 KL(p_c ‖ q_c), where q_c is the fine head's probability mass summed up to level c (index_add over
 the fine level's ancestor table), so the heads agree on the coarse distribution.
+
+Options of the leaf head (each a switch, off by default):
+- `leaf_scale` (NISER, Gupta et al. 2019): leaf logits are scale · cos(h, v_i) + b_i, the session
+  encoding and every leaf vector normalised to unit length, so popular items cannot win by norm;
+- `factorized` (item scores through the category): p(i) = p(c(i)) · p(i | c(i)), with p(c) the
+  softmax of the finest coarse head and p(i | c) a softmax of the leaf logits over the leaves of c
+  only; the leaf loss is -log p(i) and `scores` ranks by log p(i);
+- `sibling_smoothing` ε (taxonomy-aware soft targets, "Making Better Mistakes", Bertinetto et
+  al. 2020): the leaf target puts 1-ε on the item and ε spread evenly over its siblings (the other
+  leaves under its parent node; all of ε stays on the item when it has none). For a softmax, the
+  cross-entropy against that target is CE(y) + ε · (s_y - mean of the siblings' logits), which is
+  how it is computed (no dense target matrix).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.models.sequence.losses import softmax_cross_entropy
+from hmtrec.models.sequence.losses import softmax_cross_entropy, softmax_cross_entropy_rows
 
 Coupling = Literal["parallel", "cascade"]
 
@@ -33,7 +45,8 @@ Coupling = Literal["parallel", "cascade"]
 class HierarchicalHeads(nn.Module):
     def __init__(self, taxonomy: Taxonomy, levels: Sequence[str], dim: int, *, coupling: Coupling = "cascade",
                  loss_weights: dict[str, float] | None = None, consistency_weight: float = 0.0,
-                 tied_leaf_head: bool = True):
+                 tied_leaf_head: bool = True, leaf_scale: float | None = None, factorized: bool = False,
+                 sibling_smoothing: float = 0.0):
         super().__init__()
         if not levels:
             raise ValueError("at least one head level is needed")
@@ -52,6 +65,15 @@ class HierarchicalHeads(nn.Module):
         self.consistency_weight = float(consistency_weight)
         self.has_leaf_head = self.levels[-1] == taxonomy.leaf_level
         self.tied_leaf_head = tied_leaf_head and self.has_leaf_head
+        if (leaf_scale is not None or factorized or sibling_smoothing) and not self.has_leaf_head:
+            raise ValueError("leaf_scale, factorized and sibling_smoothing need a leaf head")
+        if factorized and len(self.levels) < 2:
+            raise ValueError("factorized leaf scores need a coarser head to factorise through")
+        if not 0.0 <= sibling_smoothing < 1.0:
+            raise ValueError(f"sibling_smoothing must lie in [0, 1), got {sibling_smoothing}")
+        self.leaf_scale = None if leaf_scale is None else float(leaf_scale)
+        self.factorized = bool(factorized)
+        self.sibling_smoothing = float(sibling_smoothing)
 
         self.heads = nn.ModuleDict()
         for level in self.levels:
@@ -71,6 +93,12 @@ class HierarchicalHeads(nn.Module):
         for coarse, fine in zip(self.levels, self.levels[1:]):
             parent = taxonomy.node_ancestors(range(taxonomy.n_nodes(fine)), fine, coarse)
             self.register_buffer(self._parent_key(fine), torch.from_numpy(parent), persistent=False)
+        if self.sibling_smoothing:
+            # each leaf's parent node (the level just above the leaves) and the leaves under it
+            parent = torch.from_numpy(taxonomy.ancestor_table(taxonomy.level_names[-2]).copy())
+            self.register_buffer("sibling_parent", parent, persistent=False)
+            self.register_buffer("sibling_counts", torch.bincount(parent, minlength=taxonomy.n_nodes(-2)),
+                                 persistent=False)
 
     @staticmethod
     def _parent_key(level: str) -> str:
@@ -87,11 +115,77 @@ class HierarchicalHeads(nn.Module):
             if level == self.taxonomy.leaf_level and self.tied_leaf_head:
                 if leaf_vectors is None:
                     raise ValueError("a tied leaf head needs leaf_vectors")
-                logits[level] = torch.addmm(self.leaf_bias, h, leaf_vectors.T)
+                logits[level] = self._leaf_logits(h, leaf_vectors, self.leaf_bias)
+            elif level == self.taxonomy.leaf_level:
+                logits[level] = self._leaf_logits(h, self.heads[level].weight, self.heads[level].bias)
             else:
                 logits[level] = self.heads[level](h)
             previous = level
         return logits
+
+    def _leaf_logits(self, h: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if self.leaf_scale is None:
+            return torch.addmm(bias, h, vectors.T)
+        h, vectors = F.normalize(h, dim=-1), F.normalize(vectors, dim=-1)
+        return torch.addmm(bias, h, vectors.T, alpha=self.leaf_scale)
+
+    # ---- the leaf distribution --------------------------------------------------------------
+
+    def _within_parent_log_sum_exp(self, leaf_logits: torch.Tensor) -> torch.Tensor:
+        """[M, n_parent]: log Σ exp(leaf logits) over the leaves under each node of the head just
+        above the leaves (shifted by each node's max, so no node's sum underflows)."""
+        parent_level = self.levels[-2]
+        parent = self.leaf_ancestors[:, self.taxonomy.level_index(parent_level)]
+        index = parent.expand(leaf_logits.shape[0], -1)
+        n_parents = self.taxonomy.n_nodes(parent_level)
+        node_max = leaf_logits.new_full((leaf_logits.shape[0], n_parents), float("-inf"))
+        node_max = node_max.scatter_reduce(1, index, leaf_logits.detach(), "amax")
+        shifted = (leaf_logits - node_max.gather(1, index)).exp()
+        sums = shifted.new_zeros(node_max.shape).index_add_(1, parent, shifted)
+        return node_max + sums.float().log()
+
+    def leaf_log_probabilities(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(item) [M, n_leaves] under the leaf head (factorised through the coarse head when
+        `factorized`)."""
+        leaf_logits = logits[self.taxonomy.leaf_level].float()
+        if not self.factorized:
+            return torch.log_softmax(leaf_logits, dim=-1)
+        parent_level = self.levels[-2]
+        parent = self.leaf_ancestors[:, self.taxonomy.level_index(parent_level)]
+        coarse_log_p = torch.log_softmax(logits[parent_level].float(), dim=-1)
+        within = self._within_parent_log_sum_exp(leaf_logits)
+        return coarse_log_p[:, parent] + leaf_logits - within[:, parent]
+
+    def leaf_row_nll(self, logits: dict[str, torch.Tensor], leaf_targets: torch.Tensor) -> torch.Tensor:
+        """-log p(target item) per row [M] (float32) under the leaf head, without soft targets."""
+        leaf_logits = logits[self.taxonomy.leaf_level]
+        if not self.factorized:
+            return softmax_cross_entropy_rows(leaf_logits, leaf_targets)
+        parent_level = self.levels[-2]
+        target_parent = self.leaf_ancestors[leaf_targets, self.taxonomy.level_index(parent_level)]
+        coarse_nll = softmax_cross_entropy_rows(logits[parent_level], target_parent)
+        within = self._within_parent_log_sum_exp(leaf_logits.float())
+        target_logit = leaf_logits.gather(1, leaf_targets[:, None]).squeeze(1).float()
+        return coarse_nll + within.gather(1, target_parent[:, None]).squeeze(1) - target_logit
+
+    def sibling_term(self, leaf_logits: torch.Tensor, leaf_targets: torch.Tensor) -> torch.Tensor:
+        """Per row [M]: ε · (s_target - mean logit of the target's siblings); 0 without siblings."""
+        parent = self.sibling_parent
+        sums = leaf_logits.new_zeros(leaf_logits.shape[0], len(self.sibling_counts), dtype=torch.float32)
+        sums = sums.index_add_(1, parent, leaf_logits.float())
+        target_parent = parent[leaf_targets]
+        target_logit = leaf_logits.gather(1, leaf_targets[:, None]).squeeze(1).float()
+        siblings = (self.sibling_counts[target_parent] - 1).float()
+        sibling_mean = (sums.gather(1, target_parent[:, None]).squeeze(1) - target_logit) / siblings.clamp_min(1)
+        return torch.where(siblings > 0, self.sibling_smoothing * (target_logit - sibling_mean),
+                           torch.zeros_like(target_logit))
+
+    def scores(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the heads rank by: the logits, with the leaf level as log p(item) when factorised
+        (raw leaf logits rank like their log-softmax)."""
+        if not self.factorized:
+            return logits
+        return {**logits, self.taxonomy.leaf_level: self.leaf_log_probabilities(logits)}
 
     def targets(self, leaf_targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each head level's target node for leaf targets [M]."""
@@ -114,18 +208,29 @@ class HierarchicalHeads(nn.Module):
                                      reduction="batchmean")
         return total
 
-    def loss(self, logits: dict[str, torch.Tensor], leaf_targets: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Joint loss over M target rows; parts are the per-level cross-entropies and the consistency term."""
+    def loss(self, logits: dict[str, torch.Tensor], leaf_targets: torch.Tensor,
+             leaf_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Joint loss over M target rows; parts are the per-level cross-entropies and the consistency
+        term. `leaf_nll` [M], when given, is the leaf term per row in place of the leaf head's own
+        (a model that mixes the leaf head with another distribution, as the copy mechanism does)."""
         targets = self.targets(leaf_targets)
         total = logits[self.levels[0]].new_zeros((), dtype=torch.float32)
         parts: dict[str, float] = {}
+        leaf = self.taxonomy.leaf_level
         for level in self.levels:
-            cross_entropy = softmax_cross_entropy(logits[level], targets[level])
+            if level == leaf and (leaf_nll is not None or self.factorized or self.sibling_smoothing):
+                rows = leaf_nll if leaf_nll is not None else self.leaf_row_nll(logits, leaf_targets)
+                cross_entropy = rows.mean()
+                if self.sibling_smoothing:
+                    cross_entropy = cross_entropy + self.sibling_term(logits[leaf], leaf_targets).mean()
+            else:
+                cross_entropy = softmax_cross_entropy(logits[level], targets[level])
             total = total + self.loss_weights[level] * cross_entropy
             parts[f"ce_{level}"] = float(cross_entropy.detach())
         if self.consistency_weight > 0 and len(self.levels) > 1:
             log_probabilities = {level: torch.log_softmax(value.float(), dim=-1) for level, value in logits.items()}
+            if self.factorized:
+                log_probabilities[leaf] = self.leaf_log_probabilities(logits)
             consistency = self.consistency(log_probabilities)
             total = total + self.consistency_weight * consistency
             parts["consistency"] = float(consistency.detach())

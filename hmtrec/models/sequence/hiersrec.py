@@ -10,6 +10,15 @@ one head per chosen level; the leaf head is tied to the same leaf vectors.
 Ablation switches: `use_item_ids: false` (metadata only), `use_metadata: false` (ids only),
 `head_levels` (e.g. only the leaf level for "no hierarchy", or the coarse levels only to predict
 up to a level), `coupling` (parallel or cascade) and `consistency_weight`.
+
+Session-model techniques, each a switch (docs/hiersrec.md has the measured effect of each):
+`leaf_scale` (NISER: normalised item and session vectors, logits = scale · cosine),
+`readout: attention` (SR-GNN / STAMP last-item + attention readout) with `reversed_positions`
+(GCE-GNN), `repeat_explore` (RepeatNet-like repeat-or-explore mixture over the session's own items),
+`tied_leaf_head` (input/output weight tying), `item_dropout` (dropout on the leaf-vector table),
+`exclude_seen` (history items rank last, for data without repeats).
+Hierarchy-to-item switches: `factorized` (p(item) = p(category) · p(item | category)) and
+`sibling_smoothing` (a little target mass on the item's siblings); both in `heads.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+import torch.nn.functional as F
 from torch import nn
 
 from hmtrec.config import StrictModel
@@ -31,6 +41,8 @@ from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
 from hmtrec.models.sequence.encoder import CausalTransformer
 from hmtrec.models.sequence.heads import HierarchicalHeads
+from hmtrec.models.sequence.prefixes import target_prefixes
+from hmtrec.models.sequence.readout import AttentionReadout, RepeatExplore
 from hmtrec.models.sequence.text import build_text_encoder
 from hmtrec.train.run_dir import get_logger
 
@@ -56,6 +68,27 @@ class HierSRecParams(StrictModel):
     tied_leaf_head: bool = Field(True, description="Score leaves by dot product with their input vectors.")
     scale_inputs: bool = Field(True, description="Multiply input token vectors by sqrt(dim) (as SASRec "
                                                    "does) so they outweigh the position embeddings.")
+    leaf_scale: float | None = Field(
+        None, gt=0, description="NISER: unit-length item and session vectors, item logits = leaf_scale x "
+                                "cosine (the inverse temperature; the paper uses 12-16); null: plain dot product.")
+    readout: Literal["last", "attention"] = Field(
+        "last", description="last: the encoding at the last position; attention: SR-GNN/STAMP readout "
+                            "[last ; attention summary of the session] projected to dim.")
+    reversed_positions: bool = Field(
+        False, description="With readout attention: the attention also sees each position's distance from "
+                           "the session's end (GCE-GNN's reversed positions).")
+    repeat_explore: bool = Field(False, description="RepeatNet-like repeat-or-explore mixture: the item head's "
+                                          "distribution mixed with attention over the session's own items.")
+    exclude_seen: bool = Field(False, description="Rank the history's own items last (data without repeat "
+                                                  "consumption, e.g. ratings); prediction only, like kNN's remind: false.")
+    item_dropout: float = Field(0.0, ge=0.0, lt=1.0,
+                                description="Dropout on the leaf-vector table (input tokens and, when tied, "
+                                            "the output item vectors).")
+    factorized: bool = Field(False, description="Item scores through the category: log p(c) + log p(item | c), "
+                                                "c the finest coarse head (needs one).")
+    sibling_smoothing: float = Field(0.0, ge=0.0, lt=1.0,
+                                     description="Share of the item target spread over the item's siblings "
+                                                 "(the other items of its parent node).")
 
     @model_validator(mode="after")
     def _some_input(self):
@@ -63,6 +96,11 @@ class HierSRecParams(StrictModel):
             raise ValueError("use_item_ids and use_metadata cannot both be false: items would have no input")
         if self.dim % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        if self.exclude_seen and self.repeat_explore:
+            raise ValueError("exclude_seen and repeat_explore contradict each other: one ranks the history's "
+                             "items last, the other predicts repeats of them")
+        if self.reversed_positions and self.readout != "attention":
+            raise ValueError("reversed_positions needs readout: attention (they are part of its attention)")
         return self
 
 
@@ -120,11 +158,25 @@ class HierSRec(SequenceRecommender):
         if params.use_metadata and params.text != "none" and leaf_text is None:
             get_logger().info("HierSRec: the dataset has no item text; the text embedding is off")
         self.leaf_vectors = LeafVectors(taxonomy, params, leaf_text, cache_dir)
+        if (params.repeat_explore or params.factorized or params.sibling_smoothing or params.leaf_scale) and \
+                head_levels[-1] != taxonomy.leaf_level:
+            raise ConfigError("keys 'model.repeat_explore', 'model.factorized', 'model.sibling_smoothing' and "
+                              "'model.leaf_scale' act on the item head; model.head_levels has none")
+        if params.factorized and len(head_levels) < 2:
+            raise ConfigError("key 'model.factorized': needs a coarse head to factorise the item scores "
+                              f"through; model.head_levels is {head_levels}")
         self.encoder = CausalTransformer(params.dim, params.layers, params.heads, params.dropout, max_len)
+        self.readout = None
+        if params.readout == "attention":
+            self.readout = AttentionReadout(params.dim, max_len, params.reversed_positions)
+        self.repeat_explore = RepeatExplore(params.dim) if params.repeat_explore else None
+        self.item_dropout = nn.Dropout(params.item_dropout)
         self.heads = HierarchicalHeads(taxonomy, head_levels, params.dim, coupling=params.coupling,
                                        loss_weights=params.loss_weights,
                                        consistency_weight=params.consistency_weight,
-                                       tied_leaf_head=params.tied_leaf_head)
+                                       tied_leaf_head=params.tied_leaf_head, leaf_scale=params.leaf_scale,
+                                       factorized=params.factorized,
+                                       sibling_smoothing=params.sibling_smoothing)
 
     @property
     def levels(self) -> list[str]:
@@ -134,25 +186,52 @@ class HierSRec(SequenceRecommender):
     def max_len(self) -> int:
         return self.encoder.max_len
 
-    def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _forward(self, batch: dict[str, torch.Tensor]):
+        """-> (head logits at the M target positions, their leaf targets [M], the copy mechanism's
+        outputs or None)."""
         inputs = batch["inputs"]
-        leaf_vectors = self.leaf_vectors()
+        leaf_vectors = self.item_dropout(self.leaf_vectors())
         valid = inputs != PAD
-        tokens = leaf_vectors[inputs.clamp_min(0)] * valid[..., None]
+        input_vectors = leaf_vectors if self.params.leaf_scale is None else F.normalize(leaf_vectors, dim=-1)
+        tokens = input_vectors[inputs.clamp_min(0)] * valid[..., None]
         if self.params.scale_inputs:
             tokens = tokens * math.sqrt(self.params.dim)
         hidden = self.encoder(tokens, valid)
         at = target_positions(batch)
         # Gather the target positions before any output layer: heads run on [M, D], not [B, T, D].
-        return self.heads(hidden[at], leaf_vectors), batch["targets"][at]
+        session = hidden[at] if self.readout is None else self.readout(hidden, valid, at)
+        copied = self.repeat_explore(hidden, inputs, valid, at) if self.repeat_explore is not None else None
+        return self.heads(session, leaf_vectors), batch["targets"][at], copied
 
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits, _ = self._logits(batch)
-        return logits
+        logits, _, copied = self._forward(batch)
+        scores = self.heads.scores(logits)
+        if copied is not None:
+            explore = self.heads.leaf_log_probabilities(logits)
+            scores = {**scores, self.taxonomy.leaf_level: RepeatExplore.log_probabilities(explore, *copied)}
+        if self.params.exclude_seen:
+            scores = {**scores, self.taxonomy.leaf_level: exclude_history(scores[self.taxonomy.leaf_level], batch)}
+        return scores
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, targets = self._logits(batch)
-        return self.heads.loss(logits, targets)
+        logits, targets, copied = self._forward(batch)
+        if copied is None:
+            return self.heads.loss(logits, targets)
+        leaf_nll = RepeatExplore.row_nll(self.heads.leaf_row_nll(logits, targets), *copied, targets)
+        total, parts = self.heads.loss(logits, targets, leaf_nll=leaf_nll)
+        parts["repeat_share"] = float(copied[2][:, 0].detach().exp().mean())
+        return total, parts
+
+
+def exclude_history(leaf_scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """leaf_scores [M, n_leaves] with each row's history items (the inputs up to its target
+    position) set to -inf, so they rank last."""
+    items = target_prefixes(batch).items
+    n_leaves = leaf_scores.shape[1]
+    # PAD goes to an extra column, so it cannot overwrite a real item's mark at the same index
+    seen = torch.zeros(leaf_scores.shape[0], n_leaves + 1, dtype=torch.bool, device=leaf_scores.device)
+    seen.scatter_(1, torch.where(items == PAD, n_leaves, items), True)
+    return leaf_scores.masked_fill(seen[:, :n_leaves], float("-inf"))
 
 
 @register_model("sequence", "hiersrec", params=HierSRecParams)

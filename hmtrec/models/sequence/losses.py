@@ -123,3 +123,34 @@ def item_loss(hidden: torch.Tensor, item_weight: torch.Tensor, item_bias: torch.
         logits = logits + item_bias
     # the logits are a temporary: the matmul's (and the bias add's) backward does not read them
     return softmax_cross_entropy(logits, targets, params.label_smoothing, consume_logits=True)
+
+
+class _RowSoftmaxCrossEntropy(torch.autograd.Function):
+    """`_SoftmaxCrossEntropy` without the mean: one cross-entropy per row, for losses that combine
+    a row's catalogue softmax with other terms (a copy mechanism's mixture, soft targets)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        row_max = logits.amax(dim=1, keepdim=True)
+        shifted_exp = torch.sub(logits, row_max).exp_()
+        sums = shifted_exp.sum(dim=1, dtype=torch.float32)
+        log_sum_exp = row_max.squeeze(1).float() + sums.log()
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(shifted_exp, sums, targets)
+        return log_sum_exp - target_logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        shifted_exp, sums, targets = ctx.saved_tensors
+        scale = grad_output.float()
+        gradient = shifted_exp.mul_((scale / sums)[:, None].to(shifted_exp.dtype))
+        rows = torch.arange(shifted_exp.shape[0], device=gradient.device)
+        gradient[rows, targets] -= scale.to(gradient.dtype)
+        return gradient, None
+
+
+def softmax_cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row of logits [M, N] against class indices [M], float32 [M]
+    (equal to F.cross_entropy(..., reduction="none"))."""
+    return _RowSoftmaxCrossEntropy.apply(logits, targets)
