@@ -16,4 +16,4 @@ def data_dir(path: str | Path | None = None) -> Path:
     for candidate in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"):
         if candidate.is_dir():
             return candidate.resolve()
-    raise DataError("no data folder: set HMT_DATA_DIR or pass data_dir in the config")
+    raise DataError("no data folder: set data.path in the config or the HMT_DATA_DIR environment variable")
