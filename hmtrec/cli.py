@@ -11,10 +11,30 @@ from typing import List, Optional
 import typer
 
 from hmtrec.errors import HmtrecError
-from hmtrec.progress import console
+from hmtrec.progress import console, status_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hierarchical multi-task recommendation.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("hmtrec")
+        except PackageNotFoundError:  # run from a source tree without an install
+            number = "unknown (not installed)"
+        console.print(f"hmtrec {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+):
+    """Hierarchical multi-task recommendation."""
 
 
 def default_run_dir(config_path: Path | None, name: str) -> Path:
@@ -26,11 +46,12 @@ def default_run_dir(config_path: Path | None, name: str) -> Path:
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file (required; e.g. configs/quickstart.yaml)."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key: a.b=value."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run directory (resumes if it holds a checkpoint)."),
 ):
-    """Train a model from a config; writes config, checkpoint, weights, metrics and log to the run directory."""
+    """Train a model from a config; writes config, checkpoint, weights, metrics and log to the run directory.
+    Results go to stdout, progress to stderr."""
     from hmtrec.config import load_config
     from hmtrec.pipelines import get_pipeline
 
@@ -72,7 +93,7 @@ def main() -> None:
     try:
         app()
     except HmtrecError as error:
-        console.print(f"[red]error:[/red] {error}")
+        status_console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise SystemExit(2)
 
 

@@ -27,6 +27,7 @@ from hmtrec.data.filters import FilterMode, FilterReport, apply_standard_filters
 from hmtrec.data.readers import SourceData
 from hmtrec.data.schema import InteractionColumns, ItemColumns
 from hmtrec.data.sequences import Dataset, SequenceData
+from hmtrec.data.sources import Source
 from hmtrec.data.splits import (SplitFrames, given_split_valid_tail, leave_one_out, order_events,
                                 session_time_split, time_fraction_split)
 from hmtrec.data.synthetic import SyntheticConfig
@@ -36,8 +37,6 @@ from hmtrec.train.run_dir import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
 
-Source = Literal["synthetic", "generic", "diginetica", "diginetica-sessions", "movielens-1m",
-                 "movielens-100k", "foursquare-nyc"]
 Protocol = Literal["auto", "session_time", "leave_one_out", "time_fraction", "given"]
 
 

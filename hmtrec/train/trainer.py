@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from hmtrec.progress import progress_bar
+from hmtrec.progress import end_epoch, epoch_summary, progress_bar
 from hmtrec.train.run_dir import get_logger, load_tensors, save_tensors, save_weights
 
 CHECKPOINT = "checkpoint.pt"
@@ -63,6 +63,7 @@ class TrainerSettings:
     patience: int | None = None     # stop after this many epochs without improvement
     resume: bool = True
     precision: str = "fp32"         # "bf16": forward and loss under bfloat16 autocast (weights stay fp32)
+    monitor_label: str | None = None  # the monitored metric's name in progress lines (default: monitor)
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -153,7 +154,6 @@ class Trainer:
                         value = value.detach() if isinstance(value, torch.Tensor) else value
                         parts_sum[key] = parts_sum.get(key, 0.0) + float(value)
                     bar.update(task, advance=1, info=f"loss {loss_sum / n_steps:.4f}")
-                bar.remove_task(task)
                 epoch_seconds = time.perf_counter() - started
                 self.state.train_seconds += epoch_seconds
                 record = {"epoch": epoch, "loss": loss_sum / max(n_steps, 1), "epoch_seconds": epoch_seconds,
@@ -175,6 +175,9 @@ class Trainer:
                             save_weights(self.run_dir / BEST_WEIGHTS, best_state)
                     else:
                         self.state.epochs_without_improvement += 1
+                end_epoch(bar, task, epoch_summary(record, settings.monitor, self.state.best_value,
+                                                   self.state.best_epoch, settings.epochs,
+                                                   label=settings.monitor_label))
                 self.log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
                                                       for k, v in record.items()})
                 if settings.patience is not None and self.state.epochs_without_improvement >= settings.patience:
