@@ -70,6 +70,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"protocol: {prepared.info['protocol_description']}")
         for note in prepared.info["notes"]:
             console.print(f"note: {note}")
+        for warning in prepared.info.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
         console.print(f"loaded in {prepared.info['seconds']:.1f}s")
 
     @group.command("synth")
