@@ -11,10 +11,30 @@ from typing import List, Optional
 import typer
 
 from hmtrec.errors import HmtrecError
-from hmtrec.progress import console
+from hmtrec.progress import console, status_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hierarchical multi-task recommendation.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("hmtrec")
+        except PackageNotFoundError:  # run from a source tree without an install
+            number = "unknown (not installed)"
+        console.print(f"hmtrec {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+):
+    """Hierarchical multi-task recommendation."""
 
 
 def default_run_dir(config_path: Path | None, name: str) -> Path:
@@ -26,7 +46,7 @@ def default_run_dir(config_path: Path | None, name: str) -> Path:
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file (required; e.g. configs/quickstart.yaml)."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key: a.b=value."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-o", help="Run directory (resumes if it holds a checkpoint)."),
     track: bool = typer.Option(False, "--track/--no-track", help="Log params, epochs and the run directory to MLflow."),
@@ -35,7 +55,7 @@ def train(
     loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader processes building the training batches."),
 ):
     """Train a model from a config; writes config, checkpoint, weights, metrics and log to the run directory.
-    Under `torchrun` it trains data-parallel (docs/scale.md)."""
+    Results go to stdout, progress to stderr. Under `torchrun` it trains data-parallel (docs/scale.md)."""
     from hmtrec.config import load_config
     from hmtrec.train.launch import train_run
 
@@ -78,7 +98,7 @@ def main() -> None:
     try:
         app()
     except HmtrecError as error:
-        console.print(f"[red]error:[/red] {error}")
+        status_console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise SystemExit(2)
 
 

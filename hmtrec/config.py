@@ -82,6 +82,35 @@ def build_config(raw: dict, source: str = "config") -> StrictModel:
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping; a syntax error is one line naming the file, line and column."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context = getattr(error, "context", None)
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}"
+                          + (f" ({context})" if context else "")) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping")
+    return loaded
+
+
+def resolve_data_path(raw: dict, config_path: Path) -> dict:
+    """A relative `data.path` in a config file is relative to the file's folder (so a config and
+    its data can move together); `--set data.path=...` stays relative to the working directory."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
+            and not Path(data["path"]).expanduser().is_absolute():
+        raw = {**raw, "data": {**data, "path": str((config_path.parent / data["path"]).resolve())}}
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: dict | None = None) -> StrictModel:
     """Read YAML (or start from `base`), apply `--set` overrides, validate."""
@@ -89,13 +118,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     source = "config"
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config must be a mapping")
-        raw.update(loaded)
+        raw.update(resolve_data_path(read_yaml(path), path))
         source = str(path)
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
@@ -103,8 +126,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
 
 def dump_config(config: StrictModel, path: str | Path) -> None:
+    """Write the resolved config; a relative data.path (from --set, relative to the working
+    directory) is written absolute, so the file reads the same data wherever it is loaded from."""
+    dumped = config.model_dump(mode="json")
+    data = dumped.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
+            and not Path(data["path"]).expanduser().is_absolute():
+        data["path"] = str(Path(data["path"]).resolve())
     with open(path, "w") as f:
-        yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
+        yaml.safe_dump(dumped, f, sort_keys=False)
 
 
 def _import_config_models() -> None:

@@ -1,4 +1,5 @@
-"""Where real datasets are looked for: $HMT_DATA_DIR, else ../shared/data beside the checkout."""
+"""Where real datasets are looked for ($HMT_DATA_DIR, else ../shared/data beside the checkout) and
+where the shipped YAML configs are."""
 
 from __future__ import annotations
 
@@ -16,4 +17,13 @@ def data_dir(path: str | Path | None = None) -> Path:
     for candidate in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"):
         if candidate.is_dir():
             return candidate.resolve()
-    raise DataError("no data folder: set HMT_DATA_DIR or pass data_dir in the config")
+    raise DataError("no data folder: set data.path in the config or the HMT_DATA_DIR environment variable")
+
+
+def configs_dir() -> Path:
+    """The YAML configs (quickstart, bench suites, ...): the copy installed inside the package
+    (hmtrec/configs, from the wheel), else the source tree's configs/ beside the package."""
+    installed = Path(__file__).resolve().parent / "configs"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[1] / "configs"

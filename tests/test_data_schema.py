@@ -141,20 +141,25 @@ def test_item_without_a_taxonomy_node(tmp_path):
     report = prepared.reports[0]
     assert report.name == "items not in the item table"
     assert (report.rows_before, report.rows_removed, report.sequences_removed, report.items_removed) == (120, 1, 0, 1)
-    # an item table row with an empty level
-    items = ITEMS.replace("i5,T1,S1,", "i5,T1,,")
+    # an item table row with a gap: an empty level above a non-empty one
+    items = ITEMS.replace("i5,T1,S1,", "i5,,S1,")
     message = _error(_write(tmp_path / "gap", _events(), items=items))
-    assert "items.csv, row 6, column 'sub': item without a taxonomy node" in message
+    assert "items.csv, row 6, column 'sub': a path level is empty between two non-empty ones (item 'i5')" in message
 
 
 def test_item_mapped_to_two_parents(tmp_path):
     items = ITEMS + "i2,T1,S3,item number 2 again\n"
     message = _error(_write(tmp_path / "item", _events(), items=items))
     assert "items.csv, row 9, column 'sub': item 'i2' is mapped to two parents" in message
-    # a category under two top-level nodes
+    # every item listed with two paths is named in the one error
+    items = ITEMS + "i2,T1,S3,again\ni6,T1,S1,again\n"
+    message = _error(_write(tmp_path / "items", _events(), items=items))
+    assert "row 9, column 'sub': item 'i2' is mapped to two parents ('T0 > S2' and 'T1 > S3'); 2 rows in all: " \
+           "row 9 (line 10) 'i2', row 10 (line 11) 'i6'" in message
+    # nodes are keyed by their full path: the same name under two parents is two nodes
     items = ITEMS.replace("i4,T0,S0,", "i4,T1,S0,")
-    message = _error(_write(tmp_path / "node", _events(), items=items))
-    assert "row 5, column 'top': node 'S0' is mapped to two parents" in message
+    prepared = load_data(_config(_write(tmp_path / "node", _events(), items=items)))
+    assert {"T0 > S0", "T1 > S0"} <= set(prepared.taxonomy.node_labels[1])
 
 
 def test_missing_columns_and_files(tmp_path):

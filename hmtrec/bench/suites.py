@@ -25,15 +25,15 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from hmtrec.config import StrictModel, _format_validation_error
+from hmtrec.config import StrictModel, _format_validation_error, read_yaml
 from hmtrec.errors import ConfigError
 from hmtrec.evaluate.metrics import metric_names
 from hmtrec.evaluate.ranking import EvalSettings
+from hmtrec.paths import configs_dir
 
-SUITES_DIR = Path(__file__).resolve().parents[2] / "configs" / "bench"
+SUITES_DIR = configs_dir() / "bench"
 
 
 class QualityTarget(StrictModel):
@@ -147,9 +147,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
             raise ConfigError(f"no suite {str(name_or_path)!r}: not a file, and not a built-in suite "
                               f"({', '.join(builtin_suites())})")
         path = candidate
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a suite must be a mapping")
+    raw = read_yaml(path)
     if "models" not in raw and "config" not in raw:
         raw = _suite_from_sequence_config(raw, path)
     raw.setdefault("name", path.stem)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -57,8 +57,8 @@ def register(app: typer.Typer) -> None:
         target: Path = typer.Argument(..., help="A ranking run directory, or a score table (CSV/Parquet)."),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (kind: calibration)."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key: a.b=value."),
-        method: Optional[str] = typer.Option(None, "--method", "-m",
-                                             help="platt | isotonic | temperature | downsampling | none."),
+        method: Optional[Literal["platt", "isotonic", "temperature", "downsampling", "none"]] = typer.Option(
+            None, "--method", help="Calibration method."),
         per_scenario: Optional[bool] = typer.Option(None, "--per-scenario/--global",
                                                     help="One calibrator per scenario."),
         downsampling: Optional[List[str]] = typer.Option(
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         min_head_ratio: Optional[float] = typer.Option(
             None, "--min-head-ratio", help="Each head's NDCG >= this fraction of its single-head optimum."),
         n_trials: Optional[int] = typer.Option(None, "--n-trials", "-n", help="COMPLETE trials in total."),
-        sampler: Optional[str] = typer.Option(None, "--sampler", help="tpe | random."),
+        sampler: Optional[Literal["tpe", "random"]] = typer.Option(None, "--sampler", help="Optuna sampler."),
         compare_random: Optional[bool] = typer.Option(None, "--compare-random/--no-compare-random",
                                                       help="Also run random search with the same budget."),
         storage: Optional[str] = typer.Option(None, "--storage", help="Optuna DB URL, or 'memory'."),

@@ -4,28 +4,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
+from hmtrec.data.sources import Source
 from hmtrec.errors import ConfigError
 
 
 def data_config(config: Path | None, overrides: list[str] | None, source: str | None):
     """The `data:` section of a config file (or the defaults), with `--set key=value` overrides
     relative to that section and an optional `--source`."""
-    import yaml
     from pydantic import ValidationError
 
-    from hmtrec.config import _format_validation_error, _set_dotted, parse_overrides
+    from hmtrec.config import _format_validation_error, _set_dotted, parse_overrides, read_yaml, resolve_data_path
     from hmtrec.data.loading import DataConfig
 
     raw: dict = {}
     if config is not None:
-        if not config.exists():
-            raise ConfigError(f"config file {config} does not exist")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        raw = dict(loaded.get("data", loaded if "source" in loaded else {}))
+        loaded = read_yaml(config)
+        section = loaded.get("data", loaded if "source" in loaded else {})
+        raw = dict(resolve_data_path({"data": dict(section)}, config)["data"])
     if source is not None:
         raw["source"] = source
     for key, value in parse_overrides(overrides):
@@ -42,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
     @group.command("info")
     def info(
-        source: Optional[str] = typer.Option(None, "--source", help="A source name (synthetic, movielens-1m, ...)."),
+        source: Optional[Source] = typer.Option(None, "--source", help="A data source."),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config file; its data: section is used."),
         overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a data key: split.test_days=3."),
     ):
@@ -71,12 +70,14 @@ def register(app: typer.Typer) -> None:
         console.print(f"protocol: {prepared.info['protocol_description']}")
         for note in prepared.info["notes"]:
             console.print(f"note: {note}")
+        for warning in prepared.info.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
         console.print(f"loaded in {prepared.info['seconds']:.1f}s")
 
     @group.command("synth")
     def synth(
         out: Path = typer.Argument(..., help="Folder to write interactions and items into."),
-        format: str = typer.Option("parquet", "--format", help="parquet or csv."),
+        format: Literal["parquet", "csv"] = typer.Option("parquet", "--format", help="File format."),
         seed: int = typer.Option(0, "--seed"),
         overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
                                                       help="Generator setting: n_items=100000, n_sessions=200000."),

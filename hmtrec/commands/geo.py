@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         history: str = typer.Option(..., "--history", "-H",
                                     help="Actions as VENUE@DAYS_AGO[:TYPE], separated by spaces or commas."),
         regions: int = typer.Option(3, "--regions", "-r", min=1, help="How many regions to suggest."),
-        cities: int = typer.Option(5, "--cities", "-c", min=1, help="How many cities (cells) inside each region."),
+        cities: int = typer.Option(5, "--cities", min=1, help="How many cities (cells) inside each region."),
         at: Optional[str] = typer.Option(None, "--at", help="Prediction time as an ISO date (default: now); "
                                          "sets the calendar context."),
         indent: Optional[int] = typer.Option(2, "--indent", help="JSON indentation (0: one line)."),

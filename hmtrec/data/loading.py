@@ -27,17 +27,16 @@ from hmtrec.data.filters import FilterMode, FilterReport, apply_standard_filters
 from hmtrec.data.readers import SourceData
 from hmtrec.data.schema import InteractionColumns, ItemColumns
 from hmtrec.data.sequences import Dataset, SequenceData
+from hmtrec.data.sources import Source
 from hmtrec.data.splits import (SplitFrames, given_split_valid_tail, leave_one_out, order_events,
                                 session_time_split, time_fraction_split)
 from hmtrec.data.synthetic import SyntheticConfig
+from hmtrec.data.validation import ValidationConfig
 from hmtrec.errors import ConfigError
 from hmtrec.train.run_dir import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
 
-Source = Literal["synthetic", "generic", "diginetica", "diginetica-sessions", "movielens-1m",
-                 "movielens-100k", "foursquare-nyc",
-                 "prepared"]  # a folder written by `hmtrec prepare` (hmtrec.data.streaming)
 Protocol = Literal["auto", "session_time", "leave_one_out", "time_fraction", "given"]
 
 
@@ -114,6 +113,7 @@ class DataConfig(StrictModel):
         None, ge=1, description="keep only the most recent N training sequences (valid and test untouched): "
                                 "quicker training on the full evaluation protocol")
     keep_unused_items: bool = Field(False, description="keep catalogue items that occur in no split")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     @model_validator(mode="after")
     def _generic_needs_files(self) -> "DataConfig":
@@ -142,6 +142,7 @@ class PreparedData:
             lines.append(f"  {name}: {part.n_sequences:,} sequences, {part.n_events:,} events, "
                          f"{part.n_targets:,} targets")
         lines += [f"  {report}" for report in self.reports]
+        lines += [f"  warning: {warning}" for warning in self.info.get("warnings", [])]
         lines.append(f"  protocol: {self.info.get('protocol_description', '')}")
         return "\n".join(lines)
 
@@ -232,6 +233,7 @@ def load_data(cfg: DataConfig) -> PreparedData:
         reports += split.reports
 
     train, valid, test = split.train, split.valid, split.test
+    warnings = list(source.warnings) + check_splits(train, valid, test, protocol, split.cutoffs)
     if cfg.split.train_on_all:
         train = _merge_train_valid(train, valid, protocol)
     if cfg.max_train_sequences is not None:
@@ -265,6 +267,7 @@ def load_data(cfg: DataConfig) -> PreparedData:
         "events_after_filters": events_kept,
         "cutoffs": split.cutoffs,
         "notes": source.notes,
+        "warnings": warnings,
         "n_items": taxonomy.n_leaves,
         "levels": {name: taxonomy.n_nodes(name) for name in taxonomy.level_names},
         "counts": {name: {"sequences": part.n_sequences, "events": part.n_events, "targets": part.n_targets}
@@ -273,6 +276,40 @@ def load_data(cfg: DataConfig) -> PreparedData:
     }
     logger.info("loaded %s in %.1fs: %s", source.name, info["seconds"], info["counts"])
     return PreparedData(dataset, train_seq, valid_seq, test_seq, reports, info)
+
+
+MIN_TEST_SEQUENCES = 2   # fewer test sequences than this: the metrics are one case's luck
+
+
+def check_splits(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame, protocol: str,
+                 cutoffs: dict | None) -> list[str]:
+    """Before any training: an empty split (train, valid or test targets) is an error naming the
+    protocol and its cut-offs; a test split of a single sequence is a warning (returned)."""
+    def targets(part: pd.DataFrame) -> int:
+        return int(part["target"].sum()) if "target" in part.columns else len(part)
+
+    where = f"protocol {protocol!r}" + (f", cut-offs {cutoffs}" if cutoffs else "")
+    hint = {"session_time": "data.split.test_days / valid_days",
+            "time_fraction": "data.split.test_fraction / valid_fraction",
+            "leave_one_out": "data.filters.min_sequence_length",
+            "given": "data.split.valid_tail_fraction"}.get(protocol, "data.split")
+    for name, part in (("train", train), ("validation", valid), ("test", test)):
+        if targets(part) == 0:
+            span = ""
+            if "time" in train.columns and len(train) + len(test):
+                times = pd.concat([train["time"], valid["time"], test["time"]])
+                span = (f"; event times span {pd.Timestamp(times.min(), unit='s'):%Y-%m-%d %H:%M} .. "
+                        f"{pd.Timestamp(times.max(), unit='s'):%Y-%m-%d %H:%M}"
+                        if times.max() > 1e8 else "")
+            raise ConfigError(f"data.split: the {name} split has no targets ({where}{span}); adjust {hint}, "
+                              f"or check for implausible timestamps (data.validation.time_min / time_max)")
+    warnings = []
+    n_test = test["sequence"].nunique()
+    if n_test < MIN_TEST_SEQUENCES:
+        warnings.append(f"the test split holds {n_test} sequence(s) ({targets(test)} targets): its metrics "
+                        f"are one case's luck; adjust {hint}")
+        logger.warning("%s", warnings[-1])
+    return warnings
 
 
 def _split(events: pd.DataFrame, protocol: str, settings: SplitConfig, defaults: _Defaults,

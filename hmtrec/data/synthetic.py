@@ -88,7 +88,9 @@ class SyntheticData:
     events: pd.DataFrame
 
     def write(self, folder: str | Path, *, format: str = "parquet") -> dict[str, Path]:
-        """Write the log and item table in the generic format (see docs/data.md)."""
+        """Write the log and item table in the generic format (see docs/data.md). Times are
+        written as epoch seconds from `WRITTEN_EPOCH` (2024-01-01 UTC), so they are plausible
+        dates for the generic reader's checks."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         taxonomy = self.taxonomy
@@ -100,7 +102,7 @@ class SyntheticData:
             items["text"] = self.leaf_text
         events = pd.DataFrame({"session_id": self.events["sequence"].to_numpy(),
                                "item_id": taxonomy.node_labels[-1][self.events["item"].to_numpy()],
-                               "timestamp": self.events["time"].to_numpy()})
+                               "timestamp": self.events["time"].to_numpy() + WRITTEN_EPOCH})
         paths = {"interactions": folder / f"interactions.{format}", "items": folder / f"items.{format}"}
         for frame, path in ((events, paths["interactions"]), (items, paths["items"])):
             if format == "parquet":
@@ -110,6 +112,9 @@ class SyntheticData:
             else:
                 raise ConfigError(f"format {format!r}: expected 'parquet' or 'csv'")
         return paths
+
+
+WRITTEN_EPOCH = 1_704_067_200.0   # 2024-01-01T00:00:00Z: the written log's time origin
 
 
 def _zipf_weights(ranks: np.ndarray, exponent: float) -> np.ndarray:

@@ -8,13 +8,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from hmtrec.errors import DataError
+
+
+EmptyPaths = Literal["unassigned", "drop", "error"]
+ShortPaths = Literal["item", "node"]
+UNASSIGNED = "(unassigned)"
+PATH_JOIN = " > "
+
+
+def split_paths(paths: Sequence, separator: str, *, file: str | None = None, column: str | None = None
+                ) -> pd.DataFrame:
+    """Path strings -> one column per level (None past a path's end; an empty path is all None)."""
+    split = [[part.strip() for part in str(path).split(separator)]
+             if isinstance(path, str) and path.strip() != "" else [] for path in paths]
+    depth = max((len(parts) for parts in split), default=0)
+    table = [parts + [None] * (depth - len(parts)) for parts in split]
+    frame = pd.DataFrame(table, columns=[f"level{i + 1}" for i in range(depth)], dtype=object)
+    return frame.mask(frame == "")
+
+
+def _rows_error(message: str, positions: np.ndarray, leaves: np.ndarray, *, file: str | None,
+                column: str | None, row_numbers: np.ndarray) -> DataError:
+    listed = ", ".join(f"row {row_numbers[p]} (item {leaves[p]!r})" for p in positions[:10])
+    more = f", and {len(positions) - 10:,} more" if len(positions) > 10 else ""
+    count = f"; {len(positions):,} rows in all: {listed}{more}" if len(positions) > 1 else f" (item {leaves[positions[0]]!r})"
+    return DataError(message + count, file=file, row=int(row_numbers[positions[0]]), column=column)
 
 
 class Taxonomy:
@@ -201,25 +226,79 @@ class Taxonomy:
 
     @classmethod
     def from_paths(cls, leaves: Sequence, paths: Sequence[str], level_names: Sequence[str] | None = None,
-                   *, separator: str = ">", file: str | None = None, column: str = "path") -> "Taxonomy":
-        """Build from one path column such as "Home > Kitchen > Knives" per leaf. Node labels are
-        the path prefixes, so equal names under different parents stay distinct nodes."""
-        split = [[part.strip() for part in str(path).split(separator)] if isinstance(path, str) else []
-                 for path in paths]
-        depths = {len(parts) for parts in split}
-        if len(depths) != 1 or 0 in depths:
-            bad = next(i for i, parts in enumerate(split)
-                       if len(parts) != len(split[0]) or not parts or any(p == "" for p in parts))
-            raise DataError(f"every path needs the same number of levels (row has {len(split[bad])}, "
-                            f"first row {len(split[0])})", file=file, row=bad + 1, column=column)
-        depth = depths.pop()
+                   *, separator: str = ">", file: str | None = None, column: str = "path",
+                   empty_paths: EmptyPaths = "unassigned", short_paths: ShortPaths = "item") -> "Taxonomy":
+        """Build from one path column such as "Home > Kitchen > Knives" per leaf (see `from_levels`
+        for ragged paths). Node labels are the full paths, so equal names under different parents
+        stay distinct nodes."""
+        parts = split_paths(paths, separator, file=file, column=column)
+        taxonomy, _ = cls.from_levels(np.asarray([str(leaf) for leaf in leaves], dtype=object), parts, level_names,
+                                      file=file, column=column, empty_paths=empty_paths, short_paths=short_paths)
+        return taxonomy
+
+    @classmethod
+    def from_levels(cls, leaves: np.ndarray, parts: pd.DataFrame, level_names: Sequence[str] | None = None, *,
+                    file: str | None = None, column: str | None = None, empty_paths: EmptyPaths = "unassigned",
+                    short_paths: ShortPaths = "item", row_numbers: np.ndarray | None = None
+                    ) -> tuple["Taxonomy", np.ndarray]:
+        """A taxonomy from ragged paths: `parts` holds one column per level (coarse to fine), a node
+        name or None, one row per leaf. Returns the taxonomy and a mask of the leaves kept.
+
+        One keying rule for every input form: a node is its full path, labelled "A > B > C".
+        - A path shorter than the deepest (variable depth, or an item attached to an internal node)
+          is extended to the full depth: `short_paths="item"` gives the item a node of its own at
+          each missing level ("A > B > [item 17]"), `"node"` one shared node per internal node
+          ("A > B > (B)").
+        - An empty path: `"unassigned"` puts the item under an "(unassigned)" node at every level,
+          `"drop"` leaves it out (the mask says which), `"error"` names every such row.
+        - A gap (a level missing between two present ones) names every such row.
+        `row_numbers` are the rows named in errors (default 1, 2, ...)."""
+        leaves = np.asarray(leaves, dtype=object)
+        row_numbers = np.arange(1, len(leaves) + 1) if row_numbers is None else np.asarray(row_numbers)
+        present = parts.notna().to_numpy()
+        if present.shape[1] == 0:
+            present = np.zeros((len(leaves), 1), dtype=bool)
+            parts = pd.DataFrame({"level1": [None] * len(leaves)})
+        gap = (~present[:, :-1] & present[:, 1:]).any(axis=1)
+        if gap.any():
+            raise _rows_error("a path level is empty between two non-empty ones", np.flatnonzero(gap), leaves,
+                              file=file, column=column, row_numbers=row_numbers)
+        empty = ~present[:, 0]
+        keep = np.ones(len(leaves), dtype=bool)
+        if empty.any():
+            if empty_paths == "error":
+                raise _rows_error("item without a taxonomy path (item_columns.empty_paths: unassigned or drop "
+                                  "accepts it)", np.flatnonzero(empty), leaves, file=file, column=column,
+                                  row_numbers=row_numbers)
+            if empty_paths == "drop":
+                keep = ~empty
+            else:
+                parts = parts.copy()
+                parts.iloc[np.flatnonzero(empty), :] = UNASSIGNED
+                present = parts.notna().to_numpy()
+        parts, leaves, present = parts[keep], leaves[keep], present[keep]
+        depth = int(present.sum(axis=1).max()) if len(leaves) else 1
         names = list(level_names) if level_names else [f"level{i + 1}" for i in range(depth)] + ["item"]
         if len(names) != depth + 1:
             raise DataError(f"{len(names)} level names for paths of depth {depth} plus the item", file=file,
                             column=column)
-        rows = {names[i]: [separator.join(parts[: i + 1]) for parts in split] for i in range(depth)}
-        rows[names[-1]] = [str(leaf) for leaf in leaves]
-        return cls.from_table(pd.DataFrame(rows), names, file=file)
+        rows: dict[str, np.ndarray] = {}
+        leaf_names = pd.Series(leaves, dtype=object).astype(str)
+        label = last_name = None
+        for level in range(depth):
+            values = parts.iloc[:, level].reset_index(drop=True)
+            here = present[:, level]
+            if level == 0:    # every remaining path has a first level
+                label = last_name = values.astype(str)
+            else:
+                above = present[:, level - 1]
+                pad_node = ("[item " + leaf_names + "]") if short_paths == "item" else ("(" + last_name + ")")
+                label = pd.Series(np.where(here, label + PATH_JOIN + values.fillna("").astype(str),
+                                           np.where(above, label + PATH_JOIN + pad_node, label)), dtype=object)
+                last_name = pd.Series(np.where(here, values.fillna("").astype(str), last_name), dtype=object)
+            rows[names[level]] = label.to_numpy(dtype=object)
+        rows[names[-1]] = leaves.astype(str)
+        return cls.from_table(pd.DataFrame(rows), names, file=file), keep
 
     def subset(self, leaves) -> tuple["Taxonomy", np.ndarray]:
         """The sub-tree spanned by `leaves` (indices): nodes without a kept leaf disappear.

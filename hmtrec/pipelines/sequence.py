@@ -128,7 +128,8 @@ class TrainSection(StrictModel):
                                patience=self.patience, resume=self.resume, precision=self.precision,
                                lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction,
                                lr_floor=self.lr_floor, budget_minutes=self.budget_minutes,
-                               budget_clock=self.budget_clock)
+                               budget_clock=self.budget_clock,
+                               monitor_label=self.monitor)
 
 
 def _model_spec(section: Any, where: str) -> dict:
@@ -214,6 +215,14 @@ def check_candidate_level(model, taxonomy, settings: EvalSettings, label: str) -
         raise ConfigError(f"key 'eval.candidate_level': {level!r} must be coarser than the finest level model "
                           f"{label!r} predicts ({taxonomy.level_names[finest]!r}); choose a coarser level or "
                           f"turn candidates off (eval.candidate_fraction: null)")
+
+
+def check_eval_levels(settings: EvalSettings, taxonomy) -> None:
+    """Fail before anything is written when eval names a level the data lacks."""
+    level = settings.candidate_level
+    if level is not None and level not in taxonomy.level_names:
+        raise ConfigError(f"key 'eval.candidate_level': the data has no level {level!r}; choose one of "
+                          f"{taxonomy.level_names[:-1]}")
 
 
 def count_parameters(model) -> int:
@@ -333,6 +342,10 @@ class SequencePipeline:
             check_device(config.train.device)
         except ValueError as error:  # before anything is written
             raise ConfigError(f"key 'train.device': {error}") from None
+        # data first: bad data or an eval level the data lacks fails before the run directory exists
+        console.print(f"[bold]loading data[/bold] ({config.data.source})")
+        prepared = load_data(config.data)
+        check_eval_levels(config.eval, prepared.taxonomy)
         run_dir = open_run_dir(run_dir)
         log = get_logger()
         try:
@@ -345,8 +358,6 @@ class SequencePipeline:
                         "baselines": [spec["label"] for spec in config.baselines], "status": "training",
                         "versions": versions()}
             write_json(run_dir / "run.json", run_info)
-            console.print(f"[bold]loading data[/bold] ({config.data.source})")
-            prepared = load_data(config.data)
             log.info("%s", prepared.summary())
             save_catalogue(run_dir, prepared)
             write_json(run_dir / "data.json", {**prepared.info,
@@ -362,7 +373,7 @@ class SequencePipeline:
                        "models": results}
             write_json(run_dir / "metrics.json", metrics)
             (run_dir / "metrics.md").write_text(results_table(results))
-            print_tables(results, config.eval.ks)
+            print_tables(results, config.eval.ks, prepared.taxonomy)
             write_json(run_dir / "run.json", {**run_info, "status": "done"})
             return metrics
         finally:
@@ -447,6 +458,7 @@ class SequencePipeline:
             get_logger().info("evaluate with overrides %s", list(overrides))
             artefact = load_sequence_run(run_dir, config=config)
             prepared = load_data(config.data)
+            check_eval_levels(config.eval, prepared.taxonomy)
             artefact.check_catalogue(prepared.taxonomy)
             artefact.fit_missing(prepared.train)
             device = resolve_device(config.train.device)
@@ -457,16 +469,21 @@ class SequencePipeline:
                                                 max_len=config.eval_max_len, train=prepared.train)
                 get_logger().info("%s test: %s", label, flat_metrics(results[label]))
             write_json(run_dir / "evaluation.json", {"overrides": list(overrides), "models": results})
-            print_tables(results, config.eval.ks)
+            print_tables(results, config.eval.ks, prepared.taxonomy)
             return results
         finally:
             close_run_dir(run_dir)
 
 
-def print_tables(results: dict[str, dict], ks: list[int]) -> None:
-    """The results on the console, one table per K so each fits an 80-column terminal."""
+def print_tables(results: dict[str, dict], ks: list[int], taxonomy=None) -> None:
+    """The results on the console, one table per K so each fits an 80-column terminal; a note
+    for each level with no more nodes than K (its Recall@K is 1 for any model)."""
     for k in ks:
         print_results(results, metrics=[f"Recall@{k}", f"MRR@{k}", f"NDCG@{k}"])
+        for level in (taxonomy.level_names if taxonomy is not None else []):
+            if taxonomy.n_nodes(level) <= k:
+                console.print(f"note: level {level!r} has {taxonomy.n_nodes(level)} nodes <= K={k}: "
+                              f"its Recall@{k} is 1.0 for every model")
 
 
 def save_catalogue(run_dir: Path, prepared: PreparedData) -> None:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from hmtrec.progress import progress_bar
+from hmtrec.progress import end_epoch, epoch_summary, progress_bar
 from hmtrec.train.callbacks import notify_epoch_end
 from hmtrec.train.distributed import prepare_batches
 from hmtrec.train.run_dir import get_logger, load_tensors, save_tensors, save_weights
@@ -182,6 +182,7 @@ class TrainerSettings:
     budget_minutes: float | None = None   # stop after the epoch whose end passes this much fit time
     budget_clock: str = "wall"      # "wall": elapsed time; "cpu": process CPU time / torch threads, the
                                     # time an idle machine would need, unaffected by other processes
+    monitor_label: str | None = None  # the monitored metric's name in progress lines (default: monitor)
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -346,7 +347,6 @@ class Trainer:
                         value = value.detach() if isinstance(value, torch.Tensor) else value
                         parts_sum[key] = parts_sum.get(key, 0.0) + float(value)
                     bar.update(task, advance=1, info=f"loss {loss_sum / n_steps:.4f}")
-                bar.remove_task(task)
                 epoch_seconds = time.perf_counter() - started
                 self.state.train_seconds += epoch_seconds
                 # CPU seconds beside wall seconds: on a shared machine the wall clock counts the
@@ -374,6 +374,9 @@ class Trainer:
                             save_weights(self.run_dir / BEST_WEIGHTS, best_state)
                     else:
                         self.state.epochs_without_improvement += 1
+                end_epoch(bar, task, epoch_summary(record, settings.monitor, self.state.best_value,
+                                                   self.state.best_epoch, settings.epochs,
+                                                   label=settings.monitor_label))
                 self.log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
                                                       for k, v in record.items()})
                 if settings.patience is not None and self.state.epochs_without_improvement >= settings.patience:

@@ -30,6 +30,7 @@ class SourceData:
     given: dict[str, pd.DataFrame] | None = None
     notes: list[str] = field(default_factory=list)
     reports: list[FilterReport] = field(default_factory=list)   # rows a reader dropped on request
+    warnings: list[str] = field(default_factory=list)   # legal but suspicious input (hmtrec.data.validation)
 
 
 def source_folder(cfg, folder_name: str):
@@ -41,7 +42,8 @@ def source_folder(cfg, folder_name: str):
 
     folder = Path(cfg.path) if cfg.path is not None else data_dir() / folder_name
     if not folder.is_dir():
-        raise DataError(f"data folder {folder} does not exist (set data.path or HMT_DATA_DIR)")
+        raise DataError(f"data folder {folder} does not exist (set data.path in the config, relative to the "
+                        f"config file's folder, or the HMT_DATA_DIR environment variable)")
     return folder
 
 

@@ -16,36 +16,43 @@ from hmtrec.data.schema import (ItemColumns, build_catalogue, item_labels, map_i
                                 require_columns, require_present)
 
 
-def _normalise_header(frame: pd.DataFrame) -> dict[str, str]:
-    """Map the official camelCase and the snake_case spellings to one set of names."""
-    return {column: column.lower().replace("_", "") for column in frame.columns}
+def _columns(frame: pd.DataFrame) -> dict[str, str]:
+    """The file's own column names by one normalised spelling (the official camelCase and the
+    sample's snake_case both map to e.g. 'itemid'), so messages name the file's column."""
+    return {column.lower().replace("_", ""): column for column in frame.columns}
 
 
 def read(cfg) -> SourceData:
+    settings, warnings = cfg.validation, []
     folder = source_folder(cfg, "diginetica")
     categories_path = find_file(folder, "product-categories.csv.gz", "product-categories.csv")
-    categories = read_table(categories_path, delimiter=";")
-    categories = categories.rename(columns=_normalise_header(categories))
-    catalogue = build_catalogue(categories, ItemColumns(item="itemid", levels=["categoryid"],
+    categories = read_table(categories_path, delimiter=";", settings=settings, warnings=warnings)
+    names = _columns(categories)
+    require_columns(categories, [names.get("itemid", "itemId"), names.get("categoryid", "categoryId")],
+                    str(categories_path))
+    catalogue = build_catalogue(categories, ItemColumns(item=names["itemid"], levels=[names["categoryid"]],
                                                         level_names=["category", "item"]),
-                                file=str(categories_path))
+                                file=str(categories_path), settings=settings, warnings=warnings)
     views_path = find_file(folder, "train-item-views.csv.gz", "train-item-views.csv", "sample_train-item-views.csv")
     file = str(views_path)
-    views = read_table(views_path, delimiter=";", string_columns=["eventdate"])
-    views = views.rename(columns=_normalise_header(views))
-    require_columns(views, ["sessionid", "itemid", "timeframe", "eventdate"], file)
-    require_present(views, "sessionid", file)
-    require_present(views, "itemid", file)
-    days = parse_time(views["eventdate"], "iso", file=file, column="eventdate")
-    milliseconds = parse_time(views["timeframe"], "epoch", file=file, column="timeframe")
-    leaves = map_items(item_labels(views["itemid"]), catalogue.taxonomy, file=file, column="itemId")
-    events = pd.DataFrame({"sequence": views["sessionid"].to_numpy(), "leaf": leaves,
+    views = read_table(views_path, delimiter=";", string_columns=["eventdate"], settings=settings,
+                       warnings=warnings)
+    names = _columns(views)
+    session, item, timeframe, eventdate = (names.get(key, key) for key in ("sessionid", "itemid", "timeframe",
+                                                                            "eventdate"))
+    require_columns(views, [session, item, timeframe, eventdate], file)
+    require_present(views, session, file)
+    require_present(views, item, file)
+    days = parse_time(views[eventdate], "iso", file=file, column=eventdate, settings=settings, plausible=True)
+    milliseconds = parse_time(views[timeframe], "epoch", file=file, column=timeframe)
+    leaves = map_items(item_labels(views[item]), catalogue.taxonomy, file=file, column=item)
+    events = pd.DataFrame({"sequence": views[session].to_numpy(), "leaf": leaves,
                            "time": days + milliseconds / 1000.0})
     notes = [f"diginetica: {len(events):,} views in {events['sequence'].nunique():,} sessions from "
              f"{views_path.name}; taxonomy category ⊃ item ({catalogue.taxonomy.n_leaves:,} catalogue items)"]
+    notes += catalogue.notes
     if views_path.name.startswith("sample_"):
         notes.append("this is the 12k-row sample of the official file: fine for protocol tests, "
                      "too small for accuracy claims")
-    return SourceData(name="diginetica", events=events, taxonomy=catalogue.taxonomy, notes=notes)
-
-
+    return SourceData(name="diginetica", events=events, taxonomy=catalogue.taxonomy, notes=notes,
+                      warnings=warnings)

@@ -13,7 +13,6 @@ There is no time column: events are in order and `timestamps` is None.
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,16 @@ import pandas as pd
 
 from hmtrec.data.readers import SourceData, find_file, source_folder
 from hmtrec.data.schema import ItemColumns, build_catalogue, map_items, read_table
+from hmtrec.data.validation import MAX_LISTED, decode, read_bytes
 from hmtrec.errors import DataError
 
 
 def _lines(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf8") as f:
-        return f.read().splitlines()
+    """The file's lines; compression and encoding faults are named (hmtrec.data.validation)."""
+    lines = decode(read_bytes(path), "utf8", file=str(path), delimiter=None).splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError("the file has no data rows", file=str(path))
+    return lines
 
 
 def _check_ids(text: str, file: str, line: int, column: str) -> None:
@@ -50,8 +52,18 @@ def parse_id_lists(texts: list[str], file: str, column: str) -> tuple[np.ndarray
     except ValueError:
         clean = False
     if not clean:
+        bad = []
         for number, text in enumerate(texts, start=1):
-            _check_ids(text, file, number, column)
+            try:
+                _check_ids(text, file, number, column)
+            except DataError as error:
+                bad.append(error)
+        if bad:
+            more = "" if len(bad) == 1 else (
+                f"; {len(bad):,} lines in all: " + ", ".join(str(error.row) for error in bad[:MAX_LISTED])
+                + (f", and {len(bad) - MAX_LISTED:,} more" if len(bad) > MAX_LISTED else ""))
+            first = bad[0]
+            raise DataError(str(first).split(": ", 1)[-1] + more, file=file, row=first.row, column=column)
         lengths = np.array([len(text.split()) for text in texts], dtype=np.int64)
         ids = np.array(tokens, dtype=np.int64)
     return ids, lengths
@@ -67,10 +79,15 @@ def read_test_cases(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     file = str(path)
     lines = _lines(path)
     fields = [line.split("\t") for line in lines]
-    for number, parts in enumerate(fields, start=1):
-        if len(parts) != 2:
-            raise DataError(f"malformed row: {len(parts)} tab-separated fields, expected 2 (prefix, target)",
-                            file=file, row=number)
+    malformed = [number for number, parts in enumerate(fields, start=1) if len(parts) != 2]
+    if malformed:
+        number = malformed[0]
+        more = "" if len(malformed) == 1 else (f"; {len(malformed):,} lines in all: "
+                                               + ", ".join(map(str, malformed[:MAX_LISTED]))
+                                               + (f", and {len(malformed) - MAX_LISTED:,} more"
+                                                  if len(malformed) > MAX_LISTED else ""))
+        raise DataError(f"malformed row: {len(fields[number - 1])} tab-separated fields, expected 2 "
+                        f"(prefix, target){more}", file=file, row=number)
     prefixes, prefix_lengths = parse_id_lists([parts[0] for parts in fields], file, "prefix")
     targets, target_lengths = parse_id_lists([parts[1] for parts in fields], file, "target")
     if (target_lengths != 1).any():
@@ -131,11 +148,9 @@ def reproduces_cases(sessions, session_lengths, case_session, case_position,
 def _frame(items: np.ndarray, lengths: np.ndarray, first_id: int, taxonomy, file: str, column: str,
            target_events: np.ndarray | None = None) -> pd.DataFrame:
     """Canonical frame; sessions are numbered first_id, first_id + 1, ... in file order."""
-    try:
-        leaves = map_items(items, taxonomy, file=file, column=column)
-    except DataError as error:  # map_items counts events; name the line instead
-        line = int(np.searchsorted(np.cumsum(lengths), error.row, side="left")) + 1
-        raise DataError(str(error).split(": ", 1)[-1], file=file, row=line, column=column) from None
+    # name the line of each event (map_items would count events)
+    lines = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+    leaves = map_items(items, taxonomy, file=file, column=column, rows=lines)
     frame = pd.DataFrame({
         "sequence": np.repeat(np.arange(first_id, first_id + len(lengths), dtype=np.int64), lengths),
         "leaf": leaves,
@@ -151,9 +166,10 @@ def _frame(items: np.ndarray, lengths: np.ndarray, first_id: int, taxonomy, file
 def read(cfg) -> SourceData:
     folder = source_folder(cfg, "diginetica-sessions")
     category_path = find_file(folder, "item_category.csv.gz", "item_category.csv")
-    items = read_table(category_path, string_columns=["item_id", "category_id"])
+    items = read_table(category_path, string_columns=["item_id", "category_id"], settings=cfg.validation)
     catalogue = build_catalogue(items, ItemColumns(item="item_id", levels=["category_id"],
-                                                   level_names=["category", "item"]), file=str(category_path))
+                                                   level_names=["category", "item"]), file=str(category_path),
+                                settings=cfg.validation)
     train_path = find_file(folder, "train_sessions.txt.gz", "train_sessions.txt")
     test_path = find_file(folder, "test_prefixes.tsv.gz", "test_prefixes.tsv")
     train_items, train_lengths = read_train(train_path)
