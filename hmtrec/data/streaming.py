@@ -47,6 +47,7 @@ from hmtrec.data.schema import build_catalogue, read_table
 from hmtrec.data.sequences import Dataset, SequenceData
 from hmtrec.data.splits import SECONDS_PER_DAY
 from hmtrec.data.taxonomy import Taxonomy
+from hmtrec.data.validation import offender_error
 from hmtrec.errors import ConfigError, DataError
 
 MANIFEST = "prepared.json"
@@ -164,19 +165,25 @@ class _Preparer:
                      SELECT r.row, r.seq, k.leaf, {time_expr} AS time{event_select}
                      FROM raw r LEFT JOIN catalogue k ON r.item = k.label {event_join}""")
         if c.time is not None:
-            row = self.scalar("SELECT min(row) FROM parsed WHERE time IS NULL OR NOT isfinite(time)")
-            if row is not None:
-                value = self.scalar("SELECT t FROM raw WHERE row = ?", row)
+            found = self._offenders("SELECT p.row, r.t FROM parsed p JOIN raw r ON p.row = r.row "
+                                    "WHERE p.time IS NULL OR NOT isfinite(p.time) ORDER BY p.row")
+            if found is not None:
+                positions, values = found
+                value = values[positions[0]]
                 expected = "a number" if self.time_format in ("epoch", "epoch_ms", "order") else \
                     "epoch seconds or an ISO date"
                 what = "order value" if self.time_format == "order" else "timestamp"
                 message = "missing timestamp" if value is None else f"unparsable {what} {value!r} (expected {expected})"
-                raise DataError(message, file=file, row=int(row), column=c.time)
-        unknown = self.scalar("SELECT min(row) FROM parsed WHERE leaf IS NULL")
-        if unknown is not None and self.generic.unknown_items == "error":
-            item = self.scalar("SELECT item FROM raw WHERE row = ?", unknown)
-            raise DataError(f"item {item!r} has no taxonomy node (it is not in the item table)", file=file,
-                            row=int(unknown), column=c.item)
+                raise offender_error(message, positions, values, file=file, column=c.time)
+        if self.generic.unknown_items == "error":
+            found = self._offenders("SELECT p.row, r.item FROM parsed p JOIN raw r ON p.row = r.row "
+                                    "WHERE p.leaf IS NULL ORDER BY p.row")
+            if found is not None:
+                positions, values = found
+                distinct = len({str(value) for value in values.values()})
+                raise offender_error(f"item {str(values[positions[0]])!r} has no taxonomy node (it is not in the item "
+                                     f"table; {distinct:,} distinct unknown item(s); generic.unknown_items: drop "
+                                     "removes their rows)", positions, values, file=file, column=c.item)
         if self.generic.unknown_items == "drop":
             raw_sequences, raw_items = self.sql("SELECT count(DISTINCT seq), count(DISTINCT item) FROM raw").fetchall()[0]
         self.sql("DROP TABLE raw")
@@ -189,10 +196,19 @@ class _Preparer:
             self.reports.append(report)
         self.sql("DROP TABLE parsed")
 
+    def _offenders(self, query: str) -> tuple[list[int], dict[int, object]] | None:
+        """Every offending row of `query` (SELECT row, value ... ORDER BY row) as the in-memory
+        readers' `offender_error` takes them: 0-based positions and their values; None if none."""
+        found = self.sql(query).fetchall()
+        if not found:
+            return None
+        positions = [int(row) - 1 for row, _ in found]
+        return positions, dict(zip(positions, (value for _, value in found)))
+
     def _require_present(self, condition: str, file: str, column: str, what: str) -> None:
-        row = self.scalar(f"SELECT min(row) FROM raw WHERE {condition}")
-        if row is not None:
-            raise DataError(what, file=file, row=int(row), column=column)
+        found = self._offenders(f"SELECT row, NULL FROM raw WHERE {condition} ORDER BY row")
+        if found is not None:
+            raise offender_error(what, found[0], file=file, column=column)
 
     def _time_expression(self, file: str) -> str:
         c = self.columns
