@@ -91,8 +91,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"{path}: cannot read the config ({reason})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping")
         raw.update(loaded)
@@ -103,8 +107,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
 
 def dump_config(config: StrictModel, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
+    from hmtrec.rundir import write_config
+
+    write_config(path, config)  # atomically: a reader never sees half a config
 
 
 def _import_config_models() -> None:

@@ -144,7 +144,8 @@ class HierSRec(SequenceRecommender):
         hidden = self.encoder(tokens, valid)
         at = target_positions(batch)
         # Gather the target positions before any output layer: heads run on [M, D], not [B, T, D].
-        return self.heads(hidden[at], leaf_vectors), batch["targets"][at]
+        targets = batch["targets"][at] if "targets" in batch else None  # a query batch has none
+        return self.heads(hidden[at], leaf_vectors), targets
 
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits, _ = self._logits(batch)
