@@ -37,11 +37,11 @@ def _options(
     """Hierarchical multi-task recommendation."""
 
 
-def default_run_dir(config_path: Path | None, name: str) -> Path:
-    import datetime as dt
+def default_run_dir(config_path: Path | None, config) -> Path:
+    """runs/<config stem>-<config hash>: rerunning the same command resumes the same run."""
+    from hmtrec.rundir import default_run_dir as named_from_config
 
-    stem = config_path.stem if config_path is not None else name
-    return Path("runs") / f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return named_from_config(config, config_path)
 
 
 @app.command()
@@ -60,7 +60,7 @@ def train(
     from hmtrec.train.launch import train_run
 
     cfg = load_config(config, overrides)
-    run_dir = run_dir or default_run_dir(config, cfg.kind)
+    run_dir = run_dir or default_run_dir(config, cfg)
     metrics = train_run(cfg, run_dir, track=track, tracking_uri=tracking_uri, experiment=experiment,
                         loader_workers=loader_workers)
     console.print(f"run directory: {run_dir}")
@@ -74,11 +74,9 @@ def evaluate(
 ):
     """Evaluate a trained run on its test split and print the metric table."""
     from hmtrec.pipelines import get_pipeline
-    from hmtrec.train.run_dir import read_json
+    from hmtrec.rundir import RunDir
 
-    if not (run_dir / "run.json").exists():
-        raise HmtrecError(f"{run_dir} is not a run directory (no run.json)")
-    kind = read_json(run_dir / "run.json")["kind"]
+    kind = RunDir(run_dir).read_info()["kind"]
     return get_pipeline(kind).evaluate(run_dir, overrides or [])
 
 

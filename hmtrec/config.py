@@ -88,7 +88,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"{path}: cannot read the config ({reason})") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -133,8 +138,9 @@ def dump_config(config: StrictModel, path: str | Path) -> None:
     if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
             and not Path(data["path"]).expanduser().is_absolute():
         data["path"] = str(Path(data["path"]).resolve())
-    with open(path, "w") as f:
-        yaml.safe_dump(dumped, f, sort_keys=False)
+    from hmtrec.rundir import write_text
+
+    write_text(path, yaml.safe_dump(dumped, sort_keys=False))  # atomically: a reader never sees half a config
 
 
 def _import_config_models() -> None:

@@ -338,7 +338,7 @@ def test_calibrate_command_on_a_run_directory(tmp_path):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "run.json").write_text(json.dumps({"kind": "ranking"}))
+    (run_dir / "run.json").write_text(json.dumps({"kind": "ranking", "status": "done"}))
     parts = split_by_request(make_engagement_data(SyntheticEngagementSettings(n_requests=400, seed=10)), seed=0)
     columns = ["scenario", "click", "click_label", "purchase", "purchase_label"]
     parts["valid"][columns].to_csv(run_dir / "predictions_valid.csv", index=False)

@@ -73,6 +73,9 @@ def resolve_inputs(target: str | Path, heldout: str | Path | None, output: str |
     if target.is_dir():
         if not (target / "run.json").exists():
             raise DataError("not a run directory (no run.json) nor a score table", file=str(target))
+        from hmtrec.rundir import RunDir
+
+        RunDir(target).require_done(f"{report_name} fitting")  # status is written last: no torn predictions
         fit = target / VALID_PREDICTIONS
         if not fit.exists():
             raise DataError(f"the run has no {VALID_PREDICTIONS}: train it with the ranking pipeline "

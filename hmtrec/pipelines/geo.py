@@ -39,6 +39,8 @@ from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results
 from hmtrec.models.registry import build_model as build_registered, get_model, validate_model_params
 from hmtrec.pipelines import register_pipeline
 from hmtrec.progress import console
+from hmtrec.rundir import RunDir
+from hmtrec.serve.artefact import build_geo_model as build_model, load_geo_run  # noqa: F401 (re-exported)
 from hmtrec.train.run_dir import close_run_dir, get_logger, load_weights, open_run_dir, read_json, save_weights, write_json
 from hmtrec.train.trainer import Trainer, TrainerSettings, seed_everything
 
@@ -95,18 +97,6 @@ class GeoRunConfig(StrictModel):
 
 
 # ---- building blocks -------------------------------------------------------------------------
-def build_model(config: GeoRunConfig, taxonomy: Taxonomy, event_types: list[str], section: dict | None = None):
-    from hmtrec.data.sequences import Dataset
-
-    entry, params = validate_model_params("sequence", section or config.model)
-    # builders read the action types from the dataset's log; a stand-in log carries them
-    typed = event_types != [DEFAULT_EVENT_TYPE]
-    stand_in = SequenceData(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.array([]),
-                            event_types=np.zeros(0, dtype=np.int64) if typed else None,
-                            event_type_names=event_types if typed else [])
-    return build_registered(entry, params, taxonomy=taxonomy, dataset=Dataset("geo", stand_in, taxonomy))
-
-
 def set_coordinates(model, data: DataConfig, taxonomy: Taxonomy) -> None:
     """Give a model with `distance_bias` its leaves' coordinates (read from the source's venue file)."""
     if not getattr(getattr(model, "params", None), "distance_bias", False):
@@ -142,22 +132,6 @@ def flat_validation(results: dict) -> dict[str, float]:
             for metric, value in metrics.items()}
 
 
-def load_geo_run(run_dir: str | Path):
-    """(config, model with trained weights, taxonomy) of a geo run directory."""
-    run_dir = Path(run_dir)
-    info = read_json(run_dir / "run.json")
-    if info.get("kind") != "geo":
-        raise HmtrecError(f"{run_dir} is a {info.get('kind')!r} run, not a geo run")
-    config = load_config(run_dir / "config.yaml")
-    taxonomy = Taxonomy.load(run_dir / TAXONOMY_FILE)
-    model = build_model(config, taxonomy, info["event_types"])
-    if not (run_dir / WEIGHTS_FILE).exists():
-        raise HmtrecError(f"{run_dir} has no trained weights ({WEIGHTS_FILE}); did training finish?")
-    model.load_state_dict(load_weights(run_dir / WEIGHTS_FILE))
-    model.eval()
-    return config, model, taxonomy
-
-
 # ---- the pipeline ----------------------------------------------------------------------------
 @register_pipeline("geo")
 class GeoPipeline:
@@ -179,17 +153,17 @@ class GeoPipeline:
                 for name, model in models.items()}
 
     def train(self, config: GeoRunConfig, run_dir: Path) -> dict:
-        run_dir = open_run_dir(run_dir)
+        run = RunDir.begin(run_dir, config, models=[config.model["name"], *config.baselines],
+                           model=config.model["name"])
+        run_dir = run.path
         log = get_logger()
         try:
-            dump_config(config, run_dir / "config.yaml")
             prepared = self._prepare(config)
             taxonomy = prepared.dataset.taxonomy
             taxonomy.save(run_dir / TAXONOMY_FILE)
             event_types = log_event_types(prepared.train)
             model_name = config.model["name"]
-            write_json(run_dir / "run.json", {"kind": "geo", "model": model_name, "event_types": event_types,
-                                              "torch": torch.__version__})
+            run.update(event_types=event_types)
             seed_everything(config.train.seed)       # the initial weights depend on the seed only
             model = build_model(config, taxonomy, event_types)
             set_coordinates(model, config.data, taxonomy)
@@ -250,9 +224,10 @@ class GeoPipeline:
             write_json(run_dir / "metrics.json", metrics)
             print_geo_results(test)
             log.info("test: %s", {name: r["overall"] for name, r in test.items()})
+            run.finish()
             return metrics
         finally:
-            close_run_dir(run_dir)
+            run.close()
 
     def evaluate(self, run_dir: Path, overrides: list[str]) -> dict:
         run_dir = Path(run_dir)

@@ -33,6 +33,7 @@ from hmtrec.models.ranking.base import LossSettings, RankingModel
 from hmtrec.models.registry import validate_model_params
 from hmtrec.pipelines import register_pipeline
 from hmtrec.progress import console
+from hmtrec.rundir import RunDir, write_frame
 from hmtrec.train.run_dir import (close_run_dir, get_logger, load_weights, open_run_dir, read_json, save_weights,
                                   write_json)
 from hmtrec.train.trainer import Trainer, TrainerSettings
@@ -249,14 +250,11 @@ class Ranker:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Ranker":
-        run_dir = Path(run_dir)
-        for name in ("run.json", "config.yaml", FEATURES_FILE, WEIGHTS_FILE):
-            if not (run_dir / name).exists():
-                raise DataError(f"not a finished ranking run directory: {name} is missing", file=str(run_dir))
-        kind = read_json(run_dir / "run.json").get("kind")
-        if kind != "ranking":
-            raise ConfigError(f"{run_dir} holds a {kind!r} run, not a ranking run")
-        config = load_config(run_dir / "config.yaml")
+        run = RunDir(run_dir)
+        run.read_info("ranking")
+        run.require_done("ranking inference")
+        run_dir = run.path
+        config = run.read_config()
         encoder = FeatureEncoder.load(run_dir / FEATURES_FILE)
         model = build_model(config, encoder)
         model.load_state_dict(load_weights(run_dir / WEIGHTS_FILE))
@@ -290,19 +288,19 @@ def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str |
 @register_pipeline("ranking")
 class RankingPipeline:
     def train(self, config: RankingConfig, run_dir: Path) -> dict:
-        run_dir = open_run_dir(run_dir)
-        log = get_logger()
+        run = RunDir.begin(run_dir, config, models=[config.model["name"]], model=config.model["name"],
+                           name=config.name)
         try:
-            return self._train(config, run_dir, log)
+            metrics = self._train(config, run.path, get_logger())
+            run.finish()  # last: predictions and metrics are complete
+            return metrics
         finally:
-            close_run_dir(run_dir)
+            run.close()
 
     def _train(self, config: RankingConfig, run_dir: Path, log) -> dict:
         settings = config.train
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
-        dump_config(config, run_dir / "config.yaml")
-        write_json(run_dir / "run.json", {"kind": "ranking", "model": config.model["name"], "name": config.name})
         frames, files, reports = load_splits(config.data)
         for line in reports:
             log.info("data: %s", line)
@@ -362,7 +360,7 @@ class RankingPipeline:
                                      list(dict.fromkeys([*config.eval.groups, *config.eval.keep])))
             metrics[split] = frame_metrics(frame, encoder, config.eval.groups)
             if config.eval.write_predictions:
-                frame.to_csv(run_dir / f"predictions_{split}.csv", index=False)
+                write_frame(run_dir / f"predictions_{split}.csv", frame)
         write_json(run_dir / "metrics.json", metrics)
         if "test" in metrics:
             print_metrics(metrics["test"], encoder, f"{config.model['name']} test")

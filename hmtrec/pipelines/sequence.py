@@ -51,6 +51,7 @@ from hmtrec.evaluate.report import print_results, results_table
 from hmtrec.models.registry import build_model, validate_model_params
 from hmtrec.pipelines import register_pipeline
 from hmtrec.progress import console
+from hmtrec.rundir import RunDir, check_label, write_text
 from hmtrec.train.run_dir import close_run_dir, get_logger, open_run_dir, read_json, save_weights, write_json
 from hmtrec.train.trainer import (TrainerSettings, TrainState, Trainer, check_device, resolve_device,
                                   seed_everything, usable_cores)
@@ -144,7 +145,8 @@ def _model_spec(section: Any, where: str) -> dict:
         entry, params = validate_model_params("sequence", section)
     except ConfigError as error:
         raise ConfigError(str(error).replace("'model.", f"'{where}.").replace("'model'", f"'{where}'")) from None
-    return {"name": entry.name, "label": str(label or entry.name), **params.model_dump(mode="json")}
+    label = check_label(label or entry.name, f"{where}.label")  # a folder name and a log field
+    return {"name": entry.name, "label": label, **params.model_dump(mode="json")}
 
 
 @register_config("sequence")
@@ -194,7 +196,7 @@ class SequenceConfig(StrictModel):
 
 def model_dir(run_dir: Path, config: SequenceConfig, label: str) -> Path:
     """Where a model's checkpoint and weights live: the run dir for the main model."""
-    return run_dir if label == config.model["label"] else run_dir / BASELINES_DIR / label
+    return RunDir(run_dir).model_dir(label, config.model["label"])
 
 
 def build_sequence_model(spec: dict, prepared_or_dataset, config: SequenceConfig, directory: Path | None):
@@ -308,26 +310,7 @@ def versions() -> dict[str, str]:
 def _check_same_run(run_dir: Path, config: SequenceConfig) -> None:
     """Refuse to mix two configs in one run directory: resuming needs the same data, models and
     training settings (evaluation settings, device and threads may change)."""
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        return
-    saved, current = yaml.safe_load(path.read_text()) or {}, config.model_dump(mode="json")
-    ignored = {"train.resume", "train.device", "train.threads", "train.budget_minutes", "train.budget_clock"}
-    # a train key newer than the saved run, at its default, changes nothing the run did
-    train_defaults = {name: field.default for name, field in TrainSection.model_fields.items()}
-    different = []
-    for section in ("data", "model", "train", "baselines"):
-        old, new = saved.get(section), current.get(section)
-        if isinstance(old, dict) and isinstance(new, dict):
-            if section == "train":
-                old = {**{k: v for k, v in train_defaults.items() if k in new}, **old}
-            different += [f"{section}.{key}" for key in sorted(set(old) | set(new))
-                          if f"{section}.{key}" not in ignored and old.get(key) != new.get(key)]
-        elif old != new:
-            different.append(section)
-    if different:
-        raise ConfigError(f"{run_dir} holds a run with a different config (differs in: {', '.join(different)}); "
-                          f"use another --run-dir, or the same config to resume")
+    RunDir(run_dir).check_same_run(config)
 
 
 # ---- the pipeline ------------------------------------------------------------------------------
@@ -342,22 +325,19 @@ class SequencePipeline:
             check_device(config.train.device)
         except ValueError as error:  # before anything is written
             raise ConfigError(f"key 'train.device': {error}") from None
-        # data first: bad data or an eval level the data lacks fails before the run directory exists
+        RunDir(run_dir).check_same_run(config)  # a refusal costs no data loading
+        # data next: bad data or an eval level the data lacks fails before the run directory exists
         console.print(f"[bold]loading data[/bold] ({config.data.source})")
         prepared = load_data(config.data)
         check_eval_levels(config.eval, prepared.taxonomy)
-        run_dir = open_run_dir(run_dir)
+        run = RunDir.begin(run_dir, config, models=[spec["label"] for spec in config.model_specs()],
+                           model=config.model["label"], baselines=[spec["label"] for spec in config.baselines])
+        run_dir = run.path
         log = get_logger()
         try:
-            _check_same_run(run_dir, config)
             threads = set_threads(config.train.threads)
             log.info("torch CPU threads: %d (%s)", threads, "train.threads" if config.train.threads else
                      f"every usable core; train.threads: N to change")
-            dump_config(config, run_dir / "config.yaml")
-            run_info = {"kind": "sequence", "model": config.model["label"],
-                        "baselines": [spec["label"] for spec in config.baselines], "status": "training",
-                        "versions": versions()}
-            write_json(run_dir / "run.json", run_info)
             log.info("%s", prepared.summary())
             save_catalogue(run_dir, prepared)
             write_json(run_dir / "data.json", {**prepared.info,
@@ -372,12 +352,12 @@ class SequencePipeline:
                                 "n_items": prepared.taxonomy.n_leaves},
                        "models": results}
             write_json(run_dir / "metrics.json", metrics)
-            (run_dir / "metrics.md").write_text(results_table(results))
+            write_text(run_dir / "metrics.md", results_table(results))
             print_tables(results, config.eval.ks, prepared.taxonomy)
-            write_json(run_dir / "run.json", {**run_info, "status": "done"})
+            run.finish()
             return metrics
         finally:
-            close_run_dir(run_dir)
+            run.close()
 
     def _train_and_evaluate(self, spec: dict, prepared: PreparedData, config: SequenceConfig, directory: Path,
                             on_epoch_end: Callable[[TrainState], None] | None) -> dict:
@@ -450,10 +430,12 @@ class SequencePipeline:
             if not any(key == prefix or key.startswith(prefix) for prefix in EVALUATION_OVERRIDES):
                 raise ConfigError(f"--set {key}: `hmtrec evaluate` can only change eval.*, data.path, "
                                   f"train.device and train.threads (the rest describes the trained models)")
-        run_dir = Path(run_dir)
-        config = load_config(run_dir / "config.yaml", overrides)
+        run = RunDir(run_dir)
+        run.require_done("`hmtrec evaluate`")
+        config = run.read_config(overrides)
         set_threads(config.train.threads)
-        open_run_dir(run_dir)
+        run = RunDir.open_existing(run_dir, "sequence")
+        run_dir = run.path
         try:
             get_logger().info("evaluate with overrides %s", list(overrides))
             artefact = load_sequence_run(run_dir, config=config)
@@ -472,7 +454,7 @@ class SequencePipeline:
             print_tables(results, config.eval.ks, prepared.taxonomy)
             return results
         finally:
-            close_run_dir(run_dir)
+            run.close()
 
 
 def print_tables(results: dict[str, dict], ks: list[int], taxonomy=None) -> None:
@@ -495,9 +477,6 @@ def save_catalogue(run_dir: Path, prepared: PreparedData) -> None:
 
 
 def read_run_config(run_dir: Path) -> SequenceConfig:
-    if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
-        raise HmtrecError(f"{run_dir} is not a run directory (no run.json / config.yaml)")
-    kind = read_json(run_dir / "run.json").get("kind")
-    if kind != "sequence":
-        raise HmtrecError(f"{run_dir} holds a {kind!r} run, not a sequence run")
-    return load_config(run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    run.read_info("sequence")
+    return run.read_config()

@@ -1,15 +1,18 @@
-"""Load a sequence run directory for inference, and recommend from a history.
+"""Load a run directory for inference, and recommend after many histories at once.
 
     artefact = load_sequence_run("runs/quickstart")
-    artefact.recommend(["i12", "i907"], k=10)
+    artefact.recommend(["i12", "i907"], k=10)                       # one history
+    artefact.recommend_many([["i12", "i907"], ["i3"]], k=10, candidate_fraction=0.05)
 
 Nothing is unpickled: the config is YAML, the taxonomy and item texts JSON, the weights
 safetensors. A model is rebuilt from its config entry through the registry, then its weights are
 loaded. A non-trainable model whose state is not held in tensors (e.g. neighbour indexes) is
-refitted on the training split by `fit_missing` (`hmtrec evaluate` does this).
+refitted on the training split by `fit_missing` (`hmtrec evaluate` does this). Every file is read
+through `hmtrec.rundir`, so a missing or damaged one is a one-line error naming it.
 
-Scores act as logits: a level's probabilities are the softmax of the model's scores for it. A
-coarser level the model has no head for gets the leaf probabilities summed under each node.
+Scores act as logits: a level's probabilities are the softmax of the model's scores for it (over
+the scored items: the whole catalogue, or the candidates). A coarser level the model has no head
+for gets the probabilities of the finest fully scored level summed under each node.
 """
 
 from __future__ import annotations
@@ -21,20 +24,44 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hmtrec.data.sequences import PAD, Dataset, SequenceData
+from hmtrec.data.sequences import Dataset, SequenceData
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError, HmtrecError
-from hmtrec.train.run_dir import get_logger, load_weights, read_json
+from hmtrec.models.registry import build_model, validate_model_params
+from hmtrec.rundir import WEIGHTS_FILE, ArtefactError, RunDir, get_logger, load_weights, read_json
+from hmtrec.serve.scoring import HistoryScorer, Scores, pad_histories, scorer_for
+
+MAIN_WEIGHTS = WEIGHTS_FILE
+TAXONOMY_FILE = "taxonomy.json"
+SCORE_BATCH = 256  # histories scored together
+
+
+class UnknownItemsError(HmtrecError):
+    """A history holds ids the catalogue does not know; `unknown` lists them."""
+
+    def __init__(self, message: str, unknown: list[str], index: int | None):
+        self.unknown, self.index = unknown, index
+        super().__init__(message)
+
+
+def read_taxonomy(path: Path) -> Taxonomy:
+    data = read_json(path, "the run's catalogue is damaged: retrain into a new run directory")
+    try:
+        return Taxonomy.from_dict(data)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ArtefactError(path, f"not a valid taxonomy ({type(error).__name__}: {error})",
+                            "the run's catalogue is damaged: retrain into a new run directory") from None
 
 
 @dataclass
 class SequenceArtefact:
     run_dir: Path
-    config: "SequenceConfig"  # noqa: F821 (hmtrec.pipelines.sequence)
+    config: "SequenceConfig"  # noqa: F821 (hmtrec.pipelines.sequence, found through the config registry)
     taxonomy: Taxonomy
     leaf_text: list[str | None] | None
     models: dict[str, torch.nn.Module]            # label -> model, main model first
     needs_fit: list[str] = field(default_factory=list)
+    _scorers: dict[str, HistoryScorer] = field(default_factory=dict, repr=False)
 
     @property
     def main(self) -> str:
@@ -43,11 +70,17 @@ class SequenceArtefact:
     def model(self, label: str | None = None) -> torch.nn.Module:
         label = label or self.main
         if label not in self.models:
-            raise HmtrecError(f"no model {label!r} in {self.run_dir}; models: {list(self.models)}")
+            raise ConfigError(f"no model {label!r} in {self.run_dir}; models: {list(self.models)}")
         if label in self.needs_fit:
             raise HmtrecError(f"model {label!r} keeps no saved state; it must be refitted on the training data "
                               f"first (`fit_missing`)")
         return self.models[label]
+
+    def scorer(self, label: str | None = None) -> HistoryScorer:
+        label = label or self.main
+        if label not in self._scorers:
+            self._scorers[label] = scorer_for(self.model(label), self.taxonomy, self.config.eval_max_len)
+        return self._scorers[label]
 
     def check_catalogue(self, taxonomy: Taxonomy) -> None:
         """The data now loaded must have the catalogue the models were trained on."""
@@ -64,105 +97,190 @@ class SequenceArtefact:
         self.needs_fit = []
 
     # ---- recommendation ------------------------------------------------------------------------
-    def encode_history(self, history: Sequence[str], *, skip_unknown: bool = False) -> tuple[np.ndarray, list[str]]:
+    def encode_history(self, history: Sequence[str], *, skip_unknown: bool = False,
+                       index: int | None = None) -> tuple[np.ndarray, list[str]]:
         """Leaf indices of item labels; unknown labels raise (naming all of them) or are skipped."""
+        labels = [str(label) for label in history]
         lookup = self.taxonomy.index_of
         known, unknown = [], []
-        for label in history:
-            try:
-                known.append(int(lookup([label])[0]))
-            except KeyError:
-                unknown.append(str(label))
+        try:
+            known = [int(i) for i in lookup(labels)]
+        except KeyError:  # rare: find which ones, one by one
+            for label in labels:
+                try:
+                    known.append(int(lookup([label])[0]))
+                except KeyError:
+                    unknown.append(label)
+        where = "the history" if index is None else f"history {index}"
         if unknown and not skip_unknown:
             shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-            raise HmtrecError(f"unknown {self.taxonomy.leaf_level} id(s) in the history: {shown} "
-                              f"({len(unknown)} of {len(history)}); pass --skip-unknown to ignore them")
+            raise UnknownItemsError(f"unknown {self.taxonomy.leaf_level} id(s) in {where}: {shown} "
+                                    f"({len(unknown)} of {len(labels)}); pass --skip-unknown to ignore them",
+                                    unknown, index)
         if unknown:
-            get_logger().warning("skipped %d unknown id(s) in the history: %s", len(unknown), unknown[:10])
+            get_logger().warning("skipped %d unknown id(s) in %s: %s", len(unknown), where, unknown[:10])
         return np.asarray(known, dtype=np.int64), unknown
 
-    def level_probabilities(self, history: Sequence[str], *, label: str | None = None,
-                            skip_unknown: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-        """Probabilities at every level the model reaches, for the next event after `history`.
-        Returns ({level: probabilities [n_nodes]}, info: leaf indices of the known ids, the ids
-        used (the most recent max_len), skipped ids, truncation, where each level comes from)."""
-        model = self.model(label)
-        leaves, skipped = self.encode_history(history, skip_unknown=skip_unknown)
-        if len(leaves) == 0:
-            raise HmtrecError("the history has no known item: nothing to recommend from")
-        max_len = self.config.eval_max_len
-        truncated = max(0, len(leaves) - max_len)
-        known, leaves = leaves, leaves[-max_len:]
-        # One query: the last input position is the only target (its value only marks the position).
-        batch = {"inputs": torch.from_numpy(leaves)[None, :], "targets": torch.full((1, len(leaves)), PAD)}
-        batch["targets"][0, -1] = 0
-        model.eval()
-        with torch.no_grad():
-            scores = {level: value[0].float() for level, value in model.predict(batch).items()}
-        probabilities = {level: torch.softmax(value, dim=0) for level, value in scores.items()}
-        finest = max(probabilities, key=self.taxonomy.level_index)
-        sources = {level: "head" for level in probabilities}
-        for level in self.taxonomy.level_names[: self.taxonomy.level_index(finest)]:
-            if level not in probabilities:
-                parent = self.taxonomy.node_ancestors(np.arange(self.taxonomy.n_nodes(finest)), finest, level)
-                mass = torch.zeros(self.taxonomy.n_nodes(level), dtype=torch.float64)
-                mass.index_add_(0, torch.from_numpy(parent), probabilities[finest].double())
-                probabilities[level] = mass.float()
-                sources[level] = f"sum of {finest} probabilities"
-        info = {"history": [str(h) for h in history], "known": known, "used": self.taxonomy.labels_of(leaves).tolist(),
-                "skipped": skipped, "truncated": truncated, "finest": finest, "sources": sources}
-        return probabilities, info
-
     def recommend(self, history: Sequence[str], k: int = 10, *, label: str | None = None,
-                  exclude_history: bool = False, skip_unknown: bool = False) -> dict:
+                  exclude_history: bool = False, skip_unknown: bool = False, **candidates) -> dict:
         """Top-k leaves (or nodes of the finest level the model predicts) after `history`, each with
         its probability and ancestors, plus the predicted label and probability at every coarser
-        level, and whether the top recommendation lies under it."""
+        level, and whether the top recommendation lies under it. See `recommend_many`."""
+        return self.recommend_many([history], k, label=label, exclude_history=exclude_history,
+                                   skip_unknown=skip_unknown, **candidates)[0]
+
+    def recommend_many(self, histories: Sequence[Sequence[str]], k: int = 10, *, label: str | None = None,
+                       exclude_history: bool = False, skip_unknown: bool = False,
+                       candidate_fraction: float | None = None, top_nodes: int | None = None,
+                       candidate_level: str | None = None) -> list[dict]:
+        """One result per history (oldest event first), scored in batches. Candidates: only the items
+        under the model's `top_nodes` best nodes of `candidate_level` (default: the level above the
+        items), or under its best nodes up to `candidate_fraction` of the catalogue."""
         if k < 1:
             raise HmtrecError("k must be >= 1")
-        probabilities, info = self.level_probabilities(history, label=label, skip_unknown=skip_unknown)
-        finest = info["finest"]
-        scores = probabilities[finest].clone()
+        if candidate_fraction is not None and top_nodes is not None:
+            raise HmtrecError("give candidate_fraction or top_nodes, not both")
+        if candidate_fraction is not None and not 0 < candidate_fraction <= 1:
+            raise HmtrecError(f"candidate_fraction must be in (0, 1], got {candidate_fraction}")
+        if top_nodes is not None and top_nodes < 1:
+            raise HmtrecError(f"top_nodes must be >= 1, got {top_nodes}")
+        scorer = self.scorer(label)
+        use_candidates = candidate_fraction is not None or top_nodes is not None
+        if use_candidates:
+            self._check_candidate_level(scorer, candidate_level)
+        encoded = []
+        for index, history in enumerate(histories):
+            leaves, skipped = self.encode_history(history, skip_unknown=skip_unknown,
+                                                  index=None if len(histories) == 1 else index)
+            if len(leaves) == 0:
+                where = "the history" if len(histories) == 1 else f"history {index}"
+                raise HmtrecError(f"{where} has no known item: nothing to recommend from")
+            encoded.append((leaves, skipped))
+        results = []
+        max_len = self.config.eval_max_len
+        for start in range(0, len(encoded), SCORE_BATCH):
+            chunk = encoded[start:start + SCORE_BATCH]
+            batch = pad_histories([leaves for leaves, _ in chunk], max_len)
+            if use_candidates and scorer.supports_candidates:
+                scores = scorer.score(batch, level=candidate_level, top=top_nodes, fraction=candidate_fraction)
+            else:
+                scores = scorer.score(batch)
+                if use_candidates:
+                    scores = self._mask_candidates(scores, candidate_level, top_nodes, candidate_fraction)
+            for row, (leaves, skipped) in enumerate(chunk):
+                results.append(self._result(scores, row, histories[start + row], leaves, skipped, k,
+                                            label or self.main, exclude_history, max_len))
+        return results
+
+    def _check_candidate_level(self, scorer: HistoryScorer, level: str | None) -> None:
+        levels = self.taxonomy.level_names
+        level = level or levels[-2] if len(levels) > 1 else None
+        if level is None or level not in levels[:-1]:
+            raise HmtrecError(f"candidate_level must be one of {levels[:-1]}, got {level!r}")
+
+    def _mask_candidates(self, scores: Scores, level: str | None, top: int | None,
+                         fraction: float | None) -> Scores:
+        """Candidates for a model without the split scorer: its full scores, masked outside the items
+        under the chosen nodes (the same items; no time saved)."""
+        from hmtrec.serve.candidates import candidate_node_mask, leaf_mask_from_nodes
+
+        level = level or self.taxonomy.level_names[-2]
+        if scores.finest != self.taxonomy.leaf_level:
+            raise HmtrecError("candidates need a model that scores the items")
+        node_scores = scores.levels.get(level)
+        if node_scores is None:
+            probabilities = torch.softmax(scores.levels[scores.finest], dim=1)
+            node_scores = _sum_up(probabilities, self.taxonomy, scores.finest, level)
+        mode = "fixed_k" if top is not None else "adaptive"
+        node_mask = candidate_node_mask(node_scores, self.taxonomy, level, mode=mode, k=top, fraction=fraction)
+        keep = leaf_mask_from_nodes(node_mask, self.taxonomy, level)
+        leaf_scores = scores.levels[scores.finest].masked_fill(~keep, -float("inf"))
+        width = int(keep.sum(1).max())
+        top_scores, ids = torch.topk(leaf_scores, width, dim=1)
+        ids = torch.where(torch.isfinite(top_scores), ids, torch.full_like(ids, -1))
+        levels = {name: value for name, value in scores.levels.items() if name != scores.finest}
+        return Scores(levels, scores.finest, top_scores, ids, level, keep.sum(1).float() / self.taxonomy.n_leaves)
+
+    def _result(self, scores: Scores, row: int, history, leaves: np.ndarray, skipped: list[str], k: int,
+                label: str, exclude_history: bool, max_len: int) -> dict:
+        taxonomy = self.taxonomy
+        finest = scores.finest
+        finest_index = taxonomy.level_index(finest)
+        if scores.candidate_scores is not None:
+            item_scores = scores.candidate_scores[row]
+            item_ids = scores.candidate_ids[row]
+        else:
+            item_scores = scores.levels[finest][row]
+            item_ids = torch.arange(item_scores.shape[0])
+        probabilities = torch.softmax(item_scores.float(), dim=0)
+        ranked = item_scores.clone()
         if exclude_history:
-            seen = info["known"]
-            seen = seen if finest == self.taxonomy.leaf_level else self.taxonomy.ancestors(seen, finest)
-            scores[torch.from_numpy(np.unique(seen))] = -1.0
-        k = min(k, int((scores >= 0).sum()))
-        top = torch.topk(scores, k).indices.numpy()
-        finest_index = self.taxonomy.level_index(finest)
-        coarser = self.taxonomy.level_names[:finest_index]
-        recommendations = []
-        for rank, node in enumerate(top, start=1):
-            path = {level: str(self.taxonomy.labels_of(
-                [self.taxonomy.node_ancestors([node], finest, level)[0]], level)[0]) for level in coarser}
-            recommendations.append({"rank": rank, "id": str(self.taxonomy.labels_of([node], finest)[0]),
-                                    "probability": float(probabilities[finest][node]), "ancestors": path})
+            seen = leaves if finest == taxonomy.leaf_level else taxonomy.ancestors(leaves, finest)
+            seen_mask = torch.from_numpy(np.isin(item_ids.numpy(), np.unique(seen)))
+            ranked[seen_mask] = -float("inf")
+        ranked[item_ids < 0] = -float("inf")
+        k = min(k, int(torch.isfinite(ranked).sum()))
+        top = torch.topk(ranked, k).indices
+        nodes = item_ids[top].numpy()
+        coarser = taxonomy.level_names[:finest_index]
+        ancestors = {level: taxonomy.labels_of(taxonomy.node_ancestors(nodes, finest, level), level)
+                     for level in coarser}
+        ids = taxonomy.labels_of(nodes, finest)
+        recommendations = [{"rank": rank, "id": str(ids[i]), "probability": float(probabilities[top[i]]),
+                            "ancestors": {level: str(ancestors[level][i]) for level in coarser}}
+                           for i, rank in enumerate(range(1, k + 1))]
+        level_probabilities = {level: torch.softmax(value[row].float(), dim=0) for level, value in scores.levels.items()}
+        sources = {level: "head" for level in level_probabilities}
+        complete = sorted(level_probabilities, key=taxonomy.level_index)
         levels = {}
         for level in coarser:
-            best = int(torch.argmax(probabilities[level]))
-            top_ancestor = (int(self.taxonomy.node_ancestors([top[0]], finest, level)[0]) if len(top) else None)
-            levels[level] = {"label": str(self.taxonomy.labels_of([best], level)[0]),
-                             "probability": float(probabilities[level][best]),
-                             "source": info["sources"][level],
-                             "contains_top": top_ancestor == best}
-        return {"model": label or self.main, "level": finest, "history": info["history"],
-                "skipped": info["skipped"], "truncated": info["truncated"], "levels": levels,
-                "recommendations": recommendations}
+            if level not in level_probabilities:
+                finer = [name for name in complete if taxonomy.level_index(name) > taxonomy.level_index(level)]
+                if not finer:
+                    continue
+                source = finer[-1]
+                level_probabilities[level] = _sum_up(level_probabilities[source][None], taxonomy, source, level)[0]
+                sources[level] = f"sum of {source} probabilities"
+            best = int(torch.argmax(level_probabilities[level]))
+            levels[level] = {"label": str(taxonomy.labels_of([best], level)[0]),
+                             "probability": float(level_probabilities[level][best]), "source": sources[level],
+                             "contains_top": bool(k) and str(ancestors[level][0]) == str(
+                                 taxonomy.labels_of([best], level)[0])}
+        result = {"model": label, "level": finest, "history": [str(h) for h in history], "skipped": skipped,
+                  "truncated": max(0, len(leaves) - max_len), "levels": levels, "recommendations": recommendations}
+        if scores.candidate_scores is not None:
+            result["scored"] = {"mode": "candidates", "level": scores.candidate_level,
+                                "fraction": float(scores.candidate_fraction[row])}
+        else:
+            result["scored"] = {"mode": "full", "fraction": 1.0}
+        return result
+
+
+def _sum_up(probabilities: torch.Tensor, taxonomy: Taxonomy, fine: str, coarse: str) -> torch.Tensor:
+    """[Q, n_nodes(fine)] -> [Q, n_nodes(coarse)]: each coarse node gets the mass of the fine nodes under it."""
+    parent = torch.from_numpy(taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(fine)), fine, coarse))
+    out = torch.zeros(probabilities.shape[0], taxonomy.n_nodes(coarse), dtype=torch.float64)
+    return out.index_add_(1, parent, probabilities.double()).float()
+
+
+def build_sequence_model(spec: dict, dataset: Dataset, max_len: int, directory: Path | None):
+    """Build the model a spec names, with the context every sequence builder may use."""
+    entry, params = validate_model_params("sequence", {k: v for k, v in spec.items() if k != "label"})
+    return build_model(entry, params, taxonomy=dataset.taxonomy, dataset=dataset, max_len=max_len,
+                       run_dir=directory)
 
 
 def load_sequence_run(run_dir: str | Path, *, config=None, labels: Sequence[str] | None = None) -> SequenceArtefact:
     """Rebuild the models of a sequence run (all, or those in `labels`) with their saved weights."""
-    from hmtrec.pipelines.sequence import MAIN_WEIGHTS, build_sequence_model, model_dir, read_run_config
-
-    run_dir = Path(run_dir)
-    config = config or read_run_config(run_dir)
-    if not (run_dir / "taxonomy.json").exists():
-        raise HmtrecError(f"{run_dir} has no taxonomy.json: the run stopped before its data was loaded")
-    taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
+    run = RunDir(run_dir)
+    run.read_info("sequence")
+    config = config or run.read_config()
+    run_dir = run.path
+    taxonomy = read_taxonomy(run_dir / TAXONOMY_FILE)
     leaf_text = read_json(run_dir / "leaf_text.json")["text"] if (run_dir / "leaf_text.json").exists() else None
     empty = SequenceData(np.empty(0, np.int64), np.zeros(1, np.int64), np.empty(0, dtype=object))
-    dataset = Dataset(read_json(run_dir / "data.json").get("source", "run") if (run_dir / "data.json").exists()
-                      else "run", empty, taxonomy, leaf_text)
+    source = read_json(run_dir / "data.json").get("source", "run") if (run_dir / "data.json").exists() else "run"
+    dataset = Dataset(source, empty, taxonomy, leaf_text)
     specs = config.model_specs()
     if labels is not None:
         unknown = sorted(set(labels) - {spec["label"] for spec in specs})
@@ -171,17 +289,49 @@ def load_sequence_run(run_dir: str | Path, *, config=None, labels: Sequence[str]
         specs = [spec for spec in specs if spec["label"] in labels]
     models, needs_fit = {}, []
     for spec in specs:
-        directory = model_dir(run_dir, config, spec["label"])
+        directory = run.model_dir(spec["label"], config.model["label"])
         weights = directory / MAIN_WEIGHTS
         if not weights.exists():
-            raise HmtrecError(f"{weights} is missing: model {spec['label']!r} has not finished training "
-                              f"(rerun `hmtrec train` with the same --run-dir to resume)")
-        model = build_sequence_model(spec, dataset, config, directory)
+            raise ArtefactError(weights, f"is missing: model {spec['label']!r} has not finished training",
+                                "rerun `hmtrec train` with the same config and --run-dir to resume")
+        model = build_sequence_model(spec, dataset, config.train.max_len, directory)
         state = load_weights(weights)
         if state or len(model.state_dict()) > 0:
-            model.load_state_dict(state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as error:
+                raise ArtefactError(weights, f"does not fit model {spec['label']!r} "
+                                    f"({str(error).splitlines()[0]})", "retrain into a new run directory") from None
         if not getattr(model, "trainable", True) and not state:
             needs_fit.append(spec["label"])
         model.eval()
         models[spec["label"]] = model
     return SequenceArtefact(run_dir, config, taxonomy, leaf_text, models, needs_fit)
+
+
+# ---- geo runs ----------------------------------------------------------------------------------
+
+def build_geo_model(config, taxonomy: Taxonomy, event_types: list[str], section: dict | None = None):
+    """A geo run's model (or a baseline `section`) for its taxonomy and action types."""
+    from hmtrec.data.actions import DEFAULT_EVENT_TYPE
+
+    entry, params = validate_model_params("sequence", section or config.model)
+    # builders read the action types from the dataset's log; a stand-in log carries them
+    typed = event_types != [DEFAULT_EVENT_TYPE]
+    stand_in = SequenceData(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.array([]),
+                            event_types=np.zeros(0, dtype=np.int64) if typed else None,
+                            event_type_names=event_types if typed else [])
+    return build_model(entry, params, taxonomy=taxonomy, dataset=Dataset("geo", stand_in, taxonomy))
+
+
+def load_geo_run(run_dir: str | Path):
+    """(config, model with trained weights, taxonomy) of a finished geo run directory."""
+    run = RunDir(run_dir)
+    info = run.read_info("geo")
+    run.require_done("geo inference")
+    config = run.read_config()
+    taxonomy = read_taxonomy(run.path / TAXONOMY_FILE)
+    model = build_geo_model(config, taxonomy, info["event_types"])
+    model.load_state_dict(load_weights(run.path / WEIGHTS_FILE))
+    model.eval()
+    return config, model, taxonomy

@@ -245,9 +245,17 @@ class NodeBlocks:
     def topk(self, queries: torch.Tensor, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k leaves among those under `nodes` [Q, k_nodes], per query: (scores [Q, k], leaves
         [Q, k]); rows with fewer than k candidates are padded with score -inf and leaf -1."""
+        scores, leaves = self.scores(queries, nodes)
+        top = torch.topk(scores, min(int(k), scores.shape[1]), dim=1)
+        return top.values, leaves.gather(1, top.indices)
+
+    def scores(self, queries: torch.Tensor, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every candidate's score: (scores [Q, C], leaves [Q, C]) over the leaves under each row's
+        `nodes` [Q, k_nodes] (-1: no node, padding), padded with score -inf and leaf -1 to the
+        largest row's count C."""
         n_queries = queries.shape[0]
         chosen = nodes.long().cpu().numpy()
-        lengths = self.offsets[chosen + 1] - self.offsets[chosen]                    # [Q, k_nodes]
+        lengths = np.where(chosen >= 0, self.offsets[chosen + 1] - self.offsets[chosen], 0)  # [Q, k_nodes]
         # column where each (query, chosen node) block starts in that query's candidate row
         columns = np.cumsum(lengths, axis=1) - lengths
         width = int(lengths.sum(1).max()) if n_queries else 0
@@ -259,7 +267,7 @@ class NodeBlocks:
         # one matrix product per distinct node, against every query that chose it
         for group in np.split(order, boundaries) if len(order) else []:
             node = int(flat_nodes[group[0]])
-            start, stop = int(self.offsets[node]), int(self.offsets[node + 1])
+            start, stop = (int(self.offsets[node]), int(self.offsets[node + 1])) if node >= 0 else (0, 0)
             if stop == start:
                 continue
             rows_np = group // chosen.shape[1]
@@ -269,10 +277,8 @@ class NodeBlocks:
                 + torch.arange(stop - start, device=queries.device)
             scores[rows[:, None], cols] = block_scores
             positions[rows[:, None], cols] = torch.arange(start, stop, device=queries.device)
-        top = torch.topk(scores, min(int(k), width), dim=1)
-        picked = positions.gather(1, top.indices)
-        leaves = torch.where(picked >= 0, self.leaf_ids[picked.clamp(min=0)], torch.full_like(picked, -1))
-        return top.values, leaves
+        leaves = torch.where(positions >= 0, self.leaf_ids[positions.clamp(min=0)], torch.full_like(positions, -1))
+        return scores, leaves
 
 
 def candidate_topk(queries: torch.Tensor, leaf_embeddings: torch.Tensor, taxonomy: Taxonomy,

@@ -81,7 +81,7 @@ class GeoSuggester:
     """A trained geo run, ready to suggest destinations for a history."""
 
     def __init__(self, run_dir: str | Path):
-        from hmtrec.pipelines.geo import load_geo_run
+        from hmtrec.serve.artefact import load_geo_run
 
         self.run_dir = Path(run_dir)
         self.config, self.model, self.taxonomy = load_geo_run(self.run_dir)

@@ -77,7 +77,8 @@ class CausalTransformer(nn.Module):
         position = torch.arange(length, device=x.device)
         causal = position[None, :] <= position[:, None]                       # [T, T]: key s <= query t
         # A query always sees itself, so a row of padding never has every key masked (NaN softmax).
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=x.device)
+        # (the diagonal as a comparison, not torch.eye: ONNX Runtime has no boolean EyeLike)
+        allowed = (causal[None] & valid[:, None, :]) | (position[None, :] == position[:, None])
         h = self.input_dropout(x + self.positions(position)[None])
         for block in self.blocks:
             h = block(h, allowed[:, None])

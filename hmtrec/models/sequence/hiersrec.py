@@ -201,7 +201,8 @@ class HierSRec(SequenceRecommender):
         # Gather the target positions before any output layer: heads run on [M, D], not [B, T, D].
         session = hidden[at] if self.readout is None else self.readout(hidden, valid, at)
         copied = self.repeat_explore(hidden, inputs, valid, at) if self.repeat_explore is not None else None
-        return self.heads(session, leaf_vectors), batch["targets"][at], copied
+        targets = batch["targets"][at] if "targets" in batch else None  # a query batch has none
+        return self.heads(session, leaf_vectors), targets, copied
 
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits, _, copied = self._forward(batch)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from hmtrec.data.sequences import PAD
+from hmtrec.models.sequence.base import target_positions
 
 
 @dataclass
@@ -28,8 +29,8 @@ class Prefixes:
 
 
 def target_prefixes(batch: dict[str, torch.Tensor]) -> Prefixes:
-    inputs, targets = batch["inputs"], batch["targets"]
-    rows, positions = torch.nonzero(targets != PAD, as_tuple=True)  # row-major, as predict requires
+    inputs = batch["inputs"]
+    rows, positions = torch.nonzero(target_positions(batch), as_tuple=True)  # row-major, as predict requires
     width = inputs.shape[1]
     within = torch.arange(width, device=inputs.device)[None, :] <= positions[:, None]
     items = torch.where(within, inputs[rows], torch.full_like(inputs[rows], PAD))

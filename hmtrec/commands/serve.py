@@ -1,0 +1,49 @@
+"""`hmtrec serve RUN_DIR`: the HTTP service of a finished run (hmtrec/serve/app.py), on uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        run_dir: Path = typer.Argument(..., help="A finished sequence or ranking run directory."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (another than this machine's "
+                                                              "needs --api-key)."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="HMTREC_API_KEY",
+                                              help="Require this key in the X-API-Key header (all but /health)."),
+        backend: str = typer.Option("torch", "--backend", help="torch, or onnx (after `hmtrec export`)."),
+        unknown: str = typer.Option("error", "--unknown", help="Unknown item ids: error (422) or ignore."),
+        max_k: int = typer.Option(1000, "--max-k", min=1),
+        max_history: int = typer.Option(1000, "--max-history", min=1),
+        max_rows: int = typer.Option(10_000, "--max-rows", min=1),
+        max_body_bytes: int = typer.Option(2 * 2**20, "--max-body-bytes", min=1024),
+        batch_size: int = typer.Option(64, "--batch-size", min=1, help="Most requests scored together."),
+        batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", min=0.0,
+                                            help="Longest a request waits for others to batch with."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads for scoring."),
+    ):
+        """Serve POST /recommend (sequence runs) or POST /rank (ranking runs), GET /health and GET /model;
+        the OpenAPI schema is at /openapi.json and the interactive docs at /docs."""
+        import uvicorn
+
+        from hmtrec.errors import HmtrecError
+        from hmtrec.serve.app import ServeSettings, check_bind, create_app
+
+        if backend not in ("torch", "onnx"):
+            raise HmtrecError(f"--backend {backend!r}: choose torch or onnx")
+        if unknown not in ("error", "ignore"):
+            raise HmtrecError(f"--unknown {unknown!r}: choose error or ignore")
+        check_bind(host, api_key)
+        settings = ServeSettings(api_key=api_key or None, backend=backend, max_k=max_k, max_history=max_history,
+                                 max_rows=max_rows, max_body_bytes=max_body_bytes, unknown=unknown,
+                                 batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads)
+        service = create_app(run_dir, settings)
+        uvicorn.run(service, host=host, port=port, log_level=os.environ.get("HMTREC_SERVE_LOG", "warning"),
+                    access_log=False)

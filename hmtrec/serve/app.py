@@ -1,0 +1,441 @@
+"""The HTTP service behind `hmtrec serve RUN_DIR` (FastAPI; the OpenAPI schema is at /openapi.json).
+
+    POST /recommend   sequence runs: a history of item ids -> top-k items, each with its ancestors,
+                      and the predicted node and probability at every coarser level
+    POST /rank        ranking runs: feature rows -> per-head (calibrated) probabilities and utility
+    GET  /health      liveness, and what the server holds
+    GET  /model       the run: kind, models, levels, catalogue size, limits, versions
+
+Safety: the CLI binds 127.0.0.1 unless told otherwise, and refuses any other bind without an API key
+(`X-API-Key` header, compared in constant time). Request bodies, histories, rows and k are bounded;
+every bad input is a 4xx whose `detail` names the field (never a 5xx). Unknown item ids are reported
+per request (`unknown`) and either ignored or an error, by option.
+
+Concurrent /recommend requests are micro-batched: a request waits at most `batch_wait_ms` for
+others with the same scoring options, and the batch is scored in one pass through the model on
+one worker thread (the encoder and item head are matrix products, much cheaper per row in a batch).
+"""
+
+import asyncio
+import hmac
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hmtrec.errors import DataError, HmtrecError
+from hmtrec.rundir import RunDir
+
+API_KEY_HEADER = "X-API-Key"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeSettings:
+    api_key: str | None = None
+    backend: Literal["torch", "onnx"] = "torch"
+    max_k: int = 1000
+    max_history: int = 1000           # ids per history (only the most recent max_len are used)
+    max_rows: int = 10_000            # rows per /rank request
+    max_body_bytes: int = 2 * 2**20
+    unknown: Literal["error", "ignore"] = "error"
+    batch_size: int = 64              # most requests scored together
+    batch_wait_ms: float = 2.0        # longest a request waits for others to batch with
+    threads: int | None = None        # torch threads of the scoring thread
+
+
+# ---- request and response bodies -----------------------------------------------------------------
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(Strict):
+    history: list[str] = Field(..., min_length=1, description="item ids (or action tokens), oldest first")
+    k: int = Field(10, ge=1, description="how many items to return (at most the server's max_k)")
+    candidate_fraction: float | None = Field(
+        None, gt=0, le=1, description="score only items under the best coarse nodes, up to this share of "
+                                      "the catalogue")
+    top_nodes: int | None = Field(None, ge=1, description="score only items under this many best coarse nodes")
+    candidate_level: str | None = Field(None, description="level whose nodes pick candidates (default: the "
+                                                          "level above the items)")
+    exclude_seen: bool = Field(False, description="never return an item of the history")
+    unknown: Literal["error", "ignore"] | None = Field(
+        None, description="unknown ids: an error (422), or ignored and listed in the response "
+                          "(default: the server's setting)")
+    model: str | None = Field(None, description="one of the run's models (default: the main one)")
+
+    @field_validator("history")
+    @classmethod
+    def _plain_ids(cls, value: list[str]) -> list[str]:
+        for i, item in enumerate(value):
+            if not item or len(item) > 200:
+                raise ValueError(f"item {i}: an id is 1 to 200 characters")
+        return value
+
+
+class Item(BaseModel):
+    rank: int
+    id: str
+    probability: float = Field(..., description="softmax over the scored items (all, or the candidates)")
+    ancestors: dict[str, str]
+
+
+class LevelPrediction(BaseModel):
+    label: str
+    probability: float
+    source: str
+    contains_top: bool
+
+
+class RecommendResponse(BaseModel):
+    model: str
+    level: str
+    items: list[Item]
+    levels: dict[str, LevelPrediction]
+    unknown: list[str] = Field(..., description="ids of the history not in the catalogue (ignored)")
+    truncated: int = Field(..., description="oldest history events beyond the model's window")
+    scored: dict[str, Any] = Field(..., description="'full' or 'candidates', and the share of items scored")
+
+
+class RankRequest(Strict):
+    rows: list[dict[str, str | float | int | bool | None]] = Field(
+        ..., min_length=1, description="feature rows: column -> value, as in the training table")
+    calibrated: bool = Field(True, description="apply the run's calibration.json when it has one")
+    weights: dict[str, float] | None = Field(
+        None, description="utility weight per head (default: the run's tuned utility.json, if any)")
+
+    @field_validator("weights")
+    @classmethod
+    def _finite(cls, value):
+        for head, weight in (value or {}).items():
+            if not math.isfinite(weight):
+                raise ValueError(f"weight of {head!r} must be a finite number")
+        return value
+
+
+class RankResponse(BaseModel):
+    heads: list[str]
+    rows: list[dict[str, float | None]] = Field(..., description="per row: head -> probability (or value)")
+    utility: list[float | None] | None = Field(None, description="U = sum of weight x transformed probability, per row")
+    calibrated: bool
+
+
+class Health(BaseModel):
+    status: str
+    kind: str
+    backend: str
+    uptime_seconds: float
+
+
+class BadInput(HmtrecError):
+    """A 4xx: `field` names the request field (a dotted path), `status` the code."""
+
+    def __init__(self, message: str, field: str, status: int = 422):
+        self.field, self.status = field, status
+        super().__init__(message)
+
+
+def _problem(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": ["body", *field.split(".")] if field else ["body"], "msg": message}]},
+                        status_code=status)
+
+
+# ---- micro-batching -------------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    leaves: list[str]
+    k: int
+    future: asyncio.Future
+
+
+@dataclass
+class Batcher:
+    """Collects concurrent requests with the same options; scores each group in one call."""
+
+    score: Any                                    # (options, [histories], k) -> [results]
+    settings: ServeSettings
+    queues: dict[tuple, list[_Pending]] = field(default_factory=dict)
+    lock: asyncio.Lock | None = None
+    batches: int = 0
+    scored: int = 0
+
+    async def submit(self, options: tuple, history: list[str], k: int) -> dict:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(history, k, loop.create_future())
+        queue = self.queues.setdefault(options, [])
+        queue.append(pending)
+        if len(queue) == 1:
+            loop.create_task(self._flush_later(options))
+        elif len(queue) >= self.settings.batch_size:
+            self._take_and_run(options)
+        return await pending.future
+
+    async def _flush_later(self, options: tuple) -> None:
+        await asyncio.sleep(self.settings.batch_wait_ms / 1000)
+        self._take_and_run(options)
+
+    def _take_and_run(self, options: tuple) -> None:
+        queue = self.queues.pop(options, [])
+        if queue:
+            asyncio.get_running_loop().create_task(self._run(options, queue))
+
+    async def _run(self, options: tuple, queue: list[_Pending]) -> None:
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:   # one batch at a time on the scoring thread
+            try:
+                results = await asyncio.to_thread(self.score, options, [p.leaves for p in queue],
+                                                  max(p.k for p in queue))
+            except Exception as error:  # every request of the batch gets the error
+                for pending in queue:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                return
+        self.batches += 1
+        self.scored += len(queue)
+        for pending, result in zip(queue, results):
+            if not pending.future.done():
+                result["recommendations"] = result["recommendations"][:pending.k]
+                pending.future.set_result(result)
+
+
+# ---- the application ------------------------------------------------------------------------------
+
+# no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
+# and the request bodies are classes made per server (its limits are in their schema)
+def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+    """The service for one finished run directory (sequence: /recommend, ranking: /rank)."""
+    settings = settings or ServeSettings()
+    run = RunDir(run_dir)
+    info = run.require_done("`hmtrec serve`")
+    kind = info["kind"]
+    if kind not in ("sequence", "ranking"):
+        raise HmtrecError(f"{run.path} holds a {kind!r} run; `hmtrec serve` serves sequence and ranking runs")
+    if settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    started = time.time()
+    state: dict[str, Any] = {}
+    if kind == "sequence":
+        state.update(_load_sequence(run, settings))
+    else:
+        state.update(_load_ranking(run))
+
+    app = FastAPI(title="hmtrec", version=str(info.get("versions", {}).get("hmtrec", "")),
+                  description=f"Serving the {kind} run {run.path.name}.")
+    app.state.hmtrec = state
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if settings.api_key is not None and request.url.path != "/health":
+            given = request.headers.get(API_KEY_HEADER, "")
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                return _problem(401, "", f"missing or wrong {API_KEY_HEADER} header")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return _problem(413, "", f"request body over {settings.max_body_bytes} bytes")
+        if request.method == "POST":
+            body = await request.body()   # also bounds bodies sent without a length
+            if len(body) > settings.max_body_bytes:
+                return _problem(413, "", f"request body over {settings.max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        detail = [{"loc": list(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
+                  for item in error.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(BadInput)
+    async def bad_input(request: Request, error: BadInput):
+        return _problem(error.status, error.field, str(error))
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(status="ok", kind=kind, backend=settings.backend, uptime_seconds=time.time() - started)
+
+    @app.get("/model")
+    async def model_info() -> dict:
+        described = {"kind": kind, "run": run.path.name, "models": info.get("models", []),
+                     "versions": info.get("versions", {}), "config_hash": info.get("config_hash"),
+                     "backend": settings.backend,
+                     "limits": {"max_k": settings.max_k, "max_history": settings.max_history,
+                                "max_rows": settings.max_rows, "max_body_bytes": settings.max_body_bytes},
+                     "unknown": settings.unknown}
+        described.update(state["describe"]())
+        if "batcher" in state:
+            described["batches"] = {"batches": state["batcher"].batches, "requests": state["batcher"].scored}
+        return described
+
+    # The request bodies carry this server's limits and a working example in the schema.
+    example = state.get("example_history", ["i1", "i2"])
+
+    class Recommend(RecommendRequest):
+        model_config = ConfigDict(extra="forbid", title="RecommendRequest",
+                                  json_schema_extra={"examples": [{"history": example, "k": 10}]})
+        history: list[str] = Field(..., min_length=1, max_length=settings.max_history,
+                                   description="item ids (or action tokens), oldest first")
+        k: int = Field(10, ge=1, le=settings.max_k, description="how many items to return")
+
+    class Rank(RankRequest):
+        model_config = ConfigDict(extra="forbid", title="RankRequest")
+        rows: list[dict[str, str | float | int | bool | None]] = Field(
+            ..., min_length=1, max_length=settings.max_rows,
+            description="feature rows: column -> value, as in the training table")
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend(request: Recommend) -> RecommendResponse:
+        if kind != "sequence":
+            raise BadInput(f"this server holds a {kind} run; /recommend needs a sequence run", "", 404)
+        if request.k > settings.max_k:
+            raise BadInput(f"k is {request.k}; this server returns at most {settings.max_k}", "k")
+        if len(request.history) > settings.max_history:
+            raise BadInput(f"{len(request.history)} ids; this server takes at most {settings.max_history}", "history")
+        if request.candidate_fraction is not None and request.top_nodes is not None:
+            raise BadInput("give candidate_fraction or top_nodes, not both", "top_nodes")
+        artefact = state["artefact"]
+        if request.model is not None and request.model not in state["models"]:
+            raise BadInput(f"no model {request.model!r}; models: {state['models']}", "model")
+        label = request.model or artefact.main
+        levels = artefact.taxonomy.level_names
+        if request.candidate_level is not None and request.candidate_level not in levels[:-1]:
+            raise BadInput(f"{request.candidate_level!r} is not a coarse level; levels: {levels[:-1]}",
+                           "candidate_level")
+        if request.top_nodes is not None:
+            level = request.candidate_level or levels[-2]
+            if request.top_nodes > artefact.taxonomy.n_nodes(level):
+                raise BadInput(f"top_nodes is {request.top_nodes}; level {level!r} has "
+                               f"{artefact.taxonomy.n_nodes(level)} nodes", "top_nodes")
+        known, unknown = state["split_known"](request.history)
+        mode = request.unknown or settings.unknown
+        if unknown and mode == "error":
+            shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            raise BadInput(f"unknown item id(s): {shown} ({len(unknown)} of {len(request.history)}); send "
+                           f"unknown='ignore' to skip them", "history")
+        if not known:
+            raise BadInput("the history has no known item: nothing to recommend from", "history")
+        options = (label, request.exclude_seen, request.candidate_fraction, request.top_nodes,
+                   request.candidate_level)
+        try:
+            result = await state["batcher"].submit(options, known, request.k)
+        except HmtrecError as error:
+            raise BadInput(str(error), "") from None
+        return RecommendResponse(model=result["model"], level=result["level"], items=result["recommendations"],
+                                 levels=result["levels"], unknown=unknown, truncated=result["truncated"],
+                                 scored=result["scored"])
+
+    @app.post("/rank", response_model=RankResponse)
+    async def rank(request: Rank) -> RankResponse:
+        if kind != "ranking":
+            raise BadInput(f"this server holds a {kind} run; /rank needs a ranking run", "", 404)
+        if len(request.rows) > settings.max_rows:
+            raise BadInput(f"{len(request.rows)} rows; this server takes at most {settings.max_rows}", "rows")
+        return await asyncio.to_thread(state["rank"], request)
+
+    return app
+
+
+def _load_sequence(run: RunDir, settings: ServeSettings) -> dict:
+    from hmtrec.serve.artefact import SequenceArtefact, load_sequence_run
+
+    artefact: SequenceArtefact = load_sequence_run(run.path)
+    if artefact.needs_fit:
+        from hmtrec.data.loading import load_data
+
+        artefact.fit_missing(load_data(artefact.config.data).train)
+    if settings.backend == "onnx":
+        from hmtrec.serve.onnx import OnnxScorer
+
+        artefact._scorers[artefact.main] = OnnxScorer.load(run.path, artefact)
+    for label in artefact.models:   # build every scorer (leaf vectors, blocks) before the first request
+        artefact.scorer(label)
+    index = {str(label): i for i, label in enumerate(artefact.taxonomy.node_labels[-1])}
+
+    def split_known(history: list[str]) -> tuple[list[str], list[str]]:
+        known = [item for item in history if item in index]
+        return known, [item for item in history if item not in index]
+
+    def score(options: tuple, histories: list[list[str]], k: int) -> list[dict]:
+        label, exclude, fraction, top, level = options
+        return artefact.recommend_many(histories, k, label=label, exclude_history=exclude,
+                                       candidate_fraction=fraction, top_nodes=top, candidate_level=level)
+
+    def describe() -> dict:
+        taxonomy = artefact.taxonomy
+        return {"main": artefact.main, "levels": {name: taxonomy.n_nodes(name) for name in taxonomy.level_names},
+                "n_items": taxonomy.n_leaves, "max_len": artefact.config.eval_max_len,
+                "candidates": {label: artefact.scorer(label).supports_candidates for label in artefact.models}}
+
+    return {"artefact": artefact, "models": list(artefact.models), "split_known": split_known,
+            "example_history": [str(label) for label in artefact.taxonomy.node_labels[-1][:3]],
+            "batcher": Batcher(score, settings), "describe": describe}
+
+
+def _load_ranking(run: RunDir) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from hmtrec.calibrate import apply_calibration, load_calibration
+    from hmtrec.pipelines.ranking import Ranker
+    from hmtrec.rundir import read_json
+
+    ranker = Ranker.load(run.path)
+    calibration = load_calibration(run.path)
+    heads = [task.name for task in ranker.encoder.tasks]
+    utility_file = run.path / "utility.json"
+    utility = read_json(utility_file) if utility_file.exists() else None
+
+    def rank(request: RankRequest) -> RankResponse:
+        frame = pd.DataFrame(request.rows)
+        try:
+            scores = ranker.predict_frame(frame, file="request")
+            used = calibration is not None and request.calibrated
+            if used:
+                scores = apply_calibration(scores, calibration, source="request")
+        except DataError as error:
+            field = f"rows.{error.row - 1}.{error.column}" if error.row and error.column else \
+                (f"rows.{error.column}" if error.column else "rows")
+            raise BadInput(str(error), field) from None
+        except HmtrecError as error:
+            raise BadInput(str(error), "rows") from None
+        rows = [{head: (None if not np.isfinite(v) else float(v)) for head, v in zip(heads, values)}
+                for values in scores[heads].to_numpy(dtype=np.float64)]
+        weights, transforms = request.weights, {}
+        if weights is None and utility is not None and utility.get("best"):
+            weights, transforms = utility["best"][0]["weights"], utility.get("transforms", {})
+        values = None
+        if weights is not None:
+            unknown = sorted(set(weights) - set(heads))
+            if unknown:
+                raise BadInput(f"no head(s) {unknown}; heads: {heads}", "weights")
+            from hmtrec.calibrate.utility import Transform
+
+            total = np.zeros(len(frame))
+            for head, weight in weights.items():
+                p = scores[head].to_numpy(dtype=np.float64)
+                total += weight * Transform(**transforms.get(head, {})).apply(p)
+            values = [float(v) if np.isfinite(v) else None for v in total]
+        return RankResponse(heads=heads, rows=rows, utility=values, calibrated=used)
+
+    def describe() -> dict:
+        return {"heads": heads, "calibrated_heads": sorted(calibration.heads) if calibration is not None else [],
+                "utility": utility is not None,
+                "features": ranker.encoder.schema.model_dump(mode="json")}
+
+    return {"rank": rank, "describe": describe}
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key."""
+    if host not in LOCAL_HOSTS and not api_key:
+        raise HmtrecError(f"--host {host}: listening beyond this machine needs an API key (--api-key or "
+                          f"HMTREC_API_KEY); clients then send it in the {API_KEY_HEADER} header")

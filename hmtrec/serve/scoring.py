@@ -1,0 +1,159 @@
+"""Scoring the event after many histories at once, over the whole catalogue or over candidates.
+
+A `HistoryScorer` wraps any sequence model through `score_next`: every level the model predicts,
+over the full catalogue. Models built as an encoder plus hierarchical heads (HierSRec) get a
+`HeadScorer`, which splits the computation into the stages a server needs:
+
+    histories -> encoder -> query vector -> coarse heads (every node)
+              -> candidate nodes (top nodes, or nodes up to a catalogue fraction)
+              -> item head on the leaves under those nodes only
+
+so a request with candidates scores a few percent of the catalogue. The leaf vectors (item
+embeddings + metadata projections) do not change after training: they are computed once at load.
+The item head's bias is folded into the leaf vectors (query [h, 1] against rows [w, b]), so full
+and candidate scoring are both plain dot products.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hmtrec.data.sequences import PAD
+from hmtrec.data.taxonomy import Taxonomy
+from hmtrec.serve.candidates import NodeBlocks, adaptive_node_mask, top_nodes
+
+
+@dataclass
+class Scores:
+    """Scores of Q queries. `levels`: full logits of every level scored over all its nodes.
+    `finest`: the finest level; when candidates were used, `candidate_scores [Q, C]` and
+    `candidate_ids [Q, C]` (-1 padding, score -inf) hold its scores instead of `levels[finest]`."""
+
+    levels: dict[str, torch.Tensor]
+    finest: str
+    candidate_scores: torch.Tensor | None = None
+    candidate_ids: torch.Tensor | None = None
+    candidate_level: str | None = None
+    candidate_fraction: torch.Tensor | None = None   # [Q]: share of the catalogue scored
+
+
+class HistoryScorer:
+    """Any sequence model: full scores through `score_next`; candidates by masking them."""
+
+    def __init__(self, model, taxonomy: Taxonomy, max_len: int):
+        self.model, self.taxonomy, self.max_len = model.eval(), taxonomy, max_len
+
+    @property
+    def finest(self) -> str:
+        return max(self.model.levels, key=self.taxonomy.level_index)
+
+    @property
+    def supports_candidates(self) -> bool:
+        return False
+
+    @torch.no_grad()
+    def score(self, histories: torch.Tensor) -> Scores:
+        levels = {level: value.float() for level, value in self.model.score_next(histories).items()}
+        return Scores(levels, self.finest)
+
+
+def pad_histories(rows: list[np.ndarray], max_len: int) -> torch.Tensor:
+    """Leaf-index rows (each non-empty; the most recent `max_len` kept) -> [Q, T] right-padded with PAD."""
+    rows = [row[-max_len:] for row in rows]
+    width = max(len(row) for row in rows)
+    out = np.full((len(rows), width), PAD, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return torch.from_numpy(out)
+
+
+class HeadScorer(HistoryScorer):
+    """An encoder with hierarchical heads whose finest head is the leaf level (HierSRec)."""
+
+    def __init__(self, model, taxonomy: Taxonomy, max_len: int):
+        super().__init__(model, taxonomy, max_len)
+        heads = model.heads
+        with torch.no_grad():
+            self.leaf_table = model.leaf_vectors().detach().float().contiguous()     # [N, D] input vectors
+            if heads.tied_leaf_head:
+                weight, bias = self.leaf_table, heads.leaf_bias.detach().float()
+            else:
+                head = heads.heads[taxonomy.leaf_level]
+                weight, bias = head.weight.detach().float(), head.bias.detach().float()
+            self.item_rows = torch.cat([weight, bias[:, None]], dim=1).contiguous()  # [N, D + 1]
+        self.scale = math.sqrt(model.params.dim) if model.params.scale_inputs else 1.0
+        self.coarse_levels = heads.levels[:-1]
+        self.blocks: dict[str, NodeBlocks] = {}
+        self.leaf_counts = {level: torch.from_numpy(taxonomy.leaf_counts(level))
+                            for level in taxonomy.level_names[:-1]}
+
+    @staticmethod
+    def supports(model) -> bool:
+        heads = getattr(model, "heads", None)
+        return (all(hasattr(model, name) for name in ("leaf_vectors", "encoder", "params"))
+                and hasattr(heads, "levels") and heads.levels[-1] == model.taxonomy.leaf_level)
+
+    @property
+    def supports_candidates(self) -> bool:
+        return bool(self.coarse_levels)
+
+    # the stages (also the pieces of the exported graph)
+    def query(self, histories: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """histories [Q, T] -> ({coarse level: logits [Q, n]}, item query [Q, D + 1])."""
+        valid = histories != PAD
+        tokens = self.leaf_table[histories.clamp_min(0)] * valid[..., None] * self.scale
+        hidden = self.model.encoder(tokens, valid)
+        last = valid.sum(1) - 1
+        h = hidden[torch.arange(histories.shape[0]), last]                             # [Q, D]
+        heads = self.model.heads
+        logits, previous = {}, None
+        for level in heads.levels:
+            h_level = h
+            if previous is not None and heads.coupling == "cascade":
+                h_level = h + heads.cascade[level](torch.softmax(logits[previous], dim=-1))
+            if level == self.taxonomy.leaf_level:
+                return logits, torch.cat([h_level, torch.ones_like(h_level[:, :1])], dim=1)
+            logits[level] = heads.heads[level](h_level)
+            previous = level
+        raise AssertionError("the finest head is the leaf level")  # guaranteed by `supports`
+
+    def candidate_nodes(self, level_logits: torch.Tensor, level: str, *, top: int | None = None,
+                        fraction: float | None = None) -> torch.Tensor:
+        """Chosen nodes [Q, k] (-1: padding): a row's `top` best nodes, or its nodes by descending
+        score until their leaves reach `fraction` of the catalogue."""
+        if top is not None:
+            return top_nodes(level_logits, top)
+        mask = adaptive_node_mask(level_logits, self.leaf_counts[level], fraction)
+        width = int(mask.sum(1).max())
+        order = torch.sort(level_logits.masked_fill(~mask, -math.inf), dim=1, descending=True, stable=True).indices
+        chosen = order[:, :width]
+        taken = torch.gather(mask, 1, chosen)
+        return torch.where(taken, chosen, torch.full_like(chosen, -1))
+
+    @torch.no_grad()
+    def score(self, histories: torch.Tensor, *, level: str | None = None, top: int | None = None,
+              fraction: float | None = None) -> Scores:
+        """Full scores, or (with `top` or `fraction`) candidates under nodes of `level` (default: the
+        coarse head just above the items)."""
+        coarse, query = self.query(histories)
+        leaf = self.taxonomy.leaf_level
+        if top is None and fraction is None:
+            return Scores({**coarse, leaf: query @ self.item_rows.T}, leaf)
+        level = level or self.coarse_levels[-1]
+        if level not in coarse:
+            raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
+        nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
+        if level not in self.blocks:
+            self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
+        scores, ids = self.blocks[level].scores(query, nodes)
+        share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
+        return Scores(coarse, leaf, scores, ids, level, share)
+
+
+def scorer_for(model, taxonomy: Taxonomy, max_len: int) -> HistoryScorer:
+    return HeadScorer(model, taxonomy, max_len) if HeadScorer.supports(model) else HistoryScorer(model, taxonomy, max_len)
+

@@ -1,0 +1,272 @@
+"""`hmtrec serve`: the HTTP API through an HTTP client (happy paths and every class of bad input),
+micro-batching, the bind guard, and property-based fuzzing of the OpenAPI schema with no 5xx."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, settings
+
+import hmtrec
+from hmtrec.errors import HmtrecError
+from hmtrec.serve.app import ServeSettings, check_bind, create_app
+
+from test_api import SEQUENCE
+from test_ranking_pipeline import write_config as write_ranking_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sequence_run(tmp_path_factory):
+    return hmtrec.train(SEQUENCE, tmp_path_factory.mktemp("serve") / "seq")
+
+
+@pytest.fixture(scope="module")
+def ranking_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve-rank")
+    config = write_ranking_config(folder, "shared_bottom", bottom_hidden=[8])
+    return hmtrec.train(config, folder / "run", overrides={"train.epochs": 1, "train.max_steps_per_epoch": 5})
+
+
+@pytest.fixture(scope="module")
+def client(sequence_run):
+    return TestClient(create_app(sequence_run.path, ServeSettings(max_k=50, max_history=30, max_body_bytes=4096)))
+
+
+@pytest.fixture(scope="module")
+def items(sequence_run):
+    return [str(label) for label in sequence_run.artefact().taxonomy.node_labels[-1][:20]]
+
+
+def field_of(response):
+    return [".".join(str(part) for part in error["loc"]) for error in response.json()["detail"]]
+
+
+def test_recommend_matches_the_python_api(client, sequence_run, items):
+    history = items[:5]
+    response = client.post("/recommend", json={"history": history, "k": 7})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = sequence_run.recommend([history], k=7)[0]
+    assert [item["id"] for item in body["items"]] == [r["id"] for r in expected["recommendations"]]
+    assert body["levels"] == expected["levels"] and body["unknown"] == [] and body["scored"]["mode"] == "full"
+    candidates = client.post("/recommend", json={"history": history, "k": 5, "candidate_fraction": 0.1,
+                                                 "exclude_seen": True}).json()
+    assert candidates["scored"]["mode"] == "candidates" and candidates["scored"]["fraction"] >= 0.1
+    assert not {item["id"] for item in candidates["items"]} & set(history)
+    top = client.post("/recommend", json={"history": history, "top_nodes": 1, "k": 50}).json()
+    assert len({item["ancestors"]["L2"] for item in top["items"]}) == 1
+    assert client.post("/recommend", json={"history": history, "model": "pop"}).json()["model"] == "pop"
+
+
+def test_health_and_model(client, sequence_run):
+    assert client.get("/health").json()["status"] == "ok"
+    model = client.get("/model").json()
+    taxonomy = sequence_run.artefact().taxonomy
+    assert model["kind"] == "sequence" and model["n_items"] == taxonomy.n_leaves
+    assert model["models"] == ["hiersrec", "pop"] and model["limits"]["max_k"] == 50
+    assert model["levels"] == {name: taxonomy.n_nodes(name) for name in ("L1", "L2", "item")}
+    assert "/recommend" in client.get("/openapi.json").json()["paths"]
+
+
+def test_unknown_ids_are_reported_per_request(client, items):
+    strict = client.post("/recommend", json={"history": ["nope", items[0]]})
+    assert strict.status_code == 422 and field_of(strict) == ["body.history"]
+    assert "'nope'" in strict.json()["detail"][0]["msg"]
+    lenient = client.post("/recommend", json={"history": ["nope", items[0], "zzz"], "unknown": "ignore"})
+    assert lenient.status_code == 200 and lenient.json()["unknown"] == ["nope", "zzz"]
+    nothing = client.post("/recommend", json={"history": ["nope"], "unknown": "ignore"})
+    assert nothing.status_code == 422 and field_of(nothing) == ["body.history"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "body.history"),
+    ({"history": []}, "body.history"),
+    ({"history": "i1 i2"}, "body.history"),
+    ({"history": [""]}, "body.history"),
+    ({"history": ["i1"], "k": 0}, "body.k"),
+    ({"history": ["i1"], "k": 51}, "body.k"),
+    ({"history": ["i1"], "k": "ten"}, "body.k"),
+    ({"history": ["i1"] * 31}, "body.history"),
+    ({"history": ["i1"], "candidate_fraction": 0}, "body.candidate_fraction"),
+    ({"history": ["i1"], "candidate_fraction": 1.5}, "body.candidate_fraction"),
+    ({"history": ["i1"], "candidate_fraction": 0.1, "top_nodes": 2}, "body.top_nodes"),
+    ({"history": ["i1"], "top_nodes": 31}, "body.top_nodes"),
+    ({"history": ["i1"], "candidate_level": "item"}, "body.candidate_level"),
+    ({"history": ["i1"], "model": "sasrec"}, "body.model"),
+    ({"history": ["i1"], "unknown": "maybe"}, "body.unknown"),
+    ({"history": ["i1"], "colour": "red"}, "body.colour"),
+])
+def test_every_bad_input_is_a_4xx_naming_the_field(client, items, body, field):
+    body = {**body, "history": [items[0] if h == "i1" else h for h in body["history"]]} \
+        if isinstance(body.get("history"), list) else body
+    response = client.post("/recommend", json=body)
+    assert response.status_code == 422, response.text
+    assert field in field_of(response), response.text
+
+
+def test_malformed_and_oversized_bodies(client, items):
+    assert client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"}
+                       ).status_code == 422
+    assert client.post("/recommend", content=b"\xff\xfe", headers={"content-type": "application/json"}
+                       ).status_code == 422
+    big = json.dumps({"history": [items[0]] * 2000}).encode()
+    assert client.post("/recommend", content=big, headers={"content-type": "application/json"}).status_code == 413
+    assert client.post("/rank", json={"rows": [{"a": 1}]}).status_code == 404   # a sequence server
+
+
+def test_an_api_key_guards_everything_but_health(sequence_run, items):
+    guarded = TestClient(create_app(sequence_run.path, ServeSettings(api_key="s3cret")))
+    assert guarded.get("/health").status_code == 200
+    assert guarded.get("/model").status_code == 401
+    assert guarded.post("/recommend", json={"history": items[:2]}, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert guarded.post("/recommend", json={"history": items[:2]}, headers={"X-API-Key": "s3cret"}).status_code == 200
+    check_bind("127.0.0.1", None)
+    with pytest.raises(HmtrecError, match="needs an API key"):
+        check_bind("0.0.0.0", None)
+
+
+def test_concurrent_requests_are_micro_batched(sequence_run, items):
+    app = create_app(sequence_run.path, ServeSettings(batch_wait_ms=20, batch_size=16))
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            histories = [items[i:i + 3] for i in range(16)]
+            responses = await asyncio.gather(*(client.post("/recommend", json={"history": h, "k": 3 + i % 4})
+                                               for i, h in enumerate(histories)))
+            return histories, responses
+
+    histories, responses = asyncio.run(burst())
+    batcher = app.state.hmtrec["batcher"]
+    assert batcher.scored == 16 and batcher.batches < 16     # several requests per pass through the model
+    for i, (history, response) in enumerate(zip(histories, responses)):
+        expected = sequence_run.recommend([history], k=3 + i % 4)[0]
+        assert [item["id"] for item in response.json()["items"]] == [r["id"] for r in expected["recommendations"]]
+
+
+def test_rank_returns_calibrated_heads_and_utility(ranking_run):
+    import pandas as pd
+
+    client = TestClient(create_app(ranking_run.path, ServeSettings(max_rows=50)))
+    rows = pd.read_csv(ranking_run.config.data.test).drop(columns=["click", "like"]).iloc[:5]
+    records = json.loads(rows.to_json(orient="records"))
+    response = client.post("/rank", json={"rows": records, "weights": {"click": 1.0, "like": 0.5}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = ranking_run.predict(rows)
+    assert body["heads"] == ["click", "like"] and not body["calibrated"]
+    for row, (_, want) in zip(body["rows"], expected.iterrows()):
+        assert row["click"] == pytest.approx(want["click"], rel=1e-5)
+    assert body["utility"][0] == pytest.approx(expected["click"][0] + 0.5 * expected["like"][0], rel=1e-5)
+    bad = client.post("/rank", json={"rows": [{**records[0], "quality": "high"}]})
+    assert bad.status_code == 422 and "quality" in field_of(bad)[0]
+    assert field_of(client.post("/rank", json={"rows": records, "weights": {"buy": 1}})) == ["body.weights"]
+    assert field_of(client.post("/rank", json={"rows": records * 11})) == ["body.rows"]
+    assert field_of(client.post("/rank", json={"rows": []})) == ["body.rows"]
+    assert client.post("/recommend", json={"history": ["1"]}).status_code == 404
+
+
+def test_random_requests_with_real_ids_never_fail_the_server(client, items):
+    """Schema fuzzing rarely reaches the scoring path (random ids are unknown): these requests mix real
+    ids with bad ones and every option, bounded in count."""
+    from hypothesis import given, strategies as st
+
+    # mostly valid values (so the scoring path is reached with every combination), sometimes not
+    ids = st.sampled_from(items + ["nope", "", "x" * 300, "\u0000", "i 1"])
+    maybe = lambda valid, invalid: st.none() | valid | valid | invalid  # noqa: E731
+    body = st.fixed_dictionaries({"history": st.lists(st.sampled_from(items), min_size=1, max_size=12)
+                                  | st.lists(ids, max_size=35)}, optional={
+        "k": st.integers(1, 50) | st.integers(-3, 60) | st.sampled_from(["5", 2.5, None]),
+        "candidate_fraction": maybe(st.floats(0.01, 1), st.floats(allow_nan=True, allow_infinity=True)),
+        "top_nodes": maybe(st.integers(1, 30), st.integers(-2, 40)),
+        "candidate_level": maybe(st.sampled_from(["L1", "L2"]), st.sampled_from(["item", "zz"])),
+        "exclude_seen": st.booleans(),
+        "unknown": maybe(st.sampled_from(["error", "ignore"]), st.just("?")),
+        "model": maybe(st.sampled_from(["hiersrec", "pop"]), st.just("../x"))})
+    seen = {"ok": 0}
+
+    @given(body)
+    @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    def check(request):
+        response = client.post("/recommend", content=json.dumps(request),
+                               headers={"content-type": "application/json"})
+        assert response.status_code < 500, (request, response.text)
+        if response.status_code == 200:
+            seen["ok"] += 1
+            assert len(response.json()["items"]) <= int(request.get("k", 10))
+        else:
+            assert response.json()["detail"][0]["loc"][0] == "body"
+
+    check()
+    assert seen["ok"] > 20     # the scoring path was reached
+
+
+@pytest.fixture(scope="module")
+def sequence_schema(sequence_run):
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(
+        sequence_run.path, ServeSettings(max_k=50, max_history=30, max_body_bytes=8192)))
+
+
+@pytest.fixture(scope="module")
+def ranking_schema(ranking_run):
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(ranking_run.path, ServeSettings(max_rows=20)))
+
+
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+@schemathesis.pytest.from_fixture("sequence_schema").parametrize()
+@FUZZ
+def test_fuzzing_the_sequence_schema_finds_no_server_error(case):
+    from schemathesis.checks import not_a_server_error
+
+    case.call_and_validate(checks=[not_a_server_error])
+
+
+@schemathesis.pytest.from_fixture("ranking_schema").parametrize()
+@FUZZ
+def test_fuzzing_the_ranking_schema_finds_no_server_error(case):
+    from schemathesis.checks import not_a_server_error
+
+    case.call_and_validate(checks=[not_a_server_error])
+
+
+def test_serve_listens_on_loopback_only_by_default(sequence_run, items):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HMTREC_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    from typer.testing import CliRunner
+
+    from hmtrec.cli import app
+
+    refused = CliRunner().invoke(app, ["serve", str(sequence_run.path), "--host", "0.0.0.0"])
+    assert isinstance(refused.exception, HmtrecError) and "needs an API key" in str(refused.exception)
+    server = subprocess.Popen([sys.executable, "-m", "hmtrec.cli", "serve", str(sequence_run.path), "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert health.json()["status"] == "ok"
+        answer = httpx.post(f"http://127.0.0.1:{port}/recommend", json={"history": items[:3]}, timeout=10)
+        assert answer.status_code == 200 and len(answer.json()["items"]) == 10
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
