@@ -213,3 +213,23 @@ def test_exclude_seen_ranks_each_rows_history_last():
         torch.testing.assert_close(scores[row, others], plain[row, others])
     with pytest.raises(ConfigError, match="contradict"):
         build(exclude_seen=True, repeat_explore=True)
+
+
+def test_coarse_weight_schedule_moves_linearly_and_counts_training_steps_only():
+    taxonomy = three_level_taxonomy()
+    heads = HierarchicalHeads(taxonomy, ["l1", "item"], 4, loss_weights={"l1": 1.0},
+                              coarse_weight_final=0.2, coarse_weight_steps=4)
+    logits = {"l1": torch.tensor([[0.3, -0.1]]), "item": torch.tensor([[0.1, 0.5, 0.0, 0.2, 0.3, -0.4]])}
+    targets = torch.tensor([4])
+    ce_l1 = F.cross_entropy(logits["l1"], torch.tensor([1])).item()
+    ce_item = F.cross_entropy(logits["item"], targets).item()
+    seen = []
+    for _ in range(6):
+        total, parts = heads.loss(logits, targets)
+        seen.append(parts["coarse_weight"])
+        assert total.item() == pytest.approx(parts["coarse_weight"] * ce_l1 + ce_item, rel=1e-6)
+    assert seen == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
+    heads.eval()
+    heads.loss(logits, targets)
+    assert int(heads.training_steps) == 6                   # evaluation does not advance the schedule
+    assert "training_steps" in heads.state_dict()           # saved with the weights: resumes continue it

@@ -21,6 +21,11 @@ Options of the leaf head (each a switch, off by default):
 - `factorized` (item scores through the category): p(i) = p(c(i)) · p(i | c(i)), with p(c) the
   softmax of the finest coarse head and p(i | c) a softmax of the leaf logits over the leaves of c
   only; the leaf loss is -log p(i) and `scores` ranks by log p(i);
+- `coarse_weight_final` with `coarse_weight_steps` (a schedule for the coarse-loss weight): every
+  coarser head's loss weight moves linearly from its `loss_weights` value to the final one over the
+  first `coarse_weight_steps` training steps (loss calls in training mode, counted in a saved
+  buffer, so a resumed run continues the schedule), then stays there: the coarse heads can shape
+  the encoder early and give way to the item head later;
 - `sibling_smoothing` ε (taxonomy-aware soft targets, "Making Better Mistakes", Bertinetto et
   al. 2020): the leaf target puts 1-ε on the item and ε spread evenly over its siblings (the other
   leaves under its parent node; all of ε stays on the item when it has none). For a softmax, the
@@ -46,7 +51,8 @@ class HierarchicalHeads(nn.Module):
     def __init__(self, taxonomy: Taxonomy, levels: Sequence[str], dim: int, *, coupling: Coupling = "cascade",
                  loss_weights: dict[str, float] | None = None, consistency_weight: float = 0.0,
                  tied_leaf_head: bool = True, leaf_scale: float | None = None, factorized: bool = False,
-                 sibling_smoothing: float = 0.0):
+                 sibling_smoothing: float = 0.0, coarse_weight_final: float | None = None,
+                 coarse_weight_steps: int = 0):
         super().__init__()
         if not levels:
             raise ValueError("at least one head level is needed")
@@ -71,6 +77,12 @@ class HierarchicalHeads(nn.Module):
             raise ValueError("factorized leaf scores need a coarser head to factorise through")
         if not 0.0 <= sibling_smoothing < 1.0:
             raise ValueError(f"sibling_smoothing must lie in [0, 1), got {sibling_smoothing}")
+        if coarse_weight_final is not None and (coarse_weight_final < 0 or coarse_weight_steps < 1):
+            raise ValueError("a coarse-weight schedule needs coarse_weight_final >= 0 and coarse_weight_steps >= 1")
+        self.coarse_weight_final = None if coarse_weight_final is None else float(coarse_weight_final)
+        self.coarse_weight_steps = int(coarse_weight_steps)
+        if self.coarse_weight_final is not None:   # only then: older weights files have no such entry
+            self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
         self.leaf_scale = None if leaf_scale is None else float(leaf_scale)
         self.factorized = bool(factorized)
         self.sibling_smoothing = float(sibling_smoothing)
@@ -208,6 +220,14 @@ class HierarchicalHeads(nn.Module):
                                      reduction="batchmean")
         return total
 
+    def level_weight(self, level: str) -> float:
+        """The loss weight of `level` at the current training step (the schedule acts on coarse heads)."""
+        start = self.loss_weights[level]
+        if self.coarse_weight_final is None or level == self.taxonomy.leaf_level:
+            return start
+        progress = min(1.0, int(self.training_steps) / self.coarse_weight_steps)
+        return start + (self.coarse_weight_final - start) * progress
+
     def loss(self, logits: dict[str, torch.Tensor], leaf_targets: torch.Tensor,
              leaf_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Joint loss over M target rows; parts are the per-level cross-entropies and the consistency
@@ -225,7 +245,7 @@ class HierarchicalHeads(nn.Module):
                     cross_entropy = cross_entropy + self.sibling_term(logits[leaf], leaf_targets).mean()
             else:
                 cross_entropy = softmax_cross_entropy(logits[level], targets[level])
-            total = total + self.loss_weights[level] * cross_entropy
+            total = total + self.level_weight(level) * cross_entropy
             parts[f"ce_{level}"] = float(cross_entropy.detach())
         if self.consistency_weight > 0 and len(self.levels) > 1:
             log_probabilities = {level: torch.log_softmax(value.float(), dim=-1) for level, value in logits.items()}
@@ -234,4 +254,8 @@ class HierarchicalHeads(nn.Module):
             consistency = self.consistency(log_probabilities)
             total = total + self.consistency_weight * consistency
             parts["consistency"] = float(consistency.detach())
+        if self.coarse_weight_final is not None:
+            parts["coarse_weight"] = self.level_weight(self.levels[0]) if len(self.levels) > 1 else 0.0
+            if self.training:
+                self.training_steps += 1
         return total, parts

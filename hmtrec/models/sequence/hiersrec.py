@@ -65,6 +65,10 @@ class HierSRecParams(StrictModel):
         None, description="Levels that get a head, coarse to fine; default every level.")
     loss_weights: dict[str, float] = Field(default_factory=dict, description="Per-level loss weight (default 1).")
     consistency_weight: float = Field(0.0, ge=0.0, description="Weight of the KL consistency term (0: off).")
+    coarse_weight_final: float | None = Field(
+        None, ge=0.0, description="Schedule: coarse heads' loss weights move linearly from loss_weights to this "
+                                  "over coarse_weight_steps training steps; null: constant weights.")
+    coarse_weight_steps: int = Field(1000, ge=1, description="Length of the coarse-weight schedule, in steps.")
     tied_leaf_head: bool = Field(True, description="Score leaves by dot product with their input vectors.")
     scale_inputs: bool = Field(True, description="Multiply input token vectors by sqrt(dim) (as SASRec "
                                                    "does) so they outweigh the position embeddings.")
@@ -176,7 +180,9 @@ class HierSRec(SequenceRecommender):
                                        consistency_weight=params.consistency_weight,
                                        tied_leaf_head=params.tied_leaf_head, leaf_scale=params.leaf_scale,
                                        factorized=params.factorized,
-                                       sibling_smoothing=params.sibling_smoothing)
+                                       sibling_smoothing=params.sibling_smoothing,
+                                       coarse_weight_final=params.coarse_weight_final,
+                                       coarse_weight_steps=params.coarse_weight_steps)
 
     @property
     def levels(self) -> list[str]:
