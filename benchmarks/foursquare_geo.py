@@ -53,10 +53,14 @@ ABLATIONS = {
 # on a sample of training targets, which is what the defaults were chosen on; their test
 # evaluation is a small sample and is not reported.
 ABLATION_TARGETS = 30000
+# the ablations start from every switch on (the config turns off those that did not help)
+ALL_ON = ["model.copy_history=true", "model.copy_recency=true", "model.token_time=true", "model.user_buckets=2048",
+          "model.distance_bias=true", "model.consistency_weight=1.0"]
 ABLATION_RUN = ["train.epochs=1", f"examples.max_targets={ABLATION_TARGETS}", "baselines=[]", "eval.max_targets=200"]
 BASELINE = "geo-history-pop"
 QUICK = ["data.max_sequences=150", "examples.max_targets=1000", "train.epochs=1", "train.valid_max_targets=300",
          "eval.max_targets=500"]
+SWITCHES = ("copy_history", "copy_recency", "history_counts", "token_time", "user_buckets", "distance_bias")
 LEVELS = ("region", "cell")
 METRICS = ("Acc@1", "Acc@5", "MRR")
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
@@ -139,7 +143,7 @@ def main() -> None:
             jobs[(name, seed)] = base + variant + [f"train.seed={seed}", f"examples.seed={seed}"]
     if not args.no_ablations:
         for name, variant in ABLATIONS.items():
-            jobs[(name, args.seeds[0])] = base + variant + [f"train.seed={args.seeds[0]}",
+            jobs[(name, args.seeds[0])] = base + ALL_ON + variant + [f"train.seed={args.seeds[0]}",
                                                             f"examples.seed={args.seeds[0]}"] + ABLATION_RUN
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -189,6 +193,7 @@ def main() -> None:
                        "train s (whole run)": cell_text([m["train_seconds"] for m in ms])})
 
     model = config.model
+    params = validate_model_params("sequence", model)[1].model_dump()
     taxonomy = config.data.geo
     train = config.train
     body = "\n".join([
@@ -203,9 +208,10 @@ def main() -> None:
         f"7 days old at prediction time; short-term = the last 7 days.",
         "",
         f"Model: action-token transformer (dim {model.get('dim')}, {model.get('n_layers')} layer, dropout "
-        f"{model.get('dropout')}), copy pointer with a recency bias, hour and weekday in the tokens, hashed user "
-        f"embedding ({model.get('user_buckets')} buckets), distance-from-last-check-in bias, consistency weight "
-        f"{model.get('consistency_weight')}. Training: every training check-in is a target "
+        f"{model.get('dropout')}, consistency weight {model.get('consistency_weight')}); switches on: "
+        f"{', '.join(k for k in SWITCHES if params.get(k)) or 'none'}; off: "
+        f"{', '.join(k for k in SWITCHES if not params.get(k)) or 'none'} (chosen on the ablations below). "
+        f"Training: every training check-in is a target "
         f"({'all' if config.examples.max_targets is None else config.examples.max_targets} targets), "
         f"{train.active_per_target or config.examples.active_days} active day(s) per target and epoch drawn from "
         f"T-1..T-{config.examples.active_days} plus the dormant example, fresh every epoch; batch {train.batch_size}, "

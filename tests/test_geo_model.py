@@ -199,8 +199,8 @@ def test_recency_bias_alone_makes_the_pointer_a_recency_weighted_visit_count():
         out = model.predict(batch)
     weights = torch.tensor([1.0, float(np.exp(-1.0)), float(np.exp(-3.0))])
     weights = weights / weights.sum()                 # venues 0, 2 lie in cell 0 and 1; venue 7 in cell 3
-    torch.testing.assert_close(out["cell"].exp()[0], torch.stack([weights[0], weights[1], torch.tensor(0.0), weights[2]]),
-                               atol=1e-6, rtol=1e-5)
+    expected = torch.stack([weights[0], weights[1], torch.tensor(0.0), weights[2]])
+    torch.testing.assert_close(out["cell"].exp()[0], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_distance_bias_uses_the_last_action_and_each_nodes_centre():

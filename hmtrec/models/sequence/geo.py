@@ -312,7 +312,8 @@ class ActionTransformer(SequenceRecommender):
         nodes = self.leaf_ancestors[:, self.taxonomy.level_index(level)]
         n_nodes = self.taxonomy.n_nodes(level)
         total = self.leaf_coordinates.new_zeros(n_nodes, 2).index_add_(0, nodes, self.leaf_coordinates)
-        count = self.leaf_coordinates.new_zeros(n_nodes).index_add_(0, nodes, torch.ones_like(nodes, dtype=torch.float32))
+        ones = torch.ones_like(nodes, dtype=torch.float32)
+        count = self.leaf_coordinates.new_zeros(n_nodes).index_add_(0, nodes, ones)
         return total / count.clamp_min(1)[:, None]
 
     def mix_copy(self, logits: dict[str, torch.Tensor], summary: torch.Tensor, states: torch.Tensor,
