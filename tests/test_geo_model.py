@@ -199,8 +199,8 @@ def test_recency_bias_alone_makes_the_pointer_a_recency_weighted_visit_count():
         out = model.predict(batch)
     weights = torch.tensor([1.0, float(np.exp(-1.0)), float(np.exp(-3.0))])
     weights = weights / weights.sum()                 # venues 0, 2 lie in cell 0 and 1; venue 7 in cell 3
-    torch.testing.assert_close(out["cell"].exp()[0], torch.stack([weights[0], weights[1], torch.tensor(0.0), weights[2]]),
-                               atol=1e-6, rtol=1e-5)
+    expected = torch.stack([weights[0], weights[1], torch.tensor(0.0), weights[2]])
+    torch.testing.assert_close(out["cell"].exp()[0], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_distance_bias_uses_the_last_action_and_each_nodes_centre():
@@ -237,3 +237,25 @@ def test_user_embedding_separates_users_by_their_hash():
         base = model.predict(batch)["cell"]
         assert not torch.allclose(base, model.predict(other)["cell"])
         torch.testing.assert_close(base, model.predict(same)["cell"])
+
+
+def test_history_counts_start_as_the_recency_weighted_visit_count():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    params = ActionTransformerParams(dim=8, age_bucket_days=[1, 7, 30], copy_history=False, history_counts=True,
+                                     consistency_weight=0.0)
+    model = ActionTransformer(taxonomy, params, ["event"]).eval()
+    with torch.no_grad():
+        for head in model.heads.heads.values():       # heads silent: the count term alone decides
+            head.weight.zero_()
+            head.bias.zero_()
+        model.count_age_weight.copy_(torch.log(torch.tensor([1.0, 0.5, 0.25, 0.125])))
+        model.count_log_prior.fill_(float(np.log(0.1)))
+    batch = {"a_leaves": torch.tensor([[0, 1, 2, 7]]), "a_types": torch.zeros(1, 4, dtype=torch.long),
+             "a_age_days": torch.tensor([[0.5, 3.0, 10.0, 40.0]]), "targets": torch.tensor([0])}
+    with torch.no_grad():
+        out = model.predict(batch)
+    # cell 0: venues 0 (w 1) and 1 (w 0.5); cell 1: venue 2 (w 0.25); cell 3: venue 7 (w 0.125); + 0.1 each
+    cells = torch.tensor([1.6, 0.35, 0.1, 0.225])
+    torch.testing.assert_close(out["cell"].exp()[0], cells / cells.sum())
+    regions = torch.tensor([1.85, 0.225])
+    torch.testing.assert_close(out["region"].exp()[0], regions / regions.sum())

@@ -117,10 +117,10 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, data_dir):
     assert resumed["test"]["action-transformer"]["overall"] == straight["test"]["action-transformer"]["overall"]
 
 
-@pytest.mark.parametrize("override, key", [("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
-                                           ("train.lr=0", "train.lr"), ("train.lr=-0.1", "train.lr"),
-                                           ("train.lr=nan", "train.lr"), ("train.lr=inf", "train.lr"),
-                                           ("train.threads=0", "train.threads")])
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"), ("train.lr=0", "train.lr"),
+    ("train.lr=-0.1", "train.lr"), ("train.lr=nan", "train.lr"), ("train.lr=inf", "train.lr"),
+    ("train.threads=0", "train.threads")])
 def test_out_of_range_train_settings_are_refused_before_the_run_dir_is_written(tmp_path, override, key):
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "-c", "configs/geo/foursquare-nyc.yaml", "-o", str(run_dir),
@@ -128,3 +128,22 @@ def test_out_of_range_train_settings_are_refused_before_the_run_dir_is_written(t
     assert isinstance(result.exception, ConfigError)
     assert f"key '{key}'" in str(result.exception)
     assert not run_dir.exists()
+
+
+def test_distance_bias_gets_the_venue_coordinates(data_dir):
+    import pandas as pd
+
+    from hmtrec.data.loading import load_data
+    from hmtrec.pipelines.geo import build_model, set_coordinates
+
+    config = load_config("configs/geo/foursquare-nyc.yaml", ["model.distance_bias=true",
+                                                              f"data.path={data_dir / 'foursquare-nyc'}"])
+    taxonomy = load_data(config.data).taxonomy
+    model = build_model(config, taxonomy, ["event"])
+    set_coordinates(model, config.data, taxonomy)
+    venues = pd.read_csv(data_dir / "foursquare-nyc" / "stan_NYC_poi_coords.csv", dtype={"poi": str}).head(3)
+    leaves = taxonomy.index_of(venues["poi"].str.strip().tolist(), -1)
+    np.testing.assert_allclose(model.leaf_coordinates[leaves].numpy(), venues[["lat", "lon"]].to_numpy(), rtol=1e-6)
+    other = config.data.model_copy(update={"source": "movielens-1m"})
+    with pytest.raises(ConfigError, match="model.distance_bias"):
+        set_coordinates(model, other, taxonomy)

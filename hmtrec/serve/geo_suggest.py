@@ -89,10 +89,11 @@ class GeoSuggester:
 
     def suggest(self, venues: Sequence[str], ages_days: Sequence[float], *, types: Sequence[str] | None = None,
                 at: str | None = None, k_coarse: int = 3, k_fine: int = 5, coarse_level: str | None = None,
-                fine_level: str | None = None) -> dict:
+                fine_level: str | None = None, user: str | None = None) -> dict:
         """Suggestions for one user whose history is `venues` (leaf labels) acted on `ages_days`
         days before the prediction time `at` (an ISO date; default now), with action `types`
-        (default: the model's first action type). Levels default to the coarsest and finest predicted."""
+        (default: the model's first action type). Levels default to the coarsest and finest predicted.
+        `user`: the user's id as in the training log, for a model with a user embedding (None: none used)."""
         from hmtrec.data.actions import (DAY_SECONDS, DEFAULT_EVENT_TYPE, ACTIVE, ActionStreams, Examples)
         from hmtrec.data.sequences import SequenceData
 
@@ -119,12 +120,14 @@ class GeoSuggester:
         times = now - ages[order] * DAY_SECONDS
         type_index = np.array([type_names.index(t) for t in types])[order]
         has_types = type_names != [DEFAULT_EVENT_TYPE]
-        log = SequenceData(leaves[order], np.array([0, len(order)]), np.array(["query"]), timestamps=times,
+        log = SequenceData(leaves[order], np.array([0, len(order)]), np.array([user or "query"]), timestamps=times,
                            event_types=type_index if has_types else None,
                            event_type_names=type_names if has_types else [])
         example = Examples(np.array([0]), np.array([now]), np.array([0]), np.array([now]),
                            np.array([ACTIVE], dtype=np.int8))
         batch = ActionStreams(log, settings).batch(example)
+        if user is None:
+            del batch["user_hash"]        # an anonymous history: no user embedding
         with torch.no_grad():
             log_probs = self.model.predict(batch)
         levels = self.model.levels

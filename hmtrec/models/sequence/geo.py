@@ -24,8 +24,13 @@ loss and the consistency term apply to the final distribution.
 What else the model may read, each a switch (docs/geo.md has the ablations):
 - `copy_recency`: a learned bias per age bucket added to the pointer's attention scores, so the
   pointer can prefer recent actions the way a recency-weighted visit count does;
+- `history_counts`: a log-linear pointer: every head's logits get α · log(Σ_actions w(age) · [action
+  under node] + δ) added, with learned weights per age bucket w, scale α and pseudo-count δ per
+  level. It starts as the recency-weighted visit count (half-life 30 days) of geo-history-pop, so
+  the network learns corrections to that reference rather than the reference itself;
 - `token_time`: the local hour of day and weekday of every action, embedded into its token;
-- `user_buckets`: a user embedding (the user id hashed into that many buckets) added to the summary;
+- `user_buckets`: a user embedding (the user id hashed into that many buckets) added to the summary
+  (left out for a batch without `user_hash`, e.g. an anonymous history in serving);
 - `distance_bias`: a learned bias by the distance between each candidate node's centre and the
   place of the most recent action (bucketed, and per age bucket of that action), added to the
   final logits of every head; needs the leaves' coordinates (`set_leaf_coordinates`).
@@ -78,6 +83,7 @@ class ActionTransformerParams(StrictModel):
     consistency_weight: float = Field(1.0, ge=0)
     copy_history: bool = True                # mix each head with a pointer over the history's actions
     copy_recency: bool = False               # learned per-age-bucket bias on the pointer's attention
+    history_counts: bool = False             # add α · log(recency-weighted visit count + δ) to every head
     token_time: bool = False                 # local hour and weekday of each action in its token
     user_buckets: int = Field(0, ge=0)       # hashed user embedding buckets (0: no user embedding)
     distance_bias: bool = False              # bias by distance from the last action's place to each node
@@ -131,13 +137,18 @@ class ActionTransformer(SequenceRecommender):
                                        loss_weights=params.loss_weights,
                                        consistency_weight=params.consistency_weight)
         n_age_buckets = len(params.age_bucket_days) + 1
+        # recency weight at each age bucket's upper edge for a half-life of 30 days (the reference's)
+        recency_edges = torch.tensor([*params.age_bucket_days, 2 * params.age_bucket_days[-1]])
         if params.copy_history:
             self.copy_query = nn.Linear(dim, dim)
             self.copy_gate = nn.Linear(dim, len(self.head_levels))
             if params.copy_recency:
-                # starts as a recency weight halving every 30 days (at each bucket's upper edge)
-                edges = torch.tensor([*params.age_bucket_days, 2 * params.age_bucket_days[-1]])
-                self.copy_age_bias = nn.Parameter(-np.log(2.0) * edges / 30.0)
+                self.copy_age_bias = nn.Parameter(-np.log(2.0) * recency_edges / 30.0)
+        if params.history_counts:
+            self.count_age_weight = nn.Parameter(-np.log(2.0) * recency_edges / 30.0)   # log w per age bucket
+            self.count_scale = nn.Parameter(torch.ones(len(self.head_levels)))
+            self.count_log_prior = nn.Parameter(torch.tensor(
+                [-np.log(taxonomy.n_nodes(level)) for level in self.head_levels], dtype=torch.float32))
         if params.distance_bias:
             # filled by set_leaf_coordinates; saved with the weights so a loaded model has them
             self.register_buffer("leaf_coordinates", torch.zeros(taxonomy.n_leaves, 2))
@@ -204,7 +215,7 @@ class ActionTransformer(SequenceRecommender):
         summary = self.summary.expand(size, -1)
         for name, embedding in self.context_embeddings.items():
             summary = summary + embedding(batch[f"context_{name}"])
-        if self.params.user_buckets:
+        if self.params.user_buckets and "user_hash" in batch:      # absent for an anonymous history
             summary = summary + self.user_embedding(batch["user_hash"] % self.params.user_buckets)
         return summary
 
@@ -255,6 +266,8 @@ class ActionTransformer(SequenceRecommender):
         ages = self.action_ages(batch)
         if self.params.copy_history:
             logits = self.mix_copy(logits, summary, states, leaves, ages)
+        if self.params.history_counts:
+            logits = self.add_history_counts(logits, leaves, ages)
         if self.params.distance_bias:
             logits = self.add_distance_bias(logits, leaves, ages)
         return logits
@@ -262,6 +275,18 @@ class ActionTransformer(SequenceRecommender):
     def action_ages(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, L] age in days of every action, in the order `encode` lays them out."""
         return torch.cat([batch[f"{stream}_age_days"] for stream in self.stream_names(batch)], 1)
+
+    def add_history_counts(self, logits: dict[str, torch.Tensor], leaves: torch.Tensor, ages: torch.Tensor
+                           ) -> dict[str, torch.Tensor]:
+        """logits[level] + α_level · log(Σ_actions w[age bucket] · [action under the node] + δ_level)."""
+        real = leaves != PAD
+        weight = self.count_age_weight[self.age_buckets(ages)].exp() * real                   # [B, L]
+        out = {}
+        for head, level in enumerate(self.head_levels):
+            nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(level)]
+            counts = weight.new_zeros(leaves.shape[0], self.taxonomy.n_nodes(level)).scatter_add(1, nodes, weight)
+            out[level] = logits[level] + self.count_scale[head] * torch.log(counts + self.count_log_prior[head].exp())
+        return out
 
     def add_distance_bias(self, logits: dict[str, torch.Tensor], leaves: torch.Tensor, ages: torch.Tensor
                           ) -> dict[str, torch.Tensor]:
@@ -287,7 +312,8 @@ class ActionTransformer(SequenceRecommender):
         nodes = self.leaf_ancestors[:, self.taxonomy.level_index(level)]
         n_nodes = self.taxonomy.n_nodes(level)
         total = self.leaf_coordinates.new_zeros(n_nodes, 2).index_add_(0, nodes, self.leaf_coordinates)
-        count = self.leaf_coordinates.new_zeros(n_nodes).index_add_(0, nodes, torch.ones_like(nodes, dtype=torch.float32))
+        ones = torch.ones_like(nodes, dtype=torch.float32)
+        count = self.leaf_coordinates.new_zeros(n_nodes).index_add_(0, nodes, ones)
         return total / count.clamp_min(1)[:, None]
 
     def mix_copy(self, logits: dict[str, torch.Tensor], summary: torch.Tensor, states: torch.Tensor,
