@@ -21,8 +21,8 @@ def data_dir(path: str | Path | None = None) -> Path:
 
 
 def configs_dir() -> Path:
-    """The YAML configs (quickstart, bench suites, ...): the copy installed inside the package
-    (hmtrec/configs, from the wheel), else the source tree's configs/ beside the package."""
+    """The YAML configs (quickstart, bench suites, ...): hmtrec/configs, which is the copy inside an
+    installed wheel, or in a source tree a link to configs/ beside the package."""
     installed = Path(__file__).resolve().parent / "configs"
     if installed.is_dir():
         return installed

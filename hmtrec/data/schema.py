@@ -453,7 +453,8 @@ def build_catalogue(items: pd.DataFrame, columns: ItemColumns, *, file: str, ite
 def canonical_interactions(frame: pd.DataFrame, columns: InteractionColumns, taxonomy: Taxonomy, *,
                            file: str, unknown_items: Literal["error", "drop"] = "error",
                            settings: ValidationConfig | None = None, warnings: list[str] | None = None,
-                           notes: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+                           notes: list[str] | None = None, dropped_items: np.ndarray = np.empty(0, dtype=object)
+                           ) -> tuple[pd.DataFrame, list[str]]:
     """Validate an interaction table and return (canonical frame, event names).
 
     Canonical columns: sequence, leaf, time, [event], [label columns]. Rows keep file order.
@@ -465,8 +466,13 @@ def canonical_interactions(frame: pd.DataFrame, columns: InteractionColumns, tax
     require_present(frame, columns.item, file)
     first_line = first_line_of(frame)
     out = pd.DataFrame({"sequence": frame[columns.sequence].to_numpy()})
-    out["leaf"] = map_items(item_labels(frame[columns.item]), taxonomy, file=file, column=columns.item,
-                            unknown=unknown_items, first_line=first_line)
+    labels = item_labels(frame[columns.item])
+    leaves = np.full(len(labels), -1, dtype=np.int64)
+    # items the catalogue dropped (empty paths, empty_paths: drop) leave with their events
+    listed = ~np.isin(labels, dropped_items) if len(dropped_items) else np.ones(len(labels), dtype=bool)
+    leaves[listed] = map_items(labels[listed], taxonomy, file=file, column=columns.item, unknown=unknown_items,
+                               first_line=first_line, rows=np.flatnonzero(listed) + 1)
+    out["leaf"] = leaves
     if columns.time is None:
         out["time"] = np.arange(len(frame), dtype=np.float64)
     else:
@@ -492,7 +498,8 @@ def canonical_interactions(frame: pd.DataFrame, columns: InteractionColumns, tax
             notes.append(f"{file}: dropped {int((~plausible).sum()):,} event(s) with implausible times "
                          f"(data.validation.implausible_times: drop)")
         keep &= plausible
-    out.attrs["dropped"] = {"unknown_items": int((out["leaf"].to_numpy() < 0).sum()),
+    out.attrs["dropped"] = {"unknown_items": int(((out["leaf"].to_numpy() < 0) & listed).sum()),
+                            "empty_path_items": int((~listed).sum()),
                             "implausible_times": int(len(out) - (out["leaf"].to_numpy() < 0).sum() - keep.sum())}
     if not keep.all():
         attrs = out.attrs

@@ -77,8 +77,9 @@ def offender_error(headline: str, positions: Sequence[int], values: Sequence | N
                    rows: Sequence[int] | None = None) -> DataError:
     """One DataError naming every offender (capped): `headline` describes the first one.
 
-    `positions` are 0-based row positions; the row shown is position + 1 (header excluded) unless
-    `rows` gives the row numbers; the line is position + `first_line` (None: not a text file)."""
+    `positions` are 0-based positions into `values`; the row shown is position + 1 (header
+    excluded) unless `rows` gives the 1-based row numbers; the line is row - 1 + `first_line`
+    (None: not a line-numbered text file)."""
     positions = np.asarray(positions, dtype=np.int64)
     row_numbers = np.asarray(rows, dtype=np.int64) if rows is not None else positions + 1
     count = len(positions)
@@ -86,14 +87,14 @@ def offender_error(headline: str, positions: Sequence[int], values: Sequence | N
     def shown(value) -> str:
         return repr(value.item() if isinstance(value, np.generic) else value)
 
+    def line(k: int) -> str:
+        return f" (line {row_numbers[k] - 1 + first_line})" if first_line is not None else ""
+
     def where(k: int) -> str:
-        text = f"row {row_numbers[k]}"
-        if first_line is not None and rows is None:
-            text += f" (line {positions[k] + first_line})"
-        return text + (f" {shown(values[positions[k]])}" if values is not None else "")
+        return f"row {row_numbers[k]}{line(k)}" + (f" {shown(values[positions[k]])}" if values is not None else "")
 
     if count == 1:
-        suffix = f" (line {positions[0] + first_line})" if first_line is not None and rows is None else ""
+        suffix = line(0)
     else:
         listed = ", ".join(where(k) for k in range(min(count, MAX_LISTED)))
         more = f", and {count - MAX_LISTED:,} more" if count > MAX_LISTED else ""

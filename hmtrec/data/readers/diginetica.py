@@ -14,6 +14,7 @@ import pandas as pd
 from hmtrec.data.readers import SourceData, find_file, source_folder
 from hmtrec.data.schema import (ItemColumns, build_catalogue, item_labels, map_items, parse_time, read_table,
                                 require_columns, require_present)
+from hmtrec.data.validation import check_times
 
 
 def _columns(frame: pd.DataFrame) -> dict[str, str]:
@@ -48,9 +49,15 @@ def read(cfg) -> SourceData:
     leaves = map_items(item_labels(views[item]), catalogue.taxonomy, file=file, column=item)
     events = pd.DataFrame({"sequence": views[session].to_numpy(), "leaf": leaves,
                            "time": days + milliseconds / 1000.0})
+    plausible = check_times(days, views[eventdate], file=file, column=eventdate, settings=settings, unit_hint="none")
+    dropped = int((~plausible).sum())
+    if dropped:
+        events = events[plausible].reset_index(drop=True)
     notes = [f"diginetica: {len(events):,} views in {events['sequence'].nunique():,} sessions from "
              f"{views_path.name}; taxonomy category ⊃ item ({catalogue.taxonomy.n_leaves:,} catalogue items)"]
     notes += catalogue.notes
+    if dropped:
+        notes.append(f"{file}: dropped {dropped:,} view(s) with implausible dates (data.validation.implausible_times: drop)")
     if views_path.name.startswith("sample_"):
         notes.append("this is the 12k-row sample of the official file: fine for protocol tests, "
                      "too small for accuracy claims")

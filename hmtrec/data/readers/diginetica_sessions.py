@@ -150,7 +150,7 @@ def _frame(items: np.ndarray, lengths: np.ndarray, first_id: int, taxonomy, file
     """Canonical frame; sessions are numbered first_id, first_id + 1, ... in file order."""
     # name the line of each event (map_items would count events)
     lines = np.repeat(np.arange(1, len(lengths) + 1), lengths)
-    leaves = map_items(items, taxonomy, file=file, column=column, rows=lines)
+    leaves = map_items(items, taxonomy, file=file, column=column, rows=lines, first_line=None)
     frame = pd.DataFrame({
         "sequence": np.repeat(np.arange(first_id, first_id + len(lengths), dtype=np.int64), lengths),
         "leaf": leaves,

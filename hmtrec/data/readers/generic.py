@@ -8,9 +8,7 @@ from pathlib import Path
 
 from hmtrec.data.filters import FilterReport, logger
 from hmtrec.data.readers import SourceData
-import numpy as np
-
-from hmtrec.data.schema import build_catalogue, canonical_interactions, item_labels, read_table
+from hmtrec.data.schema import build_catalogue, canonical_interactions, read_table
 from hmtrec.data.validation import check_unnamed_index
 
 
@@ -45,25 +43,21 @@ def read(cfg) -> SourceData:
     catalogue = build_catalogue(items, item_columns, file=items_file, settings=settings, warnings=warnings)
     notes += catalogue.notes
     reports = []
-    if len(catalogue.dropped_items):
-        # items dropped for an empty path take their events with them (counted)
-        before = len(interactions)
-        dropped = np.isin(item_labels(interactions[columns.item]), catalogue.dropped_items)
-        attrs = interactions.attrs
-        interactions = interactions[~dropped].reset_index(drop=True)
-        interactions.attrs = attrs
-        report = FilterReport("items with an empty taxonomy path (item_columns.empty_paths: drop)", before,
-                              int(dropped.sum()), 0, len(catalogue.dropped_items))
-        logger.info("%s", report)
-        reports.append(report)
     events, event_names = canonical_interactions(interactions, columns, catalogue.taxonomy,
                                                  file=str(interactions_path), unknown_items="drop"
                                                  if generic.unknown_items == "drop" else "error",
-                                                 settings=settings, warnings=warnings, notes=notes)
+                                                 settings=settings, warnings=warnings, notes=notes,
+                                                 dropped_items=catalogue.dropped_items)
+    if len(catalogue.dropped_items):
+        report = FilterReport("items with an empty taxonomy path (item_columns.empty_paths: drop)", len(interactions),
+                              events.attrs["dropped"]["empty_path_items"], 0, len(catalogue.dropped_items))
+        logger.info("%s", report)
+        reports.append(report)
     notes.insert(0, f"generic: {len(interactions):,} rows from {interactions_path}, taxonomy {catalogue.taxonomy}")
     if generic.unknown_items == "drop":
         unknown_rows = events.attrs["dropped"]["unknown_items"]
-        report = FilterReport("items not in the item table", len(interactions), unknown_rows,
+        report = FilterReport("items not in the item table", len(interactions) - events.attrs["dropped"]["empty_path_items"],
+                              unknown_rows,
                               interactions[columns.sequence].nunique() - events["sequence"].nunique(),
                               interactions[columns.item].nunique() - events["leaf"].nunique())
         logger.info("%s", report)
