@@ -94,7 +94,7 @@ def test_an_interrupted_study_resumes_its_trial_and_refuses_a_changed_space(tmp_
 
 
 def test_two_worker_processes_share_one_sqlite_study_without_loss(tmp_path):
-    n_trials = 5
+    n_trials = 4
     config = write_config(tmp_path / "shared.yaml", n_trials=n_trials, pruner="median", pruner_startup_trials=1,
                           pruner_warmup_epochs=0)
     out = tmp_path / "study"
