@@ -424,3 +424,23 @@ def test_model_with_coarse_levels_only():
 
 def ref_rank_top(scores):
     return sorted(range(len(scores)), key=lambda j: (-scores[j], j))[0]
+
+
+def test_exclude_history_ranks_only_items_outside_the_case_history():
+    """RecBole's full-sort protocol: every leaf of the case's earlier events (its whole sequence
+    before the target) is removed from the ranking, the target excepted."""
+    taxonomy = three_level_taxonomy()
+    tables = integer_tables(taxonomy, ["item"])
+    data = random_data(taxonomy.n_leaves, seed=3)
+    settings = EvalSettings(ks=KS, segments=[], exclude_history=True)
+    result = evaluate_model(TableModel(tables), data, taxonomy, settings, max_len=50)
+    ranks, cases = [], ref_cases(data, taxonomy, tables)
+    histories = [data.sequence(s)[:p].tolist() for s in range(data.n_sequences)
+                 for p in range(1, data.lengths[s]) if data.targets()[data.offsets[s] + p]]
+    for (target, scores), history in zip(cases, histories):
+        allowed = set(range(taxonomy.n_leaves)) - (set(history) - {target})
+        ranks.append(ref_rank(scores["item"], target, allowed))
+    assert any(len(set(history)) > 1 for history in histories)
+    assert result["full"]["item"] == pytest.approx(ref_metrics(ranks, KS), abs=1e-12)
+    plain = evaluate_model(TableModel(tables), data, taxonomy, EvalSettings(ks=KS, segments=[]), max_len=50)
+    assert result["full"]["item"]["MRR@10"] > plain["full"]["item"]["MRR@10"]

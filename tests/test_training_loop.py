@@ -244,3 +244,24 @@ def test_the_train_section_defaults_to_auto_precision_and_every_core():
         torch.set_num_threads(previous)
     settings = TrainSection(lr_schedule="cosine", warmup_fraction=0.1, budget_minutes=5).trainer_settings()
     assert (settings.lr_schedule, settings.warmup_fraction, settings.budget_minutes) == ("cosine", 0.1, 5)
+
+
+def test_session_parallel_models_get_a_schedule_and_the_sampled_loss(tmp_path):
+    """GRU4Rec batches itself: the pipeline takes its step count for the schedule's horizon."""
+    import json
+
+    from hmtrec.config import build_config
+    from hmtrec.pipelines import get_pipeline
+    from tests.test_pipeline_sequence import SMALL
+
+    raw = json.loads(json.dumps(SMALL))
+    raw["data"]["synthetic"]["n_sessions"] = 600
+    raw["model"] = {"name": "gru4rec", "hidden_size": 16, "item_loss": "sampled", "uniform_negatives": 32}
+    raw["train"].update({"epochs": 2, "lr_schedule": "linear", "warmup_fraction": 0.1, "monitor": "MRR@20"})
+    raw["baselines"] = []
+    raw["eval"] = {"ks": [10, 20]}
+    metrics = get_pipeline("sequence").train(build_config(raw), tmp_path / "run")
+    training = metrics["models"]["gru4rec"]["training"]
+    assert [record["epoch"] for record in training["history"]] == [1, 2]
+    assert training["history"][1]["lr"] < training["history"][0]["lr"] <= 0.003
+    assert training["precision"] in ("fp32", "bf16") and training["precision_reason"]

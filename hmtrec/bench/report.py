@@ -26,8 +26,12 @@ def machine_description() -> str:
     except OSError:
         pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {device}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    from hmtrec.train.trainer import cpu_flags
+
+    # the flags that decide how fast (and in which precision) training runs
+    flags = sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return (f"{cpu}, {os.cpu_count()} cores" + (f" ({' '.join(flags)})" if flags else "") +
+            f", {device}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def stamp(command: str | None = None) -> str:

@@ -68,6 +68,9 @@ class EvalSettings(StrictModel):
     frequency_buckets: list[int] = Field(
         default_factory=lambda: [0, 1, 10, 100],
         description="lower bounds of the buckets of the target item's training occurrences (0: unseen)")
+    exclude_history: bool = Field(False, description="rank only leaves absent from the case's own history "
+                                  "(every earlier event of its sequence), as RecBole's full-sort evaluation "
+                                  "does; the target is always ranked")
 
     @field_validator("ks")
     @classmethod
@@ -186,6 +189,23 @@ def _collate_pieces(data: SequenceData, windows: Windows, pieces: list[_Piece]) 
         batch["targets"] = torch.where(keep, targets, torch.full_like(targets, PAD))
     event_grid = windows.start[rows][:, None] + np.arange(targets.shape[1])[None, :] + 1
     return batch, event_grid[keep.numpy()]
+
+
+def _without_history(leaf_scores: torch.Tensor, data: SequenceData, target_events: np.ndarray,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """leaf_scores [M, n_leaves] with -inf at every leaf of each case's earlier events (its whole
+    sequence before the target event), the target itself excepted."""
+    sequence = np.searchsorted(data.offsets, target_events, side="right") - 1
+    begin = data.offsets[sequence]
+    counts = target_events - begin
+    rows = np.repeat(np.arange(len(target_events)), counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    items = torch.from_numpy(data.leaves[np.repeat(begin, counts) + within]).to(leaf_scores.device)
+    rows = torch.from_numpy(rows).to(leaf_scores.device)
+    keep = items != targets[rows]
+    leaf_scores = leaf_scores.clone()
+    leaf_scores[rows[keep], items[keep]] = -torch.inf
+    return leaf_scores
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -323,6 +343,9 @@ def rank_cases(model, data: SequenceData, taxonomy: Taxonomy, settings: EvalSett
                     if mode == "fixed_k" and fixed_k is None:
                         fixed_k = k_for_fraction(taxonomy, plan.candidate_level, settings.candidate_fraction)
                 scores = _level_scores(predictions, plan, taxonomy, settings, len(targets), model_name)
+                if settings.exclude_history:
+                    scores[taxonomy.leaf_level] = _without_history(scores[taxonomy.leaf_level], data,
+                                                                   batch_events, targets)
                 node_mask = None
                 if plan.candidate_level is not None:
                     node_mask = candidate_node_mask(
