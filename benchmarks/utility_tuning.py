@@ -77,7 +77,7 @@ def compare_samplers(valid, test, objective: Objective, constraints, trials: int
         histories[sampler] = np.array(curves)
     wins = int(np.sum(results["tpe"][0] > results["random"][0]))
     # equal weights and every head alone, on test: what the tuned weights must beat
-    to_beat = max(value for _, value in reference_rows(tuning, heldout, label).values())
+    to_beat = max(value for _, value in reference_scores(tuning, heldout, label).values())
     rows = []
     for sampler, (best_valid, best_test) in results.items():
         rows.append({"objective": label + (" (constrained)" if constraints else ""), "sampler": sampler,
@@ -166,7 +166,7 @@ def pareto_demo(valid, test, trials: int) -> tuple[list[dict], Path]:
     return rows, path
 
 
-def reference_rows(tuning: UtilityEvaluator, heldout: UtilityEvaluator, label: str) -> dict[str, tuple]:
+def reference_scores(tuning: UtilityEvaluator, heldout: UtilityEvaluator, label: str) -> dict[str, tuple]:
     """Equal weights and each head alone: (tuning, held-out) objective."""
     points = {"equal weights": {h: 1.0 for h in tuning.heads}}
     points.update({f"{h} only": {g: float(g == h) for g in tuning.heads} for h in tuning.heads})
@@ -186,7 +186,7 @@ def ranking_run_comparison(run_dir: Path, gains: dict[str, float], trials: int, 
     tuning, heldout = UtilityEvaluator(valid, [objective]), UtilityEvaluator(test, [objective])
     label = objective.label
     ranges = default_weight_ranges(tuning.heads, {})
-    references = reference_rows(tuning, heldout, label)
+    references = reference_scores(tuning, heldout, label)
     rows = []
     for seed in range(repeats):
         settings = TuningSettings(n_trials=trials, seed=seed, startup_trials=startup)

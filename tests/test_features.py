@@ -229,6 +229,12 @@ def test_grouplens_files_are_read_and_bad_ratings_rejected(data_dir, tmp_path):
     with pytest.raises(DataError, match=r"ratings.dat, row 3, column 'rating': a rating must be an integer 1-5; "
                                         r"2 bad values: line 3: '7', line 10: '0'"):
         load_movielens_ranking(tmp_path / "ml-1m", preset="random")
+    bad = list(lines)
+    bad[4] = "::".join(bad[4].split("::")[:2] + ["4.5", bad[4].split("::")[3]])
+    (tmp_path / "ml-1m" / "ratings.dat").write_text("".join(bad))
+    with pytest.raises(DataError, match=r"row 5, column 'rating': a rating must be an integer 1-5; "
+                                        r"1 bad values: line 5: '4.5'"):
+        load_movielens_ranking(tmp_path / "ml-1m", preset="chronological")
 
 
 def test_random_split_shares_users_and_is_seeded():

@@ -84,6 +84,8 @@ def register(app: typer.Typer) -> None:
         cfg = _load("calibration", config, extra)
         result = run_calibration(target, cfg, heldout=heldout, output=output)
         _print_calibration(result.metrics)
+        for note in result.calibration.notes:   # e.g. a scenario too small for its own calibrator
+            console.print(f"note: {note}")
         console.print(f"calibration: {result.files['calibration']}\nreport: {result.files['report']}")
 
     @app.command("tune-utility")

@@ -91,26 +91,30 @@ def _read_ratings(path: Path, header: bool) -> pd.DataFrame:
     an error naming every offending line (capped), not a click/like label."""
     if not path.exists():
         raise DataError("file not found", file=str(path))
-    if header:
-        frame = pd.read_csv(path, usecols=["user_id", "movie_id", "rating"], dtype=str)
-        columns, line_offset = ["user_id", "movie_id", "rating"], 2
-    else:
-        columns, line_offset = ["user_id", "movie_id", "rating", "timestamp"], 1
+
+    def read(dtype):
+        if header:
+            return pd.read_csv(path, usecols=["user_id", "movie_id", "rating"], dtype=dtype), 2
         # "::" as two ":" separators (the C parser; no rating field holds a ":"): columns 0, 2, 4, 6
-        frame = pd.read_csv(path, sep=":", header=None, usecols=[0, 2, 4, 6], dtype=str, keep_default_na=False)
-        frame.columns = columns
+        frame = pd.read_csv(path, sep=":", header=None, usecols=[0, 2, 4, 6], dtype=dtype, keep_default_na=False)
+        frame.columns = ["user_id", "movie_id", "rating", "timestamp"]
+        return frame, 1
+    frame, line_offset = read(None)
+    if not all(pd.api.types.is_integer_dtype(frame[c]) for c in frame.columns):
+        frame, line_offset = read(str)      # some value is not an integer: find and name them all
     out = pd.DataFrame(index=frame.index)
-    for column in columns:
-        text = frame[column].str.strip()
-        values = pd.to_numeric(text, errors="coerce")
+    for column in frame.columns:
+        raw = frame[column]
+        values = raw if pd.api.types.is_numeric_dtype(raw) else pd.to_numeric(raw, errors="coerce")
         bad = (values.isna() | (values != values.round())).to_numpy().copy()
         if column == "movie_id":
-            bad &= text.to_numpy() != "-1"         # the shared copy's marker of an unmappable item
+            bad &= values.to_numpy() != -1         # the shared copy's marker of an unmappable item
         if column == "rating":
             bad |= ~values.between(1, 5).to_numpy()
         if bad.any():
             what = "a rating must be an integer 1-5" if column == "rating" else "not an integer id"
-            raise DataError(f"{what}; {int(bad.sum())} bad values: {_offenders(frame[column], bad, line_offset)}",
+            shown = raw.astype(str)
+            raise DataError(f"{what}; {int(bad.sum())} bad values: {_offenders(shown, bad, line_offset)}",
                             file=str(path), row=int(np.flatnonzero(bad)[0]) + 1, column=column)
         out[column] = values.astype(np.int64)
     return out
@@ -164,6 +168,10 @@ def _ordered_ratings(folder: Path, preset: str, split_seed: int) -> tuple[pd.Dat
         source = str(official)
         reports.append(f"{official.name}: {len(ratings)} ratings read (GroupLens files)")
         timestamped = ratings
+    elif preset == "chronological":
+        timestamped = _read_ratings(folder / TIMESTAMPED_FILE, header=False)
+        reports.append(f"{TIMESTAMPED_FILE}: {len(timestamped)} timestamped ratings read")
+        source = str(folder / TIMESTAMPED_FILE)
     else:
         path = folder / RATINGS_FILE
         if not path.exists():
@@ -176,16 +184,14 @@ def _ordered_ratings(folder: Path, preset: str, split_seed: int) -> tuple[pd.Dat
         ratings = ratings[~unmapped].reset_index(drop=True)
         reports.append(f"dropped {int(unmapped.sum())} ratings with movie_id=-1 (items missing from the source copy)")
         timestamped = None
-        if preset in ("m3oe-code", "chronological"):
+        if preset == "m3oe-code":
             timestamped = _read_ratings(folder / TIMESTAMPED_FILE, header=False)
             reports.append(f"{TIMESTAMPED_FILE}: {len(timestamped)} timestamped ratings read")
     if preset == "chronological":
         kept = timestamped[timestamped["user_id"] <= CHRONOLOGICAL_MAX_USER]
         ordered = kept.sort_values("timestamp", kind="stable").reset_index(drop=True)
         reports.append(f"chronological: {len(ordered)} ratings of users 1-{CHRONOLOGICAL_MAX_USER} sorted by timestamp")
-        if official.exists():
-            return ordered, source, reports
-        return ordered, str(folder / TIMESTAMPED_FILE), reports
+        return ordered, source, reports
     if preset == "m3oe-code":
         ordered = merge_order(ratings, timestamped)
         reports.append("m3oe-code: rows in the merge order of M3oE's ml-1m.csv (users by first-ranked movie)")
