@@ -167,9 +167,8 @@ class SequenceArtefact:
                 scores = scorer.score(batch)
                 if use_candidates:
                     scores = self._mask_candidates(scores, candidate_level, top_nodes, candidate_fraction)
-            for row, (leaves, skipped) in enumerate(chunk):
-                results.append(self._result(scores, row, histories[start + row], leaves, skipped, k,
-                                            label or self.main, exclude_history, max_len))
+            results += self._results(scores, chunk, histories[start:start + SCORE_BATCH], k, label or self.main,
+                                     exclude_history, max_len)
         return results
 
     def _check_candidate_level(self, scorer: HistoryScorer, level: str | None) -> None:
@@ -201,59 +200,87 @@ class SequenceArtefact:
         levels = {name: value for name, value in scores.levels.items() if name != scores.finest}
         return Scores(levels, scores.finest, top_scores, ids, level, keep.sum(1).float() / self.taxonomy.n_leaves)
 
-    def _result(self, scores: Scores, row: int, history, leaves: np.ndarray, skipped: list[str], k: int,
-                label: str, exclude_history: bool, max_len: int) -> dict:
+    def _labels(self, level: str) -> np.ndarray:
+        """The labels of a level's nodes as an array of Python strings (cached: serving reads them often)."""
+        cache = self.__dict__.setdefault("_label_cache", {})
+        if level not in cache:
+            cache[level] = np.asarray([str(label) for label in self.taxonomy.node_labels[
+                self.taxonomy.level_index(level)]], dtype=object)
+        return cache[level]
+
+    def _ancestor_table(self, level: str) -> np.ndarray:
+        """[n_nodes(level), index of level]: each node's ancestor at every coarser level (cached)."""
+        cache = self.__dict__.setdefault("_ancestor_cache", {})
+        if level not in cache:
+            taxonomy = self.taxonomy
+            nodes = np.arange(taxonomy.n_nodes(level))
+            cache[level] = np.stack([taxonomy.node_ancestors(nodes, level, coarse)
+                                     for coarse in taxonomy.level_names[:taxonomy.level_index(level)]], axis=1) \
+                if taxonomy.level_index(level) > 0 else np.zeros((len(nodes), 0), dtype=np.int64)
+        return cache[level]
+
+    def _results(self, scores: Scores, chunk: list, histories: Sequence, k: int, label: str,
+                 exclude_history: bool, max_len: int) -> list[dict]:
+        """The answers of one scored batch, built with whole-batch tensor operations."""
         taxonomy = self.taxonomy
         finest = scores.finest
-        finest_index = taxonomy.level_index(finest)
+        coarser = taxonomy.level_names[:taxonomy.level_index(finest)]
+        n_queries = len(chunk)
         if scores.candidate_scores is not None:
-            item_scores = scores.candidate_scores[row]
-            item_ids = scores.candidate_ids[row]
+            item_scores, item_ids = scores.candidate_scores, scores.candidate_ids
         else:
-            item_scores = scores.levels[finest][row]
-            item_ids = torch.arange(item_scores.shape[0])
-        probabilities = torch.softmax(item_scores.float(), dim=0)
-        ranked = item_scores.clone()
+            item_scores = scores.levels[finest]
+            item_ids = torch.arange(item_scores.shape[1]).expand(n_queries, -1)
+        probabilities = torch.softmax(item_scores.float(), dim=1)
+        ranked = item_scores.float().clone()
         if exclude_history:
-            seen = leaves if finest == taxonomy.leaf_level else taxonomy.ancestors(leaves, finest)
-            seen_mask = torch.from_numpy(np.isin(item_ids.numpy(), np.unique(seen)))
-            ranked[seen_mask] = -float("inf")
+            seen = torch.zeros(n_queries, taxonomy.n_nodes(finest), dtype=torch.bool)
+            for row, (leaves, _) in enumerate(chunk):
+                nodes = leaves if finest == taxonomy.leaf_level else taxonomy.ancestors(leaves, finest)
+                seen[row, torch.from_numpy(np.asarray(nodes, dtype=np.int64))] = True
+            ranked[seen.gather(1, item_ids.clamp(min=0))] = -float("inf")
         ranked[item_ids < 0] = -float("inf")
-        k = min(k, int(torch.isfinite(ranked).sum()))
-        top = torch.topk(ranked, k).indices
-        nodes = item_ids[top].numpy()
-        coarser = taxonomy.level_names[:finest_index]
-        ancestors = {level: taxonomy.labels_of(taxonomy.node_ancestors(nodes, finest, level), level)
-                     for level in coarser}
-        ids = taxonomy.labels_of(nodes, finest)
-        recommendations = [{"rank": rank, "id": str(ids[i]), "probability": float(probabilities[top[i]]),
-                            "ancestors": {level: str(ancestors[level][i]) for level in coarser}}
-                           for i, rank in enumerate(range(1, k + 1))]
-        level_probabilities = {level: torch.softmax(value[row].float(), dim=0) for level, value in scores.levels.items()}
+        width = min(k, ranked.shape[1])
+        top_values, top = torch.topk(ranked, width, dim=1)
+        counts = torch.isfinite(top_values).sum(1).tolist()
+        nodes = item_ids.gather(1, top).numpy()
+        top_probabilities = probabilities.gather(1, top).tolist()
+        ids = self._labels(finest)[nodes.clip(min=0)].tolist()
+        ancestors = self._ancestor_table(finest)[nodes.clip(min=0)]            # [Q, k, n_coarser]
+        ancestor_labels = {level: self._labels(level)[ancestors[:, :, j]].tolist() for j, level in enumerate(coarser)}
+        level_probabilities = {level: torch.softmax(value.float(), dim=1) for level, value in scores.levels.items()}
         sources = {level: "head" for level in level_probabilities}
         complete = sorted(level_probabilities, key=taxonomy.level_index)
-        levels = {}
+        best = {}
         for level in coarser:
             if level not in level_probabilities:
                 finer = [name for name in complete if taxonomy.level_index(name) > taxonomy.level_index(level)]
                 if not finer:
                     continue
-                source = finer[-1]
-                level_probabilities[level] = _sum_up(level_probabilities[source][None], taxonomy, source, level)[0]
-                sources[level] = f"sum of {source} probabilities"
-            best = int(torch.argmax(level_probabilities[level]))
-            levels[level] = {"label": str(taxonomy.labels_of([best], level)[0]),
-                             "probability": float(level_probabilities[level][best]), "source": sources[level],
-                             "contains_top": bool(k) and str(ancestors[level][0]) == str(
-                                 taxonomy.labels_of([best], level)[0])}
-        result = {"model": label, "level": finest, "history": [str(h) for h in history], "skipped": skipped,
-                  "truncated": max(0, len(leaves) - max_len), "levels": levels, "recommendations": recommendations}
-        if scores.candidate_scores is not None:
-            result["scored"] = {"mode": "candidates", "level": scores.candidate_level,
-                                "fraction": float(scores.candidate_fraction[row])}
-        else:
-            result["scored"] = {"mode": "full", "fraction": 1.0}
-        return result
+                level_probabilities[level] = _sum_up(level_probabilities[finer[-1]], taxonomy, finer[-1], level)
+                sources[level] = f"sum of {finer[-1]} probabilities"
+            value, index = level_probabilities[level].max(dim=1)
+            best[level] = (value.tolist(), self._labels(level)[index.numpy()].tolist())
+        results = []
+        for row, (leaves, skipped) in enumerate(chunk):
+            n = counts[row]
+            recommendations = [{"rank": i + 1, "id": ids[row][i], "probability": top_probabilities[row][i],
+                                "ancestors": {level: ancestor_labels[level][row][i] for level in coarser}}
+                               for i in range(n)]
+            levels = {level: {"label": best[level][1][row], "probability": best[level][0][row],
+                              "source": sources[level],
+                              "contains_top": n > 0 and ancestor_labels[level][row][0] == best[level][1][row]}
+                      for level in coarser if level in best}
+            result = {"model": label, "level": finest, "history": [str(h) for h in histories[row]],
+                      "skipped": skipped, "truncated": max(0, len(leaves) - max_len), "levels": levels,
+                      "recommendations": recommendations}
+            if scores.candidate_scores is not None:
+                result["scored"] = {"mode": "candidates", "level": scores.candidate_level,
+                                    "fraction": float(scores.candidate_fraction[row])}
+            else:
+                result["scored"] = {"mode": "full", "fraction": 1.0}
+            results.append(result)
+        return results
 
 
 def _sum_up(probabilities: torch.Tensor, taxonomy: Taxonomy, fine: str, coarse: str) -> torch.Tensor:
