@@ -78,12 +78,16 @@ def resolved(config) -> dict:
     return tree
 
 
-def run_one(name: str, overrides: list[str], out: Path) -> dict:
-    """Train one run in its own process (unless an identical finished run exists); its metrics.json."""
+def run_one(name: str, overrides: list[str], out: Path, train: bool = True) -> dict | None:
+    """Train one run in its own process (unless an identical finished run exists); its metrics.json
+    (None when it is missing and `train` is off)."""
     run_dir = out / slug(name)
     config = load_config(CONFIG, overrides)
     finished = run_dir / "metrics.json"
     if not (finished.exists() and resolved(load_config(run_dir / "config.yaml")) == resolved(config)):
+        if not train:
+            print(f"{name}: no finished run, left out", flush=True)
+            return None
         if run_dir.exists():
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         command = [sys.executable, "-m", "hmtrec.cli", "train", "-c", str(CONFIG), "-o", str(run_dir)]
@@ -104,9 +108,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def cell_text(values: list[float]) -> str:
+def cell_text(values: list[float], digits: int = 4) -> str:
     mean, std = mean_std(values)
-    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def metric_row(label: str, per_seed: list[dict], **extra) -> dict:
@@ -132,6 +136,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--no-train", action="store_true",
+                        help="report the finished runs only (a row's 'seeds' column says how many)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; does not touch docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "foursquare-geo")
     args = parser.parse_args()
@@ -147,9 +153,10 @@ def main() -> None:
                                                             f"examples.seed={args.seeds[0]}"] + ABLATION_RUN
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {key: pool.submit(run_one, f"{key[0]} seed{key[1]}", overrides, args.out)
+        futures = {key: pool.submit(run_one, f"{key[0]} seed{key[1]}", overrides, args.out, not args.no_train)
                    for key, overrides in jobs.items()}
         runs = {key: future.result() for key, future in futures.items()}
+    runs = {key: metrics for key, metrics in runs.items() if metrics is not None}
     wall = time.perf_counter() - started
     config = load_config(CONFIG, base)
     main_model = config.model["name"]
@@ -189,8 +196,8 @@ def main() -> None:
         timing.append({"model": name, "runs": len(ms),
                        "epochs run": "/".join(str(len(m["history"])) for m in ms),
                        "best epoch": "/".join(str(m["best_epoch"]) for m in ms),
-                       "s/epoch": cell_text([m["epoch_seconds"] for m in ms]).replace(".0000", ""),
-                       "train s (whole run)": cell_text([m["train_seconds"] for m in ms])})
+                       "s/epoch": cell_text([m["epoch_seconds"] for m in ms], 0),
+                       "train s (whole run)": cell_text([m["train_seconds"] for m in ms], 0)})
 
     model = config.model
     params = validate_model_params("sequence", model)[1].model_dump()
@@ -233,7 +240,10 @@ def main() -> None:
         f"examples; one epoch on {ABLATION_TARGETS:,} sampled training check-ins, seed {seed0}; each switch flipped "
         f"alone; the defaults were chosen on these figures)", "", markdown_table(ablation_rows),
         f"**Training time** (one torch thread per run, {args.jobs} runs at once on the shared machine; CPU flags: "
-        f"{cpu_flags()}; the whole benchmark took {wall / 60:.0f} min wall clock)", "", markdown_table(timing),
+        f"{cpu_flags()}; training of every run listed here, ablations included, took "
+        f"{sum(m['train_seconds'] for m in runs.values()) / 60:.0f} min in all"
+        f"{'' if args.no_train else f'; this invocation {wall / 60:.0f} min wall clock'})", "",
+        markdown_table(timing),
     ])
     print(body)
     if args.quick:
@@ -244,6 +254,8 @@ def main() -> None:
         command += " --seeds " + " ".join(map(str, args.seeds))
     if args.no_ablations:
         command += " --no-ablations"
+    if args.no_train:
+        command += " --no-train"
     path = update_section("foursquare-geo", body, title="Foursquare NYC: next destination at region and cell level",
                           command=command)
     print(f"\nwrote {path}")
