@@ -18,6 +18,7 @@ The rules are listed in docs/data.md.
 from __future__ import annotations
 
 import gzip
+from datetime import datetime, timezone
 import logging
 import re
 import zlib
@@ -266,8 +267,10 @@ def check_times(seconds: np.ndarray, raw: pd.Series, *, file: str, column: str,
         hint = " (some look like milliseconds: set time_format: epoch_ms, or fix those rows)"
     if settings.implausible_times == "drop":
         return ~bad
-    first = pd.Timestamp(seconds[positions[0]], unit="s") if abs(seconds[positions[0]]) < 9e9 else None
-    when = f" = {first:%Y-%m-%d}" if first is not None else ""
+    try:
+        when = f" = {datetime.fromtimestamp(float(seconds[positions[0]]), tz=timezone.utc):%Y-%m-%d}"
+    except (OverflowError, OSError, ValueError):
+        when = ""
     raise offender_error(
         f"implausible timestamp {scalar(raw.iloc[positions[0]])!r}{when}: outside {settings.time_min} .. "
         f"{settings.time_max} (data.validation.time_min / time_max; implausible_times: drop removes them)"
