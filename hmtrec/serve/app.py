@@ -425,7 +425,7 @@ def _load_ranking(run: RunDir) -> dict:
     import pandas as pd
 
     from hmtrec.calibrate import apply_calibration, load_calibration
-    from hmtrec.pipelines.ranking import Ranker
+    from hmtrec.serve.ranker import Ranker
     from hmtrec.rundir import read_json
 
     ranker = Ranker.load(run.path)
