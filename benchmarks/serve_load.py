@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="longest time per (setting, clients)")
     parser.add_argument("--threads", type=int, default=1, help="scoring threads of the server")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--section", default="serve-load", help="section of docs/benchmarks.md to write")
     parser.add_argument("--quick", action="store_true", help="100 requests / 3 s per level; print only")
     args = parser.parse_args()
     if args.quick:
@@ -179,7 +180,8 @@ def main() -> None:
             f"the machine's 2 cores with the server (load average at the end: {load[0]:.1f}). "
             f"'candidates 5%': items under the best categories until they cover 5% of the catalogue.\n\n"
             + markdown_table(rows, float_format="{:.1f}"))
-    update_section("serve-load", body, title="Serving: latency and throughput of `hmtrec serve`",
+    title = "Serving: latency and throughput of `hmtrec serve`"
+    update_section(args.section, body, title=title if args.section == "serve-load" else f"{title} ({args.section})",
                    command="python " + " ".join(sys.argv))
 
 

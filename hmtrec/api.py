@@ -189,7 +189,7 @@ class Run:
         self._require("ranking", "predict")
         if self._ranker is None:
             from hmtrec.calibrate import load_calibration
-            from hmtrec.pipelines.ranking import Ranker
+            from hmtrec.serve.ranker import Ranker
 
             self._ranker = Ranker.load(self.path)
             self._calibration = load_calibration(self.path)

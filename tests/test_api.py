@@ -158,3 +158,14 @@ def test_ranking_run_predicts_frames_and_files_calibrated(tmp_path):
     assert not np.allclose(calibrated["click"], from_frame["click"])
     with pytest.raises(HmtrecError, match="needs a sequence run"):
         run.recommend([["a"]])
+
+
+def test_serve_data_and_models_import_nothing_from_pipelines():
+    import re
+    from pathlib import Path
+
+    package = Path(hmtrec.__file__).parent
+    upward = re.compile(r"^\s*(from|import)\s+hmtrec\.pipelines", re.M)
+    offenders = [str(path.relative_to(package)) for folder in ("serve", "data", "models")
+                 for path in (package / folder).rglob("*.py") if upward.search(path.read_text())]
+    assert offenders == []

@@ -11,9 +11,9 @@ Safety: the CLI binds 127.0.0.1 unless told otherwise, and refuses any other bin
 every bad input is a 4xx whose `detail` names the field (never a 5xx). Unknown item ids are reported
 per request (`unknown`) and either ignored or an error, by option.
 
-Concurrent /recommend requests are micro-batched: a request waits at most `batch_wait_ms` for
-others with the same scoring options, and the batch is scored in one pass through the model on
-one worker thread (the encoder and item head are matrix products, much cheaper per row in a batch).
+Concurrent /recommend requests are micro-batched: a request that finds the scorer idle is scored at
+once; otherwise it waits at most `batch_wait_ms` for others with the same scoring options, and the
+batch is scored in one pass through the model on one worker thread (the encoder and item head are matrix products, much cheaper per row in a batch).
 """
 
 import asyncio
@@ -215,16 +215,17 @@ class Batcher:
     lock: asyncio.Lock | None = None
     batches: int = 0
     scored: int = 0
+    running: int = 0                              # batches taken and not yet answered
 
     async def submit(self, options: tuple, history: list[str], k: int) -> dict:
         loop = asyncio.get_running_loop()
         pending = _Pending(history, k, loop.create_future())
         queue = self.queues.setdefault(options, [])
         queue.append(pending)
-        if len(queue) == 1:
+        if len(queue) >= self.settings.batch_size or (len(queue) == 1 and self.running == 0):
+            self._take_and_run(options)   # an idle scorer starts at once: no wait without load
+        elif len(queue) == 1:
             loop.create_task(self._flush_later(options))
-        elif len(queue) >= self.settings.batch_size:
-            self._take_and_run(options)
         return await pending.future
 
     async def _flush_later(self, options: tuple) -> None:
@@ -234,20 +235,23 @@ class Batcher:
     def _take_and_run(self, options: tuple) -> None:
         queue = self.queues.pop(options, [])
         if queue:
+            self.running += 1      # counted now, so requests arriving before the task starts wait
             asyncio.get_running_loop().create_task(self._run(options, queue))
 
     async def _run(self, options: tuple, queue: list[_Pending]) -> None:
         if self.lock is None:
             self.lock = asyncio.Lock()
-        async with self.lock:   # one batch at a time on the scoring thread
-            try:
+        try:
+            async with self.lock:   # one batch at a time on the scoring thread
                 results = await asyncio.to_thread(self.score, options, [p.leaves for p in queue],
                                                   max(p.k for p in queue))
-            except Exception as error:  # every request of the batch gets the error
-                for pending in queue:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
-                return
+        except Exception as error:  # every request of the batch gets the error
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        finally:
+            self.running -= 1
         self.batches += 1
         self.scored += len(queue)
         for pending, result in zip(queue, results):
@@ -421,7 +425,7 @@ def _load_ranking(run: RunDir) -> dict:
     import pandas as pd
 
     from hmtrec.calibrate import apply_calibration, load_calibration
-    from hmtrec.pipelines.ranking import Ranker
+    from hmtrec.serve.ranker import Ranker
     from hmtrec.rundir import read_json
 
     ranker = Ranker.load(run.path)
