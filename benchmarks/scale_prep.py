@@ -200,7 +200,7 @@ PREP_CONFIG = """kind: sequence
 data:
   source: generic
   path: {log}
-  split: {{test_days: 0.5, valid_days: 0.5}}
+  split: {{test_days: 0.02, valid_days: 0.02}}
   generic:
     interactions: interactions.csv
     items: items.csv
@@ -212,7 +212,7 @@ data:
 model: {{name: hiersrec, dim: 32, layers: 1, heads: 1, id_dim: 32, level_dim: 16, text: none,
          head_levels: [category, subcategory], dropout: 0.1}}
 train: {{epochs: 1, batch_size: 1024, max_len: 20, threads: 2, monitor: null, precision: bf16}}
-eval: {{ks: [20], candidate_fraction: null}}
+eval: {{ks: [20], candidate_fraction: null, batch_size: 4096, segments: []}}
 """
 
 
@@ -272,9 +272,10 @@ def report_run(rows: dict, args) -> None:
     lines = [f"Synthetic logs over 1,000,000 items (20 categories > 1,000 subcategories; sessions of mean length 5 "
              f"over 30 days; CSV), `hmtrec prepare --memory-mb {args.memory_mb} --threads 2` (DuckDB), then "
              f"`hmtrec train` on the memory-mapped shards (levels-only HierSRec, dim 32, batch 1024, bf16, 2 "
-             f"threads; test and valid = the last 0.5 + 0.5 days): the whole epoch's batch plan is built, then "
-             f"{args.steps} of its batches are trained (`train.epoch_fraction`; a full epoch of 40M targets "
-             f"does not fit this shared 2-core machine's time), and the model is evaluated on the test split. Peak RSS is each child process's "
+             f"threads; test and valid = the sessions ending in the last 0.02 + 0.02 days, so that evaluation "
+             f"stays small): the whole epoch's batch plan is built, then {args.steps} of its batches are trained "
+             f"(`train.epoch_fraction`; a full epoch of 40M targets does not fit this shared 2-core machine's "
+             f"time), and the model is evaluated on the test split. Peak RSS is each child process's "
              f"ru_maxrss (it includes the pages of the memory-mapped shards it touched). Machine: {machine()}; "
              f"wall times on a machine shared with six other jobs are upper bounds.", "",
              "| events | CSV GB | prepare s | prepare peak RSS MB | train events kept | items kept | "
@@ -361,7 +362,7 @@ def main() -> None:
     run.add_argument("--events", type=int, nargs="+", required=True)
     run.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
     run.add_argument("--memory-mb", type=int, default=2048)
-    run.add_argument("--steps", type=int, default=50, help="training batches measured per size")
+    run.add_argument("--steps", type=int, default=20, help="training batches measured per size")
     run.add_argument("--keep", action="store_true", help="keep the logs, shards and runs")
     run.add_argument("--force", action="store_true", help="measure again sizes already in run.json")
     run.add_argument("--report", action="store_true")

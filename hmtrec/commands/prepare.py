@@ -24,8 +24,7 @@ def register(app: typer.Typer) -> None:
         train on them with `--set data.source=prepared --set data.path=OUTPUT`."""
         import yaml
 
-        from hmtrec.config import load_config, parse_overrides
-        from hmtrec.data.loading import DataConfig
+        from hmtrec.config import load_config
         from hmtrec.data.streaming import PrepareSettings, prepare as run_prepare
         from hmtrec.errors import ConfigError
 
@@ -36,9 +35,7 @@ def register(app: typer.Typer) -> None:
         if len(data_overrides) != len(overrides or []):
             raise ConfigError("--set: `hmtrec prepare` reads only the data section; override data.* keys")
         section = {"kind": raw.get("kind", "sequence"), "data": raw.get("data", {})}
-        parse_overrides(data_overrides)  # validates key=value syntax
         cfg = load_config(None, data_overrides, base=section).data
-        assert isinstance(cfg, DataConfig)
         manifest = run_prepare(cfg, output, PrepareSettings(memory_mb=memory_mb, threads=threads,
                                                             temp_dir=str(temp_dir) if temp_dir else None))
         for report in manifest["reports"]:

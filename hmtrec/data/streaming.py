@@ -33,7 +33,6 @@ the `session_time` protocol (the generic default), which is what logs too large 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
