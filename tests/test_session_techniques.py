@@ -149,7 +149,7 @@ def test_repeat_weights_are_a_softmax_over_the_readable_past():
 
 @pytest.mark.parametrize("params", [
     {"repeat_explore": True}, {"repeat_explore": True, "factorized": True}, {"factorized": True, "sibling_smoothing": 0.2},
-    {"readout": "attention", "reversed_positions": True}, {"leaf_scale": 12.0, "item_dropout": 0.3},
+    {"readout": "attention", "reversed_positions": True}, {"leaf_scale": 12.0, "item_dropout": 0.3, "repeat_explore": False},
     {"repeat_explore": True, "leaf_scale": 12.0, "readout": "attention", "sibling_smoothing": 0.1}])
 def test_hiersrec_switches_train_and_predict_distributions(params):
     torch.manual_seed(0)
@@ -191,17 +191,18 @@ def test_item_dropout_changes_training_losses_only():
 def test_switch_errors_name_the_key():
     with pytest.raises(ConfigError, match="model.factorized"):
         build(head_levels=["item"], factorized=True)
-    with pytest.raises(ConfigError, match="model.repeat_explore"):
-        build(head_levels=["l1"], repeat_explore=True)
+    with pytest.raises(ConfigError, match="model.leaf_scale"):
+        build(head_levels=["l1"], leaf_scale=10.0)
+    assert build(head_levels=["l1"]).repeat_explore is None      # the default mixture needs an item head
     with pytest.raises(ConfigError, match="reversed_positions"):
         build(reversed_positions=True)
 
 
 def test_exclude_seen_ranks_each_rows_history_last():
     torch.manual_seed(0)
-    model = build(exclude_seen=True).eval()
+    model = build(exclude_seen=True, repeat_explore=False).eval()
     torch.manual_seed(0)
-    plain_model = build().eval()                          # the same weights
+    plain_model = build(repeat_explore=False).eval()      # the same weights
     batch = batch_of([[0, 3, 4], [5, 2]])                # targets after [0], [0, 3], [5]
     with torch.no_grad():
         scores = model.predict(batch)["item"]
@@ -211,7 +212,7 @@ def test_exclude_seen_ranks_each_rows_history_last():
         assert set(torch.nonzero(torch.isinf(scores[row])).flatten().tolist()) == seen
         others = [i for i in range(6) if i not in seen]
         torch.testing.assert_close(scores[row, others], plain[row, others])
-    with pytest.raises(ConfigError, match="contradict"):
+    with pytest.raises(ConfigError, match="exclude_seen needs repeat_explore: false"):
         build(exclude_seen=True, repeat_explore=True)
 
 

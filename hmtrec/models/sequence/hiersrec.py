@@ -81,7 +81,7 @@ class HierSRecParams(StrictModel):
     reversed_positions: bool = Field(
         False, description="With readout attention: the attention also sees each position's distance from "
                            "the session's end (GCE-GNN's reversed positions).")
-    repeat_explore: bool = Field(False, description="RepeatNet-like repeat-or-explore mixture: the item head's "
+    repeat_explore: bool = Field(True, description="RepeatNet-like repeat-or-explore mixture: the item head's "
                                           "distribution mixed with attention over the session's own items.")
     exclude_seen: bool = Field(False, description="Rank the history's own items last (data without repeat "
                                                   "consumption, e.g. ratings); prediction only, like kNN's remind: false.")
@@ -101,8 +101,8 @@ class HierSRecParams(StrictModel):
         if self.dim % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
         if self.exclude_seen and self.repeat_explore:
-            raise ValueError("exclude_seen and repeat_explore contradict each other: one ranks the history's "
-                             "items last, the other predicts repeats of them")
+            raise ValueError("exclude_seen needs repeat_explore: false (one ranks the history's items last, the "
+                             "other predicts repeats of them)")
         if self.reversed_positions and self.readout != "attention":
             raise ValueError("reversed_positions needs readout: attention (they are part of its attention)")
         return self
@@ -162,10 +162,13 @@ class HierSRec(SequenceRecommender):
         if params.use_metadata and params.text != "none" and leaf_text is None:
             get_logger().info("HierSRec: the dataset has no item text; the text embedding is off")
         self.leaf_vectors = LeafVectors(taxonomy, params, leaf_text, cache_dir)
-        if (params.repeat_explore or params.factorized or params.sibling_smoothing or params.leaf_scale) and \
-                head_levels[-1] != taxonomy.leaf_level:
-            raise ConfigError("keys 'model.repeat_explore', 'model.factorized', 'model.sibling_smoothing' and "
-                              "'model.leaf_scale' act on the item head; model.head_levels has none")
+        has_item_head = head_levels[-1] == taxonomy.leaf_level
+        if (params.factorized or params.sibling_smoothing or params.leaf_scale or params.exclude_seen) \
+                and not has_item_head:
+            raise ConfigError("keys 'model.factorized', 'model.sibling_smoothing', 'model.leaf_scale' and "
+                              "'model.exclude_seen' act on the item head; model.head_levels has none")
+        if params.repeat_explore and not has_item_head:
+            get_logger().info("HierSRec: no item head, so no repeat-explore mixture (it acts on items)")
         if params.factorized and len(head_levels) < 2:
             raise ConfigError("key 'model.factorized': needs a coarse head to factorise the item scores "
                               f"through; model.head_levels is {head_levels}")
@@ -173,7 +176,7 @@ class HierSRec(SequenceRecommender):
         self.readout = None
         if params.readout == "attention":
             self.readout = AttentionReadout(params.dim, max_len, params.reversed_positions)
-        self.repeat_explore = RepeatExplore(params.dim) if params.repeat_explore else None
+        self.repeat_explore = RepeatExplore(params.dim) if params.repeat_explore and has_item_head else None
         self.item_dropout = nn.Dropout(params.item_dropout)
         self.heads = HierarchicalHeads(taxonomy, head_levels, params.dim, coupling=params.coupling,
                                        loss_weights=params.loss_weights,
