@@ -1,6 +1,6 @@
 """Next-destination prediction on Foursquare NYC at region and cell level (issues 5 and 14).
 
-    python benchmarks/foursquare_geo.py                      # 3 seeds + ablations, ~1 hour on 2 busy cores
+    python benchmarks/foursquare_geo.py                      # 3 seeds + ablations, ~1 hour wall on 2 busy cores
     python benchmarks/foursquare_geo.py --quick              # a smoke run, not written to docs/benchmarks.md
     python benchmarks/foursquare_geo.py --seeds 0 --no-ablations --set train.epochs=2
 
