@@ -138,15 +138,21 @@ ENGINES = {"duckdb": engine_duckdb, "polars": engine_polars}
 
 def measured(command: list[str], log_file: Path, env: dict | None = None) -> dict:
     """Run a command; its wall time and peak RSS (ru_maxrss of the child, in MB)."""
+    # Through /usr/bin/time when there is one: a child forked from this (large) process would start its
+    # ru_maxrss at this process's size, which hides peaks of small runs.
+    maxrss_file = Path(f"{log_file}.maxrss")
+    timed = ["/usr/bin/time", "-f", "%M", "-o", str(maxrss_file), *command] if Path("/usr/bin/time").exists() \
+        else command
     started = time.perf_counter()
     with open(log_file, "w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(timed, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {log_file}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    peak_kb = int(maxrss_file.read_text().split()[-1]) if timed is not command else usage.ru_maxrss
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
 def cpu_flags() -> str:
