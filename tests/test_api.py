@@ -23,7 +23,7 @@ SEQUENCE = {
     "data": {"source": "synthetic", "synthetic": {"n_items": 300, "level_sizes": [5, 30], "n_sessions": 2000,
                                                   "days": 10}},
     "model": {"name": "hiersrec", "dim": 16, "id_dim": 16, "level_dim": 8, "text_dim": 8, "text_buckets": 256,
-              "layers": 1, "heads": 1},
+              "layers": 1, "heads": 1, "repeat_explore": False},  # the head path the split scorer and ONNX cover
     "train": {"epochs": 1, "batch_size": 64, "max_len": 6, "threads": 1, "monitor": None},
     "eval": {"ks": [5]},
     "baselines": ["pop"],
@@ -113,6 +113,22 @@ def test_the_split_scorer_equals_the_model(run):
     for level, value in expected.items():
         torch.testing.assert_close(split.levels[level], value.float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(evaluated[level], value, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_the_split_scorer_does_not_reproduce_is_scored_in_full_by_itself(tmp_path):
+    """The default HierSRec mixes a copy distribution over the history into the item head, which
+    the split (candidate) scorer does not model: serving must fall back to the model's own scores."""
+    config = {**SEQUENCE, "model": {**SEQUENCE["model"], "repeat_explore": True}, "baselines": []}
+    copying = hmtrec.train(config, tmp_path / "run")
+    artefact = copying.artefact()
+    scorer = artefact.scorer()
+    assert not isinstance(scorer, HeadScorer) and not scorer.supports_candidates
+    histories = [artefact.taxonomy.index_of(h) for h in some_histories(copying, 5, seed=3)]
+    batch = pad_histories(histories, artefact.config.eval_max_len)
+    with torch.no_grad():
+        expected = artefact.model().score_next(batch)
+    for level, value in expected.items():
+        torch.testing.assert_close(scorer.score(batch).levels[level], value.float())
 
 
 def test_candidates_score_only_items_under_the_chosen_nodes(run):

@@ -91,11 +91,18 @@ class HeadScorer(HistoryScorer):
         self.leaf_counts = {level: torch.from_numpy(taxonomy.leaf_counts(level))
                             for level in taxonomy.level_names[:-1]}
 
+    # HierSRec switches that change the item path after the encoder, which `query` does not
+    # reproduce: a model using one is scored in full through its own `score_next`
+    UNSPLIT_SWITCHES = ("repeat_explore", "leaf_scale", "exclude_seen", "factorized")
+
     @staticmethod
     def supports(model) -> bool:
         heads = getattr(model, "heads", None)
+        params = getattr(model, "params", None)
         return (all(hasattr(model, name) for name in ("leaf_vectors", "encoder", "params"))
-                and hasattr(heads, "levels") and heads.levels[-1] == model.taxonomy.leaf_level)
+                and hasattr(heads, "levels") and heads.levels[-1] == model.taxonomy.leaf_level
+                and getattr(params, "readout", "last") == "last"
+                and not any(getattr(params, name, None) for name in HeadScorer.UNSPLIT_SWITCHES))
 
     @property
     def supports_candidates(self) -> bool:
