@@ -131,6 +131,22 @@ def test_a_model_the_split_scorer_does_not_reproduce_is_scored_in_full_by_itself
         torch.testing.assert_close(scorer.score(batch).levels[level], value.float())
 
 
+def test_the_split_scorer_follows_the_models_own_readout(tmp_path):
+    """The split scorer encodes through the model itself, so a readout switch needs no copy of it."""
+    config = {**SEQUENCE, "model": {**SEQUENCE["model"], "readout": "attention", "reversed_positions": True},
+              "baselines": []}
+    attending = hmtrec.train(config, tmp_path / "run")
+    artefact = attending.artefact()
+    scorer = artefact.scorer()
+    assert isinstance(scorer, HeadScorer)
+    batch = pad_histories([artefact.taxonomy.index_of(h) for h in some_histories(attending, 7, seed=4)],
+                          artefact.config.eval_max_len)
+    with torch.no_grad():
+        expected = artefact.model().score_next(batch)
+    for level, value in expected.items():
+        torch.testing.assert_close(scorer.score(batch).levels[level], value.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_candidates_score_only_items_under_the_chosen_nodes(run):
     artefact = run.artefact()
     taxonomy = artefact.taxonomy

@@ -93,8 +93,8 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
     scorer = artefact.scorer(label)
     if not isinstance(scorer, HeadScorer):
         raise HmtrecError(f"model {label or artefact.main!r} is not an encoder with hierarchical heads ending at "
-                          f"the items whose item scores the split scorer reproduces (HierSRec without "
-                           f"{', '.join(HeadScorer.UNSPLIT_SWITCHES)} and with readout: last); only such models "
+                          f"the items whose item scores are the plain item head (HierSRec without "
+                           f"repeat_explore, leaf_scale, factorized or exclude_seen); only such models "
                            f"are exported to ONNX")
     if not scorer.coarse_levels:
         raise HmtrecError("the model has no coarse head: nothing to pick candidates with")

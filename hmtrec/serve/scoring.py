@@ -85,24 +85,15 @@ class HeadScorer(HistoryScorer):
                 head = heads.heads[taxonomy.leaf_level]
                 weight, bias = head.weight.detach().float(), head.bias.detach().float()
             self.item_rows = torch.cat([weight, bias[:, None]], dim=1).contiguous()  # [N, D + 1]
-        self.scale = math.sqrt(model.params.dim) if model.params.scale_inputs else 1.0
         self.coarse_levels = heads.levels[:-1]
         self.blocks: dict[str, NodeBlocks] = {}
         self.leaf_counts = {level: torch.from_numpy(taxonomy.leaf_counts(level))
                             for level in taxonomy.level_names[:-1]}
 
-    # HierSRec switches that change the item path after the encoder, which `query` does not
-    # reproduce: a model using one is scored in full through its own `score_next`
-    UNSPLIT_SWITCHES = ("repeat_explore", "leaf_scale", "exclude_seen", "factorized")
-
     @staticmethod
     def supports(model) -> bool:
-        heads = getattr(model, "heads", None)
-        params = getattr(model, "params", None)
-        return (all(hasattr(model, name) for name in ("leaf_vectors", "encoder", "params"))
-                and hasattr(heads, "levels") and heads.levels[-1] == model.taxonomy.leaf_level
-                and getattr(params, "readout", "last") == "last"
-                and not any(getattr(params, name, None) for name in HeadScorer.UNSPLIT_SWITCHES))
+        # the model knows whether its item scores are the plain head on its leaf query
+        return bool(getattr(model, "splits_item_scores", False))
 
     @property
     def supports_candidates(self) -> bool:
@@ -111,22 +102,8 @@ class HeadScorer(HistoryScorer):
     # the stages (also the pieces of the exported graph)
     def query(self, histories: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """histories [Q, T] -> ({coarse level: logits [Q, n]}, item query [Q, D + 1])."""
-        valid = histories != PAD
-        tokens = self.leaf_table[histories.clamp_min(0)] * valid[..., None] * self.scale
-        hidden = self.model.encoder(tokens, valid)
-        last = valid.sum(1) - 1
-        h = hidden[torch.arange(histories.shape[0]), last]                             # [Q, D]
-        heads = self.model.heads
-        logits, previous = {}, None
-        for level in heads.levels:
-            h_level = h
-            if previous is not None and heads.coupling == "cascade":
-                h_level = h + heads.cascade[level](torch.softmax(logits[previous], dim=-1))
-            if level == self.taxonomy.leaf_level:
-                return logits, torch.cat([h_level, torch.ones_like(h_level[:, :1])], dim=1)
-            logits[level] = heads.heads[level](h_level)
-            previous = level
-        raise AssertionError("the finest head is the leaf level")  # guaranteed by `supports`
+        logits, leaf_query = self.model.split_query(histories, self.leaf_table)
+        return logits, torch.cat([leaf_query, torch.ones_like(leaf_query[:, :1])], dim=1)
 
     def candidate_nodes(self, level_logits: torch.Tensor, level: str, *, top: int | None = None,
                         fraction: float | None = None) -> torch.Tensor:

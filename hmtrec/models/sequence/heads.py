@@ -118,22 +118,31 @@ class HierarchicalHeads(nn.Module):
 
     def forward(self, hidden: torch.Tensor, leaf_vectors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """hidden [M, D] -> {level: logits [M, n_nodes(level)]}; leaf_vectors [n_leaves, D] for a tied leaf head."""
+        logits, leaf_query = self.coarse_and_leaf_query(hidden)
+        if leaf_query is not None:
+            if self.tied_leaf_head:
+                if leaf_vectors is None:
+                    raise ValueError("a tied leaf head needs leaf_vectors")
+                weight, bias = leaf_vectors, self.leaf_bias
+            else:
+                weight, bias = self.heads[self.taxonomy.leaf_level].weight, self.heads[self.taxonomy.leaf_level].bias
+            logits[self.taxonomy.leaf_level] = self._leaf_logits(leaf_query, weight, bias)
+        return logits
+
+    def coarse_and_leaf_query(self, hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """hidden [M, D] -> ({coarse level: logits}, the leaf head's input [M, D], or None without a
+        leaf head). Serving scores candidate leaves from that input without the full leaf matrix."""
         logits: dict[str, torch.Tensor] = {}
         previous = None
         for level in self.levels:
             h = hidden
             if previous is not None and self.coupling == "cascade":
                 h = hidden + self.cascade[level](torch.softmax(logits[previous], dim=-1))
-            if level == self.taxonomy.leaf_level and self.tied_leaf_head:
-                if leaf_vectors is None:
-                    raise ValueError("a tied leaf head needs leaf_vectors")
-                logits[level] = self._leaf_logits(h, leaf_vectors, self.leaf_bias)
-            elif level == self.taxonomy.leaf_level:
-                logits[level] = self._leaf_logits(h, self.heads[level].weight, self.heads[level].bias)
-            else:
-                logits[level] = self.heads[level](h)
+            if level == self.taxonomy.leaf_level:
+                return logits, h
+            logits[level] = self.heads[level](h)
             previous = level
-        return logits
+        return logits, None
 
     def _leaf_logits(self, h: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if self.leaf_scale is None:

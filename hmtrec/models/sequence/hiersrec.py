@@ -38,7 +38,7 @@ from hmtrec.data.sequences import PAD, Dataset
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
 from hmtrec.models.registry import register_model
-from hmtrec.models.sequence.base import SequenceRecommender, target_positions
+from hmtrec.models.sequence.base import SequenceRecommender, query_batch, target_positions
 from hmtrec.models.sequence.encoder import CausalTransformer
 from hmtrec.models.sequence.heads import HierarchicalHeads
 from hmtrec.models.sequence.prefixes import target_prefixes
@@ -195,11 +195,9 @@ class HierSRec(SequenceRecommender):
     def max_len(self) -> int:
         return self.encoder.max_len
 
-    def _forward(self, batch: dict[str, torch.Tensor]):
-        """-> (head logits at the M target positions, their leaf targets [M], the copy mechanism's
-        outputs or None)."""
+    def _encode(self, batch: dict[str, torch.Tensor], leaf_vectors: torch.Tensor):
+        """-> (session vectors [M, D] at the target positions, hidden [B, T, D], valid [B, T], positions [B, T])."""
         inputs = batch["inputs"]
-        leaf_vectors = self.item_dropout(self.leaf_vectors())
         valid = inputs != PAD
         input_vectors = leaf_vectors if self.params.leaf_scale is None else F.normalize(leaf_vectors, dim=-1)
         tokens = input_vectors[inputs.clamp_min(0)] * valid[..., None]
@@ -209,9 +207,34 @@ class HierSRec(SequenceRecommender):
         at = target_positions(batch)
         # Gather the target positions before any output layer: heads run on [M, D], not [B, T, D].
         session = hidden[at] if self.readout is None else self.readout(hidden, valid, at)
-        copied = self.repeat_explore(hidden, inputs, valid, at) if self.repeat_explore is not None else None
+        return session, hidden, valid, at
+
+    def _forward(self, batch: dict[str, torch.Tensor]):
+        """-> (head logits at the M target positions, their leaf targets [M], the copy mechanism's
+        outputs or None)."""
+        leaf_vectors = self.item_dropout(self.leaf_vectors())
+        session, hidden, valid, at = self._encode(batch, leaf_vectors)
+        copied = None
+        if self.repeat_explore is not None:
+            copied = self.repeat_explore(hidden, batch["inputs"], valid, at)
         targets = batch["targets"][at] if "targets" in batch else None  # a query batch has none
         return self.heads(session, leaf_vectors), targets, copied
+
+    @property
+    def splits_item_scores(self) -> bool:
+        """Whether the item scores are the plain item head on `split_query`'s leaf query (a dot
+        product with one row per item), so that serving may score candidate items alone."""
+        p = self.params
+        return (self.heads.levels[-1] == self.taxonomy.leaf_level and self.repeat_explore is None
+                and p.leaf_scale is None and not p.factorized and not p.exclude_seen)
+
+    def split_query(self, histories: torch.Tensor, leaf_vectors: torch.Tensor
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """histories [Q, T] (PAD after each) and the eval-mode leaf vectors -> ({coarse level: logits},
+        leaf query [Q, D]): the item head's logits are `leaf query @ item rows.T + bias`."""
+        session, _, _, _ = self._encode(query_batch(histories), leaf_vectors)
+        coarse, leaf_query = self.heads.coarse_and_leaf_query(session)
+        return coarse, leaf_query
 
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits, _, copied = self._forward(batch)
