@@ -78,7 +78,8 @@ def test_bad_coordinates_and_moved_venues_are_errors():
         geo_taxonomy(ids, bad_lat, lon, file="venues.csv")
     bad_lon = lon.astype(object)
     bad_lon[2] = "east"
-    with pytest.raises(DataError, match=r"row 3, column 'lon'"):
+    bad_lon[6] = None
+    with pytest.raises(DataError, match=r"row 3, column 'lon'.*2 rows in all: row 3 'east', row 7 None"):
         geo_taxonomy(ids, lat, bad_lon)
     twice = np.r_[ids, ids[:1]]
     with pytest.raises(DataError, match=r"row 11.*'v0' has two locations"):

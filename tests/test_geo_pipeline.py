@@ -84,6 +84,14 @@ def test_cli_recommend_and_suggest_print_region_and_city_json(geo_run):
     assert outcome.exit_code == 0, outcome.output
     printed = json.loads(outcome.stdout)
     assert len(printed["suggestions"]) == 2 and all(len(r["cells"]) <= 3 for r in printed["suggestions"])
+    user = "7"
+    outcome = runner.invoke(app, ["suggest", str(run_dir), "--history", f"{venue}@2 {venue}@10", "--regions", "2",
+                                  "--cities", "3", "--at", "2013-01-15", "--user", user])
+    assert outcome.exit_code == 0, outcome.output
+    direct = GeoSuggester(run_dir).suggest([venue, venue], [2.0, 10.0], at="2013-01-15", k_coarse=2, k_fine=3,
+                                           user=user)
+    assert json.loads(outcome.stdout) == json.loads(json.dumps(direct))
+    assert json.loads(outcome.stdout) != printed      # the user embedding is used
     outcome = runner.invoke(app, ["recommend", str(run_dir), "--history", f"{venue}@2", "-k", "2"])
     assert outcome.exit_code == 0, outcome.output
     assert json.loads(outcome.stdout)["levels"] == ["region", "cell"]

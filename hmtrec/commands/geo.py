@@ -21,10 +21,13 @@ def register(app: typer.Typer) -> None:
         cities: int = typer.Option(5, "--cities", min=1, help="How many cities (cells) inside each region."),
         at: Optional[str] = typer.Option(None, "--at", help="Prediction time as an ISO date (default: now); "
                                          "sets the calendar context."),
+        user: Optional[str] = typer.Option(None, "--user", "-u",
+                                           help="The user's id as in the training log, for a model with a user "
+                                           "embedding (default: an anonymous history)."),
         indent: Optional[int] = typer.Option(2, "--indent", help="JSON indentation (0: one line)."),
     ):
         """Suggest regions and the cities inside them, with joint probabilities, for a user's history."""
         from hmtrec.serve.geo_suggest import suggest_for_run
 
-        result = suggest_for_run(run_dir, history, k_coarse=regions, k_fine=cities, at=at)
+        result = suggest_for_run(run_dir, history, k_coarse=regions, k_fine=cities, at=at, user=user)
         sys.stdout.write(json.dumps(result, indent=indent or None, ensure_ascii=False) + "\n")

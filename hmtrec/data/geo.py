@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hmtrec.data.taxonomy import Taxonomy
+from hmtrec.data.validation import offender_error
 from hmtrec.errors import DataError
 
 KM_PER_DEGREE = 111.32  # length of one degree of latitude (and of longitude at the equator)
@@ -32,24 +33,26 @@ def validate_coordinates(venue_ids: Sequence, lat, lon, *, file: str | None = No
     """Unique venues sorted by id, with their coordinates. Raises DataError (file, row, column)
     for a missing or out-of-range coordinate and for a venue listed with two locations."""
     ids = np.asarray(pd.Series(venue_ids).astype(str).to_numpy(), dtype=object)
+    raw = {columns[1]: np.asarray(lat, dtype=object), columns[2]: np.asarray(lon, dtype=object)}
     lat = pd.to_numeric(pd.Series(lat), errors="coerce").to_numpy(dtype=np.float64)
     lon = pd.to_numeric(pd.Series(lon), errors="coerce").to_numpy(dtype=np.float64)
     for values, column, limit in ((lat, columns[1], 90.0), (lon, columns[2], 180.0)):
         bad = ~np.isfinite(values) | (np.abs(values) > limit)
         if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"coordinate must be a number within ±{limit:g}", file=file, row=row + 1, column=column)
+            raise offender_error(f"coordinate must be a number within ±{limit:g}", np.flatnonzero(bad),
+                                 raw[column], file=file, column=column, first_line=None)
     order = np.argsort(ids, kind="stable")
     ids, lat, lon = ids[order], lat[order], lon[order]
     first = np.r_[True, ids[1:] != ids[:-1]]
     group = np.cumsum(first) - 1
     moved = (lat != lat[first][group]) | (lon != lon[first][group])
     if moved.any():
-        position = int(np.flatnonzero(moved)[0])
-        raise DataError(f"venue {ids[position]!r} has two locations "
-                        f"({lat[first][group[position]]}, {lon[first][group[position]]}) and "
-                        f"({lat[position]}, {lon[position]})", file=file, row=int(order[position]) + 1,
-                        column=columns[1])
+        positions = np.flatnonzero(moved)
+        position = int(positions[0])
+        raise offender_error(f"venue {ids[position]!r} has two locations "
+                             f"({lat[first][group[position]]}, {lon[first][group[position]]}) and "
+                             f"({lat[position]}, {lon[position]})", np.arange(len(positions)), ids[positions],
+                             rows=order[positions] + 1, file=file, column=columns[1], first_line=None)
     return ids[first], lat[first], lon[first]
 
 

@@ -183,7 +183,8 @@ def is_geo_run(run_dir: str | Path) -> bool:
 
 
 def suggest_for_run(run_dir: str | Path, history: str, *, k_coarse: int = 3, k_fine: int = 5,
-                    at: str | None = None) -> dict:
+                    at: str | None = None, user: str | None = None) -> dict:
     """What `hmtrec recommend` / `hmtrec suggest` print for a geo run."""
     venues, ages, types = parse_history(history)
-    return GeoSuggester(run_dir).suggest(venues, ages, types=types, at=at, k_coarse=k_coarse, k_fine=k_fine)
+    return GeoSuggester(run_dir).suggest(venues, ages, types=types, at=at, k_coarse=k_coarse, k_fine=k_fine,
+                                         user=user)
