@@ -18,6 +18,15 @@ SETTINGS = ExampleSettings(streams=[StreamSettings(name="long", min_age_days=3, 
                                     StreamSettings(name="short", max_age_days=3, max_events=8)],
                            active_days=2, dormant_days=(10.0, 30.0))
 
+def small_log_batch(n_users: int, max_targets: int, days: int = 30):
+    """The default small taxonomy, a destination log of `n_users` over `days`, and one batch of
+    at most `max_targets` examples from it."""
+    taxonomy = geo_taxonomy()
+    log = destination_log(taxonomy, n_users=n_users, days=days)
+    examples, _ = sample_examples(log, SETTINGS.model_copy(update={"max_targets": max_targets}))
+    return taxonomy, ActionStreams(log, SETTINGS).batch(examples)
+
+
 
 def test_token_embedding_is_the_sum_of_level_type_and_age_embeddings():
     torch.manual_seed(0)
@@ -138,17 +147,14 @@ def test_history_popularity_counts_the_users_actions():
 
 def test_copy_pointer_puts_mass_on_the_history_only():
     torch.manual_seed(0)
-    taxonomy = geo_taxonomy()
-    log = destination_log(taxonomy, n_users=6, days=30)
-    examples, _ = sample_examples(log, SETTINGS.model_copy(update={"max_targets": 8}))
-    batch = ActionStreams(log, SETTINGS).batch(examples)
+    taxonomy, batch = small_log_batch(n_users=6, max_targets=8)
     model = ActionTransformer(taxonomy, ActionTransformerParams(dim=16), ["event"]).eval()
     with torch.no_grad():
         model.copy_gate.bias.fill_(-60.0)            # gate ~ 0: the copy distribution alone
         model.copy_gate.weight.zero_()
         out = model.predict(batch)
     history = torch.cat([batch["long_leaves"], batch["short_leaves"]], 1)
-    for row in range(len(examples)):
+    for row in range(len(history)):
         visited = {int(c) for c in taxonomy.ancestors(history[row][history[row] != PAD].numpy(), "cell")}
         probability = out["cell"][row].exp()
         assert set(torch.nonzero(probability > 1e-6).flatten().tolist()) <= visited
@@ -226,10 +232,7 @@ def test_distance_bias_uses_the_last_action_and_each_nodes_centre():
 
 def test_user_embedding_separates_users_by_their_hash():
     torch.manual_seed(0)
-    taxonomy = geo_taxonomy()
-    log = destination_log(taxonomy, n_users=4, days=30)
-    examples, _ = sample_examples(log, SETTINGS.model_copy(update={"max_targets": 4}))
-    batch = ActionStreams(log, SETTINGS).batch(examples)
+    taxonomy, batch = small_log_batch(n_users=4, max_targets=4)
     model = ActionTransformer(taxonomy, ActionTransformerParams(dim=16, user_buckets=64), ["event"]).eval()
     other = dict(batch, user_hash=batch["user_hash"] + 1)
     same = dict(batch, user_hash=batch["user_hash"] + 64)      # the same bucket

@@ -16,16 +16,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from hmtrec.config import build_config  # noqa: E402
 from hmtrec.tracking import metric_key, tracked_run  # noqa: E402
 from hmtrec.train.launch import train_run  # noqa: E402
+from tiny_runs import tiny_sequence  # noqa: E402
 
-TINY = {
-    "kind": "sequence",
-    "data": {"source": "synthetic", "synthetic": {"n_items": 200, "level_sizes": [4, 20], "n_sessions": 800,
-                                                  "days": 10}},
-    "model": {"name": "sasrec", "dim": 16, "layers": 1, "heads": 1},
-    "train": {"epochs": 2, "batch_size": 64, "max_len": 8, "threads": 1, "valid_max_sequences": 100},
-    "eval": {"ks": [10]},
-    "baselines": [{"name": "gru4rec", "hidden_size": 16}],
-}
+TINY = tiny_sequence(baselines=[{"name": "gru4rec", "hidden_size": 16}])
 
 
 def test_a_tracked_run_logs_params_epochs_and_the_run_directory(tmp_path):

@@ -33,26 +33,36 @@ def settings(**extra):
     return TrainerSettings(epochs=4, lr=0.05, seed=3, monitor="neg_mse", **extra)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+class Interrupted(Exception):
+    pass
+
+
+def reference_and_resumed(trainer_settings: TrainerSettings, root, *fit_args):
+    """A run straight through, and the same run killed after epoch 2 and resumed into fresh weights:
+    (reference model, resumed model, resumed run's final state)."""
     torch.manual_seed(0)
     reference = Regression()
-    Trainer(reference, settings(), tmp_path / "a", validate=validation).fit(batches)
-
-    class Interrupted(Exception):
-        pass
+    Trainer(reference, trainer_settings, root / "a", validate=validation).fit(batches, *fit_args)
 
     def crash_after_epoch_2(state):
         if state.epoch == 2:
             raise Interrupted
 
     torch.manual_seed(0)
-    interrupted = Regression()
     try:
-        Trainer(interrupted, settings(), tmp_path / "b", validate=validation, on_epoch_end=crash_after_epoch_2).fit(batches)
+        Trainer(Regression(), trainer_settings, root / "b", validate=validation,
+                on_epoch_end=crash_after_epoch_2).fit(batches, *fit_args)
     except Interrupted:
         pass
+    else:
+        raise AssertionError("the run was not interrupted")
     resumed = Regression()  # fresh weights: everything must come from the checkpoint
-    state = Trainer(resumed, settings(), tmp_path / "b", validate=validation).fit(batches)
+    state = Trainer(resumed, trainer_settings, root / "b", validate=validation).fit(batches, *fit_args)
+    return reference, resumed, state
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    reference, resumed, state = reference_and_resumed(settings(), tmp_path)
     assert state.epoch == 4
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], tensor)

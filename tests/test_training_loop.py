@@ -11,7 +11,7 @@ from hmtrec.models.sequence.losses import ItemLossParams, item_loss, sampled_sof
 from hmtrec.train import trainer as trainer_module
 from hmtrec.train.trainer import Trainer, TrainerSettings, check_device, choose_precision, lr_factor
 
-from tests.test_trainer import Regression, batches, validation
+from tests.test_trainer import Regression, batches, reference_and_resumed, validation
 
 
 # ---- learning-rate schedule ----------------------------------------------------------------------
@@ -44,23 +44,7 @@ def test_the_schedule_is_applied_per_step_and_recorded_per_epoch(tmp_path):
 
 
 def test_a_scheduled_run_resumes_bit_identically(tmp_path):
-    torch.manual_seed(0)
-    reference = Regression()
-    Trainer(reference, scheduled(), tmp_path / "a", validate=validation).fit(batches, lambda epoch: 5)
-
-    class Interrupted(Exception):
-        pass
-
-    def crash_after_epoch_2(state):
-        if state.epoch == 2:
-            raise Interrupted
-
-    torch.manual_seed(0)
-    with pytest.raises(Interrupted):
-        Trainer(Regression(), scheduled(), tmp_path / "b", validate=validation,
-                on_epoch_end=crash_after_epoch_2).fit(batches, lambda epoch: 5)
-    resumed = Regression()
-    state = Trainer(resumed, scheduled(), tmp_path / "b", validate=validation).fit(batches, lambda epoch: 5)
+    reference, resumed, state = reference_and_resumed(scheduled(), tmp_path, lambda epoch: 5)
     assert state.epoch == 4
     for name, tensor in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor)

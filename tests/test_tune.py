@@ -16,20 +16,13 @@ from optuna.trial import TrialState
 from hmtrec.errors import ConfigError
 from hmtrec.train.callbacks import epoch_listener
 from hmtrec.tune import load_tune_spec, tune
+from tiny_runs import tiny_sequence
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "kind": "sequence",
-    "data": {"source": "synthetic", "synthetic": {"n_items": 200, "level_sizes": [4, 20], "n_sessions": 800,
-                                                  "days": 10}},
-    "model": {"name": "sasrec", "dim": 16, "layers": 1, "heads": 1},
-    "train": {"epochs": 2, "batch_size": 64, "max_len": 8, "threads": 1, "valid_max_sequences": 100},
-    "eval": {"ks": [10]},
-    "baselines": ["pop"],
-    "tune": {"n_trials": 3, "startup_trials": 1, "pruner": "none", "heartbeat_interval": 1, "grace_period": 5,
-             "params": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
-                        "model.dim": {"choices": [8, 16]}}},
-}
+TINY = tiny_sequence(
+    baselines=["pop"],
+    tune={"n_trials": 3, "startup_trials": 1, "pruner": "none", "heartbeat_interval": 1, "grace_period": 5,
+          "params": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "model.dim": {"choices": [8, 16]}}})
 
 
 def write_config(path: Path, **tune_section) -> Path:
