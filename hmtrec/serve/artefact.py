@@ -353,10 +353,9 @@ def build_geo_model(config, taxonomy: Taxonomy, event_types: list[str], section:
 
 def load_geo_run(run_dir: str | Path):
     """(config, model with trained weights, taxonomy) of a finished geo run directory."""
-    run = RunDir(run_dir)
-    info = run.read_info("geo")
-    run.require_done("geo inference")
-    config = run.read_config()
+    from hmtrec.lifecycle import open_finished
+
+    run, info, config = open_finished(run_dir, "geo", "geo inference")
     taxonomy = read_taxonomy(run.path / TAXONOMY_FILE)
     model = build_geo_model(config, taxonomy, info["event_types"])
     model.load_state_dict(load_weights(run.path / WEIGHTS_FILE))

@@ -61,6 +61,7 @@ from hmtrec.data.geo import KM_PER_DEGREE
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
+from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender
 from hmtrec.models.sequence.encoder import Block
@@ -98,6 +99,8 @@ class ActionTransformerParams(StrictModel):
 
 
 class ActionTransformer(SequenceRecommender):
+    batch_contracts = (GEO_ACTIONS,)
+
     def __init__(self, taxonomy: Taxonomy, params: ActionTransformerParams, event_types: list[str]):
         super().__init__(taxonomy)
         self.params = params
@@ -390,6 +393,7 @@ class HistoryPopularity(SequenceRecommender):
     events. Scores are normalised into log-probabilities, like the transformer's."""
 
     trainable = False
+    batch_contracts = (GEO_ACTIONS,)
 
     def __init__(self, taxonomy: Taxonomy, params: HistoryPopularityParams):
         super().__init__(taxonomy)
