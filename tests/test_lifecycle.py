@@ -156,3 +156,24 @@ def test_a_model_of_another_family_is_refused_before_training(tmp_path):
         lifecycle.get_kind("sequence").train(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "training"
+
+
+def test_every_loader_refuses_an_unfinished_run(trained):
+    """`open_finished` is the one way a run is read for use: the API's, serving's and export's loaders."""
+    import hmtrec
+    from hmtrec.rundir import ArtefactError
+    from hmtrec.serve.artefact import load_geo_run, load_sequence_run
+    from hmtrec.serve.ranker import Ranker
+
+    kind, _, _, run_dir, _ = trained
+    loader = {"sequence": load_sequence_run, "ranking": Ranker.load, "geo": load_geo_run}[kind]
+    info_file = run_dir / "run.json"
+    saved = info_file.read_text()
+    info_file.write_text(json.dumps({**json.loads(saved), "status": "training"}))
+    try:
+        for load in (loader, hmtrec.load, lambda path: lifecycle.get_kind(kind).evaluate(path, [])):
+            with pytest.raises(ArtefactError, match="status 'training'"):
+                load(run_dir)
+    finally:
+        info_file.write_text(saved)
+    loader(run_dir)

@@ -169,11 +169,6 @@ class SequenceConfig(StrictModel):
 
 # ---- helpers shared with `hmtrec evaluate` and the artefact loader -----------------------------
 
-def model_dir(run_dir: Path, config: SequenceConfig, label: str) -> Path:
-    """Where a model's checkpoint and weights live: the run dir for the main model."""
-    return RunDir(run_dir).model_dir(label, config.model["label"])
-
-
 def build_sequence_model(spec: dict, prepared_or_dataset, config: SequenceConfig, directory: Path | None):
     """Build the model a spec names, with the context every sequence builder may use."""
     from hmtrec.serve.artefact import build_sequence_model as build
