@@ -5,7 +5,8 @@
   `score_next(histories)` the event after each history (inference: no target is invented);
 - geo action streams (`hmtrec.data.actions.ActionStreams.batch`): one example per row, its action
   tokens before the prediction time and one target destination; `predict` gives log-probabilities
-  per level for every example;
+  per level for every example, and for an inference query (`ActionStreams.query`: the actions
+  before t, no target);
 - multi-task rows (`hmtrec.data.features.EncodedRows.batch`): encoded feature rows with a label per
   task head; `predict` gives one score per row and task.
 

@@ -214,7 +214,7 @@ class ActionTransformer(SequenceRecommender):
         return total
 
     def summary_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        size = batch["targets"].shape[0]
+        size = batch[f"{self.stream_names(batch)[0]}{LEAVES_SUFFIX}"].shape[0]   # a query batch has no targets
         summary = self.summary.expand(size, -1)
         for name, embedding in self.context_embeddings.items():
             summary = summary + embedding(batch[f"context_{name}"])
@@ -237,7 +237,7 @@ class ActionTransformer(SequenceRecommender):
         """(summary state [B, D], the last layer's attention keys of the actions [B, L, D], action
         leaves [B, L] with PAD), the actions of every stream side by side."""
         streams = self.stream_names(batch)
-        if not streams or batch["targets"].dim() != 1:
+        if not streams or ("targets" in batch and batch["targets"].dim() != 1):
             raise ConfigError("the action-transformer reads action-stream examples (hmtrec.data.actions), "
                               "not sequence windows: train it with a config of kind 'geo'")
         def joined(suffix: str) -> torch.Tensor | None:
