@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -69,6 +69,10 @@ class GeoEval(GeoEvalSettings):
 
 @register_config("geo")
 class GeoRunConfig(StrictModel):
+    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may be extended by more epochs (its
+    # schedule does not depend on the epoch count) and validate on another sample
+    resumable_changes: ClassVar[tuple[str, ...]] = ("train.epochs", "train.valid_max_targets")
+
     kind: Literal["geo"] = "geo"
     name: str | None = None
     data: DataConfig

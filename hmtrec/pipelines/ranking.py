@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
 import pandas as pd
 import torch
@@ -113,6 +113,9 @@ class RankingEval(StrictModel):
 
 @register_config("ranking")
 class RankingConfig(StrictModel):
+    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may change its evaluation batch
+    resumable_changes: ClassVar[tuple[str, ...]] = ("train.eval_batch_size",)
+
     kind: Literal["ranking"] = "ranking"
     name: str | None = None
     data: RankingData = RankingData()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -126,6 +126,10 @@ def _model_spec(section: Any, where: str) -> dict:
 
 @register_config("sequence")
 class SequenceConfig(StrictModel):
+    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may change: a budget bounds how long
+    # the run trains, not what it learns per epoch
+    resumable_changes: ClassVar[tuple[str, ...]] = ("train.budget_minutes", "train.budget_clock")
+
     kind: Literal["sequence"] = "sequence"
     data: DataConfig = Field(default_factory=DataConfig)
     model: dict[str, Any] = Field("hiersrec", validate_default=True,
