@@ -50,21 +50,22 @@ def _overrides(overrides: dict | Sequence[str] | None) -> list[str]:
 def train(config: Any, run_dir: str | Path | None = None, *, overrides: dict | Sequence[str] | None = None) -> "Run":
     """Train a config (YAML path, mapping or config object) into `run_dir` (default: named from the
     config and its hash, so the same call resumes) and return the finished run."""
-    from hmtrec.pipelines import get_pipeline
+    from hmtrec import lifecycle
     from hmtrec.rundir import default_run_dir
 
     resolved = _config(config, _overrides(overrides))
     path = Path(run_dir) if run_dir is not None else default_run_dir(
         resolved, config if isinstance(config, (str, Path)) else None)
-    get_pipeline(resolved.kind).train(resolved, path)
+    lifecycle.train(lifecycle.get_kind(resolved.kind), resolved, path)
     return Run(path)
 
 
 def load(run_dir: str | Path) -> "Run":
     """A finished run directory, ready to evaluate, recommend or predict."""
-    run = Run(run_dir)
-    run.run_dir.require_done("hmtrec.load")
-    return run
+    from hmtrec.lifecycle import open_finished
+
+    open_finished(run_dir, None, "hmtrec.load")
+    return Run(run_dir)
 
 
 def as_frame(data: Any, what: str = "rows"):
@@ -134,9 +135,9 @@ class Run:
 
     def evaluate(self, overrides: dict | Sequence[str] | None = None) -> dict:
         """Evaluate again on the test split, with evaluation keys overridden (e.g. {"eval.ks": [10]})."""
-        from hmtrec.pipelines import get_pipeline
+        from hmtrec import lifecycle
 
-        return get_pipeline(self.kind).evaluate(self.path, _overrides(overrides))
+        return lifecycle.evaluate(lifecycle.get_kind(self.kind), self.path, _overrides(overrides))
 
     # ---- sequence runs ----------------------------------------------------------------------
     def _require(self, kind: str, what: str) -> None:

@@ -1,5 +1,6 @@
-"""The `hmtrec` command. `train` and `evaluate` dispatch on the config's `kind`; every module in
-hmtrec/commands with a `register(app)` function adds its own commands."""
+"""The `hmtrec` command. `train` and `evaluate` run the one lifecycle (`hmtrec.lifecycle`) for the
+config's or run's `kind`; every module in hmtrec/commands with a `register(app)` function adds its
+own commands."""
 
 from __future__ import annotations
 
@@ -73,11 +74,11 @@ def evaluate(
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override an evaluation key."),
 ):
     """Evaluate a trained run on its test split and print the metric table."""
-    from hmtrec.pipelines import get_pipeline
+    from hmtrec import lifecycle
     from hmtrec.rundir import RunDir
 
     kind = RunDir(run_dir).read_info()["kind"]
-    return get_pipeline(kind).evaluate(run_dir, overrides or [])
+    return lifecycle.evaluate(lifecycle.get_kind(kind), run_dir, overrides or [])
 
 
 def _register_command_modules() -> None:

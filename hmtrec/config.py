@@ -143,11 +143,17 @@ def dump_config(config: StrictModel, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(dumped, sort_keys=False))  # atomically: a reader never sees half a config
 
 
+# Where each config kind's module is: it registers the kind's config model (here) and its part of
+# the run lifecycle (hmtrec.lifecycle). Found by name, so nothing below the kinds imports them.
+KIND_MODULES = {"sequence": "hmtrec.pipelines.sequence", "ranking": "hmtrec.pipelines.ranking",
+                "geo": "hmtrec.pipelines.geo"}
+
+
 def _import_config_models() -> None:
     """Config models register themselves on import; import every family that exists."""
     import importlib
 
-    for module in ("hmtrec.pipelines.sequence", "hmtrec.pipelines.ranking", "hmtrec.pipelines.geo"):
+    for module in KIND_MODULES.values():
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

@@ -44,15 +44,8 @@ BASELINES_DIR = "baselines"
 TEMP_SUFFIX = ".tmp"
 DONE, TRAINING = "done", "training"
 # Keys that may change between a run and its resumption: where and how fast it runs, and its
-# evaluation (re-evaluated on every run). Each kind may add its own.
+# evaluation (re-evaluated on every run). A kind's config class adds its own in `resumable_changes`.
 RESUMABLE_CHANGES = ("eval", "train.resume", "train.device", "train.threads", "name")
-RESUMABLE_BY_KIND = {
-    "ranking": ("train.eval_batch_size",),
-    # a geo run may be extended by more epochs (its schedule does not depend on the epoch count)
-    "geo": ("train.epochs", "train.valid_max_targets"),
-    # a budget bounds how long the run trains, not what it learns per epoch
-    "sequence": ("train.budget_minutes", "train.budget_clock"),
-}
 WEIGHTS_FILE = "model.safetensors"
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 # A temporary file of `atomic_write_bytes`: ".<name>.<random>.tmp" (and, from older versions,
@@ -91,7 +84,7 @@ def default_run_dir(config, config_path: str | Path | None = None, root: str | P
     (and resumes), a changed config in a new one."""
     dump = config.model_dump(mode="json")
     stem = Path(config_path).stem if config_path is not None else dump.get("kind", "run")
-    return Path(root) / f"{check_label(stem, 'config file name')}-{config_hash(dump, _resumable(dump))}"
+    return Path(root) / f"{check_label(stem, 'config file name')}-{config_hash(dump, _resumable(config))}"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -123,8 +116,8 @@ def _with_current_defaults(saved: dict) -> dict:
         return saved
 
 
-def _resumable(dump: dict) -> tuple[str, ...]:
-    return RESUMABLE_CHANGES + RESUMABLE_BY_KIND.get(dump.get("kind", ""), ())
+def _resumable(config) -> tuple[str, ...]:
+    return RESUMABLE_CHANGES + tuple(getattr(type(config), "resumable_changes", ()))
 
 
 def versions() -> dict[str, str]:
@@ -501,7 +494,7 @@ class RunDir:
             dump = config.model_dump(mode="json")
             write_config(run.config_path, config)
             run.info = {"kind": kind, "models": models, "status": TRAINING, "versions": versions(),
-                        "config_hash": config_hash(dump, _resumable(dump)), **extra}
+                        "config_hash": config_hash(dump, _resumable(config)), **extra}
             write_json(run.info_path, run.info)
         except BaseException:
             run.close()
@@ -529,7 +522,7 @@ class RunDir:
         if saved.get("kind", kind) != kind:
             raise ConfigError(f"{self.path} holds a {saved.get('kind')!r} run; a {kind!r} config cannot be "
                               f"trained into it: use another --run-dir")
-        ignored = _resumable(current)
+        ignored = _resumable(config)
         old, new = flatten(_with_current_defaults(saved)), flatten(current)
         different = sorted(key for key in set(old) | set(new)
                            if not _ignored(key, ignored) and old.get(key, _MISSING) != new.get(key, _MISSING))

@@ -262,3 +262,26 @@ def test_history_counts_start_as_the_recency_weighted_visit_count():
     torch.testing.assert_close(out["cell"].exp()[0], cells / cells.sum())
     regions = torch.tensor([1.85, 0.225])
     torch.testing.assert_close(out["region"].exp()[0], regions / regions.sum())
+
+
+def test_a_query_batch_scores_after_the_history_without_a_target():
+    """Inference (`ActionStreams.query`) asks for the destination after each user's actions before t;
+    it carries no target, and the models score it as the active example of the same user and time."""
+    from hmtrec.data.actions import ACTIVE
+
+    torch.manual_seed(0)
+    taxonomy = geo_taxonomy()
+    log = destination_log(taxonomy, n_users=8, days=40)
+    examples, _ = sample_examples(log, SETTINGS.model_copy(update={"max_targets": 20}))
+    active = examples.subset(np.flatnonzero(examples.kind == ACTIVE))
+    streams = ActionStreams(log, SETTINGS)
+    query = streams.query(active.user, active.time)
+    assert not {"targets", "kind", "lead_days"} & set(query)
+    models = [ActionTransformer(taxonomy, ActionTransformerParams(dim=16, context=["weekday"], user_buckets=8),
+                                ["event"]).eval(),
+              HistoryPopularity(taxonomy, HistoryPopularityParams())]
+    for model in models:
+        with torch.no_grad():
+            scored, asked = model.predict(streams.batch(active)), model.predict(query)
+        for level in scored:
+            torch.testing.assert_close(asked[level], scored[level])

@@ -266,6 +266,19 @@ class ActionStreams:
         return batch
 
 
+    def query(self, users: np.ndarray, times: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of inference queries: each user's (sequence index) actions strictly before each
+        prediction time, with the features `batch` gives, and no target: nothing is invented for
+        the model to score (no `targets`, `kind` or `lead_days`)."""
+        times = np.asarray(times, dtype=np.float64)
+        queries = Examples(np.asarray(users, dtype=np.int64), times, np.full(len(times), PAD, dtype=np.int64),
+                           times, np.full(len(times), ACTIVE, dtype=np.int8))   # ACTIVE: the history ends at t
+        batch = self.batch(queries)
+        for key in ("targets", "kind", "lead_days"):
+            del batch[key]
+        return batch
+
+
 def calendar_features(times: np.ndarray, time_origin: str | None = None,
                       utc_offset_hours: float = 0.0) -> dict[str, np.ndarray]:
     """0-based month, ISO week (0..52) and weekday (Monday = 0) of each time, in local time."""

@@ -1,13 +1,18 @@
-"""Pipelines tie a config kind to its training and evaluation: `hmtrec train` reads the config's
-`kind` and hands it to the pipeline registered for it. Each family lives in its own module."""
+"""The config kinds: each module here is one `hmtrec.lifecycle.RunKind` (its config model, data,
+batches, the fit of one model, evaluation and printing); the lifecycle itself (train / evaluate /
+load, the run directory's guarantees) is `hmtrec.lifecycle`, written once for every kind.
+
+    get_pipeline("sequence").train(config, run_dir)      # hmtrec.lifecycle.train(kind, config, run_dir)
+    get_pipeline("ranking").evaluate(run_dir, ["eval.groups=[user_activity]"])
+"""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-from hmtrec.errors import ConfigError
+from hmtrec.config import KIND_MODULES as PIPELINE_MODULES  # noqa: F401 (older name)
+from hmtrec.lifecycle import RunKind, get_kind
 
 
 class Pipeline(Protocol):
@@ -16,21 +21,6 @@ class Pipeline(Protocol):
     def evaluate(self, run_dir: Path, overrides: list[str]) -> dict: ...
 
 
-PIPELINES: dict[str, Callable[[], Pipeline]] = {}
-PIPELINE_MODULES = {"sequence": "hmtrec.pipelines.sequence", "ranking": "hmtrec.pipelines.ranking",
-                    "geo": "hmtrec.pipelines.geo"}
-
-
-def register_pipeline(kind: str):
-    def wrap(factory):
-        PIPELINES[kind] = factory
-        return factory
-    return wrap
-
-
-def get_pipeline(kind: str) -> Pipeline:
-    if kind not in PIPELINES and kind in PIPELINE_MODULES:
-        importlib.import_module(PIPELINE_MODULES[kind])
-    if kind not in PIPELINES:
-        raise ConfigError(f"key 'kind': no pipeline for {kind!r}; known: {sorted(PIPELINE_MODULES)}")
-    return PIPELINES[kind]()
+def get_pipeline(kind: str) -> RunKind:
+    """The kind's part of the lifecycle, with `train(config, run_dir)` and `evaluate(run_dir, overrides)`."""
+    return get_kind(kind)

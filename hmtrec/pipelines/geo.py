@@ -1,4 +1,5 @@
-"""The geo pipeline (config kind "geo"): next-destination prediction from user-action streams.
+"""The geo kind (config kind "geo"): next-destination prediction from user-action streams. The run
+lifecycle around it (run directory, same-run check, status, `hmtrec evaluate`) is `hmtrec.lifecycle`.
 
 train: load the action log and its geographic taxonomy (`hmtrec.data.loading`) -> cut active and
 dormant examples from the train / valid / test splits (`hmtrec.data.actions`) -> train the model
@@ -21,46 +22,41 @@ Run directory:
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
-from hmtrec.config import StrictModel, dump_config, load_config, register_config
-from hmtrec.data.actions import (DEFAULT_EVENT_TYPE, ActionStreams, Examples, ExampleSettings, log_event_types,
+from hmtrec.config import StrictModel, register_config
+from hmtrec.data.actions import (ActionStreams, Examples, ExampleSettings, log_event_types,
                                  sample_examples)
 from hmtrec.data.loading import DataConfig, PreparedData, load_data
 from hmtrec.data.sequences import SequenceData
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.errors import ConfigError, HmtrecError
+from hmtrec.errors import ConfigError
 from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results
-from hmtrec.models.registry import build_model as build_registered, get_model, validate_model_params
-from hmtrec.pipelines import register_pipeline
-from hmtrec.progress import console
-from hmtrec.rundir import RunDir
+from hmtrec.models.families import GEO_ACTIONS
+from hmtrec.models.registry import get_model, validate_model_params
+from hmtrec.lifecycle import RunKind, TrainSettings, fit_trainable, register_kind
+from hmtrec.rundir import RunDir, get_logger, save_weights
 from hmtrec.serve.artefact import build_geo_model as build_model, load_geo_run  # noqa: F401 (re-exported)
-from hmtrec.train.run_dir import close_run_dir, get_logger, load_weights, open_run_dir, read_json, save_weights, write_json
-from hmtrec.train.trainer import Trainer, TrainerSettings, seed_everything
 
 WEIGHTS_FILE = "model.safetensors"
 TAXONOMY_FILE = "taxonomy.json"
 
 
-class GeoTrain(StrictModel):
+class GeoTrain(TrainSettings):
+    """The shared train keys (`hmtrec.lifecycle.TrainSettings`) with the geo defaults, plus the
+    monitor, resampling and validation sample."""
+
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
-    grad_clip: float | None = 5.0
-    seed: int = 0
     monitor: str | None = None       # validation key, e.g. "cell_MRR"; default: MRR of the finest level
-    patience: int | None = 2
+    patience: int | None = Field(2, ge=0)
     resample_each_epoch: bool = True  # fresh dormant offsets (and target sub-sample) every epoch
     valid_max_targets: int | None = Field(2000, ge=1)  # validation target events (fixed sample) per epoch
-    device: str = "cpu"
-    threads: int | None = Field(2, ge=1)  # torch intra-op threads (None: torch's default)
+    threads: int | None = Field(2, ge=1)  # torch intra-op threads (None: every usable core)
     # active examples per training target and epoch, drawn from T-1 .. T-active_days (None: all of
     # them); the days of one target share most of their history, so fewer cost little signal
     active_per_target: int | None = Field(None, ge=1)
@@ -73,6 +69,10 @@ class GeoEval(GeoEvalSettings):
 
 @register_config("geo")
 class GeoRunConfig(StrictModel):
+    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may be extended by more epochs (its
+    # schedule does not depend on the epoch count) and validate on another sample
+    resumable_changes: ClassVar[tuple[str, ...]] = ("train.epochs", "train.valid_max_targets")
+
     kind: Literal["geo"] = "geo"
     name: str | None = None
     data: DataConfig
@@ -132,118 +132,138 @@ def flat_validation(results: dict) -> dict[str, float]:
             for metric, value in metrics.items()}
 
 
-# ---- the pipeline ----------------------------------------------------------------------------
-@register_pipeline("geo")
-class GeoPipeline:
-    def _prepare(self, config: GeoRunConfig) -> PreparedData:
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
+# ---- the kind ---------------------------------------------------------------------------------
+@dataclass
+class GeoData:
+    """The loaded log, its action types, and the test examples (drawn once, shared by every model)."""
+
+    prepared: PreparedData
+    event_types: list[str]
+    test: tuple[ActionStreams, Examples] | None = None
+
+    @property
+    def train_leaves(self) -> np.ndarray:
+        return self.prepared.train.leaves[self.prepared.train.targets()]
+
+
+@register_kind
+class GeoKind(RunKind):
+    """Geo action streams: the model trained on active and dormant examples cut from the action
+    log, the baselines fitted; all evaluated on the same test examples."""
+
+    name = "geo"
+    config_class = GeoRunConfig
+    batch_contract = GEO_ACTIONS
+    evaluation_overrides = ("eval", "examples", "baselines", "train.device", "train.threads")
+
+    def model_labels(self, config: GeoRunConfig) -> list[str]:
+        return [config.model["name"], *config.baselines]
+
+    def run_info(self, config: GeoRunConfig, data: GeoData) -> dict:
+        return {"model": config.model["name"], "event_types": data.event_types}
+
+    def prepare(self, config: GeoRunConfig, *, for_evaluation: bool = False) -> GeoData:
         prepared = load_data(config.data)
         for split in ("train", "valid", "test"):
             if getattr(prepared, split).timestamps is None:
                 raise ConfigError(f"key 'data.source': {config.data.source!r} gives no timestamps; "
                                   "geo examples need event times")
-        return prepared
+        return GeoData(prepared, log_event_types(prepared.train))
 
-    def _evaluate_all(self, config: GeoRunConfig, models: dict[str, Any], prepared: PreparedData) -> dict[str, dict]:
-        streams, examples = split_examples(prepared.test, config.examples, max_targets=config.eval.max_targets,
-                                           seed=config.eval.seed)
-        train_leaves = prepared.train.leaves[prepared.train.targets()]
-        return {name: evaluate_geo(model, streams, examples, config.eval, train_leaves=train_leaves)
-                for name, model in models.items()}
+    def save_data(self, run: RunDir, config: GeoRunConfig, data: GeoData) -> None:
+        data.prepared.dataset.taxonomy.save(run.path / TAXONOMY_FILE)
 
-    def train(self, config: GeoRunConfig, run_dir: Path) -> dict:
-        run = RunDir.begin(run_dir, config, models=[config.model["name"], *config.baselines],
-                           model=config.model["name"])
-        run_dir = run.path
-        log = get_logger()
-        try:
-            prepared = self._prepare(config)
-            taxonomy = prepared.dataset.taxonomy
-            taxonomy.save(run_dir / TAXONOMY_FILE)
-            event_types = log_event_types(prepared.train)
-            model_name = config.model["name"]
-            run.update(event_types=event_types)
-            seed_everything(config.train.seed)       # the initial weights depend on the seed only
-            model = build_model(config, taxonomy, event_types)
-            set_coordinates(model, config.data, taxonomy)
-            train_streams = ActionStreams(prepared.train, config.examples)
-            valid_streams, valid_examples = split_examples(prepared.valid, config.examples,
-                                                           max_targets=config.train.valid_max_targets,
-                                                           seed=config.eval.seed)
-            train_leaves = prepared.train.leaves[prepared.train.targets()]
-            finest = model.levels[-1]
-            monitor = config.train.monitor or f"{finest}_MRR"
-            settings = TrainerSettings(epochs=config.train.epochs, lr=config.train.lr,
-                                       weight_decay=config.train.weight_decay, grad_clip=config.train.grad_clip,
-                                       seed=config.train.seed, device=config.train.device, monitor=monitor,
-                                       monitor_mode="max", patience=config.train.patience)
+    def build(self, label: str, run: RunDir, config: GeoRunConfig, data: GeoData):
+        taxonomy = data.prepared.dataset.taxonomy
+        if label != config.model["name"]:
+            return build_model(config, taxonomy, data.event_types, {"name": label})
+        model = build_model(config, taxonomy, data.event_types)
+        set_coordinates(model, config.data, taxonomy)
+        return model
 
-            drawn: dict[int, Examples] = {}
+    def fit(self, label: str, model, run: RunDir, config: GeoRunConfig, data: GeoData, on_epoch_end) -> dict:
+        prepared = data.prepared
+        if label != config.model["name"]:                # a baseline: fitted, not trained
+            model.fit(prepared.train)
+            return {}
+        train_streams = ActionStreams(prepared.train, config.examples)
+        valid_streams, valid_examples = split_examples(prepared.valid, config.examples,
+                                                       max_targets=config.train.valid_max_targets,
+                                                       seed=config.eval.seed)
+        train_leaves = data.train_leaves
+        monitor = config.train.monitor or f"{model.levels[-1]}_MRR"
+        settings = config.train.trainer_settings(monitor=monitor, monitor_mode="max")
+        drawn: dict[int, Examples] = {}
 
-            def examples_for(epoch: int) -> Examples:
-                seed = config.examples.seed + (epoch if config.train.resample_each_epoch else 0)
-                if seed not in drawn:
-                    drawn.clear()
-                    drawn[seed], _ = sample_examples(prepared.train, config.examples, seed=seed,
-                                                     streams=train_streams,
-                                                     active_per_target=config.train.active_per_target)
-                return drawn[seed]
+        def examples_for(epoch: int) -> Examples:
+            seed = config.examples.seed + (epoch if config.train.resample_each_epoch else 0)
+            if seed not in drawn:
+                drawn.clear()
+                drawn[seed], _ = sample_examples(prepared.train, config.examples, seed=seed, streams=train_streams,
+                                                 active_per_target=config.train.active_per_target)
+            return drawn[seed]
 
-            def batches(epoch: int):
-                return training_batches(train_streams, examples_for(epoch), config.train.batch_size,
-                                        config.train.seed * 1_000_003 + epoch)
+        def batches(epoch: int):
+            return training_batches(train_streams, examples_for(epoch), config.train.batch_size,
+                                    config.train.seed * 1_000_003 + epoch)
 
-            def steps(epoch: int) -> int:
-                return -(-len(examples_for(epoch)) // config.train.batch_size)
+        def steps(epoch: int) -> int:
+            return -(-len(examples_for(epoch)) // config.train.batch_size)
 
-            def validate(current) -> dict:
-                results = evaluate_geo(current, valid_streams, valid_examples, config.eval, train_leaves=train_leaves)
-                values = flat_validation(results)
-                if monitor not in values:
-                    raise ConfigError(f"key 'train.monitor': {monitor!r} is not a validation metric; "
-                                      f"choose from {sorted(values)}")
-                return values
+        def validate(current) -> dict:
+            results = evaluate_geo(current, valid_streams, valid_examples, config.eval, train_leaves=train_leaves)
+            values = flat_validation(results)
+            if monitor not in values:
+                raise ConfigError(f"key 'train.monitor': {monitor!r} is not a validation metric; "
+                                  f"choose from {sorted(values)}")
+            return values
 
-            started = time.perf_counter()
-            state = Trainer(model, settings, run_dir, validate=validate).fit(batches, steps)
-            train_seconds = time.perf_counter() - started
-            save_weights(run_dir / WEIGHTS_FILE, model.state_dict())
+        started = time.perf_counter()
+        state = fit_trainable(model, settings, run.path, batches, steps, validate=validate, on_epoch_end=on_epoch_end)
+        train_seconds = time.perf_counter() - started
+        save_weights(run.path / WEIGHTS_FILE, model.state_dict())
+        return {"history": state.history, "best_epoch": state.best_epoch, "train_seconds": train_seconds,
+                "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in state.history]))
+                if state.history else None,
+                "examples": {"valid": valid_examples.counts()}}
 
-            models = {model_name: model}
-            for name in config.baselines:
-                baseline = build_model(config, taxonomy, event_types, {"name": name})
-                baseline.fit(prepared.train)
-                models[name] = baseline
-            test = self._evaluate_all(config, models, prepared)
-            metrics = {"test": test, "history": state.history, "best_epoch": state.best_epoch,
-                       "train_seconds": train_seconds,
-                       "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in state.history]))
-                       if state.history else None,
-                       "examples": {"valid": valid_examples.counts()}}
-            write_json(run_dir / "metrics.json", metrics)
-            print_geo_results(test)
-            log.info("test: %s", {name: r["overall"] for name, r in test.items()})
-            run.finish()
-            return metrics
-        finally:
-            run.close()
+    def evaluate_model(self, label: str, model, run: RunDir | None, config: GeoRunConfig, data: GeoData,
+                       training: dict | None) -> dict:
+        if data.test is None:
+            data.test = split_examples(data.prepared.test, config.examples, max_targets=config.eval.max_targets,
+                                       seed=config.eval.seed)
+        streams, examples = data.test
+        return evaluate_geo(model, streams, examples, config.eval, train_leaves=data.train_leaves)
 
-    def evaluate(self, run_dir: Path, overrides: list[str]) -> dict:
-        run_dir = Path(run_dir)
-        bad = [item for item in overrides if not item.startswith(("eval.", "examples.", "baselines"))]
-        if bad:
-            raise ConfigError(f"--set {bad[0]!r}: evaluation may only override eval.*, examples.* or baselines")
-        config, model, taxonomy = load_geo_run(run_dir)
-        config = load_config(run_dir / "config.yaml", overrides)
-        prepared = self._prepare(config)
-        info = read_json(run_dir / "run.json")
+    def summary(self, config: GeoRunConfig, data: GeoData, results: dict[str, dict],
+                training: dict[str, dict]) -> dict:
+        return {"test": results, **training[config.model["name"]]}
+
+    def report(self, run: RunDir, config: GeoRunConfig, data: GeoData, results: dict, metrics: dict) -> None:
+        print_geo_results(results)
+        get_logger().info("test: %s", {name: r["overall"] for name, r in results.items()})
+
+    # `hmtrec evaluate`: the saved model, the baselines of the (possibly overridden) config refitted
+    def load_saved(self, run: RunDir, config: GeoRunConfig, info: dict):
+        _, model, _ = load_geo_run(run.path)
+        return model
+
+    def ready(self, model, config: GeoRunConfig, data: GeoData, info: dict) -> dict:
         models = {info["model"]: model}
         for name in config.baselines:
-            baseline = build_model(config, taxonomy, info["event_types"], {"name": name})
-            baseline.fit(prepared.train)
+            baseline = build_model(config, data.prepared.dataset.taxonomy, info["event_types"], {"name": name})
+            baseline.fit(data.prepared.train)
             models[name] = baseline
-        test = self._evaluate_all(config, models, prepared)
-        write_json(run_dir / "evaluation.json", {"test": test, "overrides": overrides})
-        print_geo_results(test)
-        return {"test": test}
+        return models
+
+    def evaluation_record(self, overrides: list[str], results: dict[str, dict]) -> dict:
+        return {"test": results, "overrides": list(overrides)}
+
+    def evaluation_result(self, record: dict) -> dict:
+        return {"test": record["test"]}
+
+    def print_evaluation(self, config: GeoRunConfig, data: GeoData, results: dict[str, dict]) -> None:
+        print_geo_results(results)
+
+
+GeoPipeline = GeoKind  # the older name

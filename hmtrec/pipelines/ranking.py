@@ -1,4 +1,5 @@
-"""The ranking pipeline (config kind "ranking"): multi-task, multi-scenario rankers on feature rows.
+"""The ranking kind (config kind "ranking"): multi-task, multi-scenario rankers on feature rows. The
+run lifecycle around it (run directory, same-run check, status, `hmtrec evaluate`) is `hmtrec.lifecycle`.
 
 train: read rows (MovieLens-1M multi-scenario protocol, or any CSV/Parquet table) -> fit the
 feature encoder on the training rows -> train the model with the shared Trainer (early stopping on
@@ -17,28 +18,26 @@ Run directory:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from hmtrec.config import StrictModel, dump_config, load_config, register_config
+from hmtrec.config import StrictModel, register_config
 from hmtrec.data.features import EncodedRows, FeatureEncoder, FeatureSchema, TaskSpec, log_report, read_rows
 from hmtrec.errors import ConfigError, DataError
 from hmtrec.evaluate.classification import metrics_rows, task_metrics
+from hmtrec.models.families import MULTI_TASK_ROWS
 from hmtrec.models.ranking.base import LossSettings, RankingModel
 from hmtrec.models.registry import validate_model_params
-from hmtrec.pipelines import register_pipeline
+from hmtrec.lifecycle import RunKind, TrainSettings, fit_trainable, register_kind
 from hmtrec.progress import console
-from hmtrec.rundir import RunDir, write_frame
+from hmtrec.rundir import RunDir, get_logger, save_weights, write_frame
 from hmtrec.serve.ranker import (Ranker, build_model, iterate_batches, predict_encoded,  # noqa: F401
                                  prediction_frame)
-from hmtrec.train.run_dir import (close_run_dir, get_logger, load_weights, open_run_dir, read_json, save_weights,
-                                  write_json)
-from hmtrec.train.trainer import Trainer, TrainerSettings
 
 FEATURES_FILE = "features.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -91,19 +90,18 @@ class RankingData(StrictModel):
         return value
 
 
-class RankingTrain(StrictModel):
+class RankingTrain(TrainSettings):
+    """The shared train keys (`hmtrec.lifecycle.TrainSettings`) with the ranking defaults, plus the
+    evaluation batch, the monitored metric and a cap on steps per epoch."""
+
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(2048, ge=1)
     eval_batch_size: int = Field(32768, ge=1)
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     grad_clip: float | None = Field(None, gt=0, allow_inf_nan=False)
-    seed: int = 0
     patience: int | None = Field(1, ge=0)
     monitor: Literal["auc", "logloss"] = "auc"   # validation metric averaged over (scenario, task)
     max_steps_per_epoch: int | None = Field(None, ge=1)
-    device: str = "cpu"
-    threads: int | None = Field(2, ge=1)          # torch intra-op threads (None: torch's default)
+    threads: int | None = Field(2, ge=1)          # torch intra-op threads (None: every usable core)
 
 
 class RankingEval(StrictModel):
@@ -115,6 +113,9 @@ class RankingEval(StrictModel):
 
 @register_config("ranking")
 class RankingConfig(StrictModel):
+    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may change its evaluation batch
+    resumable_changes: ClassVar[tuple[str, ...]] = ("train.eval_batch_size",)
+
     kind: Literal["ranking"] = "ranking"
     name: str | None = None
     data: RankingData = RankingData()
@@ -209,39 +210,63 @@ def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str |
     return scores
 
 
-# ---- the pipeline -------------------------------------------------------------------------------
-@register_pipeline("ranking")
-class RankingPipeline:
-    def train(self, config: RankingConfig, run_dir: Path) -> dict:
-        run = RunDir.begin(run_dir, config, models=[config.model["name"]], model=config.model["name"],
-                           name=config.name)
-        try:
-            metrics = self._train(config, run.path, get_logger())
-            run.finish()  # last: predictions and metrics are complete
-            return metrics
-        finally:
-            run.close()
+# ---- the kind -----------------------------------------------------------------------------------
+@dataclass
+class RankingRows:
+    """The rows of one run: frames per split, their file names (for error messages), the load
+    reports; the encoder and the encoded rows once `save_data` fitted it on the training rows."""
 
-    def _train(self, config: RankingConfig, run_dir: Path, log) -> dict:
-        settings = config.train
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
+    frames: dict[str, pd.DataFrame]
+    files: dict[str, str]
+    reports: list[str]
+    encoder: FeatureEncoder | None = None
+    encoded: dict[str, EncodedRows] = field(default_factory=dict)
+
+
+@register_kind
+class RankingKind(RunKind):
+    """Multi-task rows: one ranker on encoded feature rows, early-stopped on validation AUC (or
+    logloss); predictions of the valid and test rows beside the metrics."""
+
+    name = "ranking"
+    config_class = RankingConfig
+    batch_contract = MULTI_TASK_ROWS
+    evaluation_overrides = ("eval", "data", "train.device", "train.threads", "train.eval_batch_size")
+    evaluation_file = "metrics_evaluate.json"
+
+    def model_labels(self, config: RankingConfig) -> list[str]:
+        return [config.model["name"]]
+
+    def run_info(self, config: RankingConfig, data) -> dict:
+        return {"model": config.model["name"], "name": config.name}
+
+    def prepare(self, config: RankingConfig, *, for_evaluation: bool = False) -> RankingRows:
         frames, files, reports = load_splits(config.data)
-        for line in reports:
+        if not for_evaluation and len(frames["train"]) == 0:
+            raise DataError("no training rows", file=files["train"])
+        return RankingRows(frames, files, reports)
+
+    def save_data(self, run: RunDir, config: RankingConfig, data: RankingRows) -> None:
+        log = get_logger()
+        for line in data.reports:
             log.info("data: %s", line)
             console.print(f"data: {line}")
-        if len(frames["train"]) == 0:
-            raise DataError("no training rows", file=files["train"])
-        encoder = FeatureEncoder(config.features, config.tasks).fit(frames["train"], file=files["train"])
-        encoder.save(run_dir / FEATURES_FILE)
-        encoded = {}
-        for split, frame in frames.items():
-            encoded[split] = encoder.transform(frame, file=files[split], first_row=frame.attrs.get("first_row", 1))
-            log_report(encoded[split].report, split)
-        torch.manual_seed(settings.seed)
-        model = build_model(config, encoder)
+        data.encoder = FeatureEncoder(config.features, config.tasks).fit(data.frames["train"], file=data.files["train"])
+        data.encoder.save(run.path / FEATURES_FILE)
+        for split, frame in data.frames.items():
+            data.encoded[split] = data.encoder.transform(frame, file=data.files[split],
+                                                         first_row=frame.attrs.get("first_row", 1))
+            log_report(data.encoded[split].report, split)
+
+    def build(self, label: str, run: RunDir, config: RankingConfig, data: RankingRows) -> RankingModel:
+        model = build_model(config, data.encoder)
+        get_logger().info("model %s: %d parameters", label, sum(p.numel() for p in model.parameters()))
+        return model
+
+    def fit(self, label: str, model: RankingModel, run: RunDir, config: RankingConfig, data: RankingRows,
+            on_epoch_end) -> dict:
+        settings, encoder, encoded, frames = config.train, data.encoder, data.encoded, data.frames
         n_parameters = sum(p.numel() for p in model.parameters())
-        log.info("model %s: %d parameters", config.model["name"], n_parameters)
 
         def validate(current: RankingModel) -> dict:
             frame = prediction_frame(predict_encoded(current, encoded["valid"], settings.eval_batch_size),
@@ -261,46 +286,61 @@ class RankingPipeline:
             return iterate_batches(train_rows, settings.batch_size, order, settings.max_steps_per_epoch)
 
         has_validation = len(frames["valid"]) > 0
-        trainer = Trainer(model, TrainerSettings(
-            epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
-            seed=settings.seed, device=settings.device,
+        trainer_settings = settings.trainer_settings(
             monitor=settings.monitor if has_validation else None,
             monitor_mode="max" if settings.monitor == "auc" else "min",
-            patience=settings.patience if has_validation else None), run_dir,
-            validate=validate if has_validation else None)
+            patience=settings.patience if has_validation else None)
         started = time.perf_counter()
-        state = trainer.fit(batches, lambda epoch: steps)
-        model = trainer.model.cpu()
-        save_weights(run_dir / WEIGHTS_FILE, model.state_dict())
+        state = fit_trainable(model, trainer_settings, run.path, batches, lambda epoch: steps,
+                              validate=validate if has_validation else None, on_epoch_end=on_epoch_end)
+        model.cpu()
+        save_weights(run.path / WEIGHTS_FILE, model.state_dict())
+        return {"model": config.model["name"], "parameters": n_parameters, "best_epoch": state.best_epoch,
+                "epochs_run": state.epoch, "train_seconds": state.train_seconds,
+                "seconds": time.perf_counter() - started, "history": state.history}
 
-        metrics: dict = {"model": config.model["name"], "parameters": n_parameters, "best_epoch": state.best_epoch,
-                         "epochs_run": state.epoch, "train_seconds": state.train_seconds,
-                         "seconds": time.perf_counter() - started, "history": state.history,
-                         "data": reports, "encoding": {k: v.report for k, v in encoded.items()}}
+    def evaluate_model(self, label: str, model, run: RunDir | None, config: RankingConfig, data: RankingRows,
+                       training: dict | None) -> dict:
+        metrics: dict = {**training, "data": data.reports, "encoding": {k: v.report for k, v in data.encoded.items()}}
         for split in ("valid", "test"):
-            if len(frames[split]) == 0:
+            if len(data.frames[split]) == 0:
                 continue
-            frame = prediction_frame(predict_encoded(model, encoded[split], settings.eval_batch_size),
-                                     encoded[split], frames[split], encoder,
+            frame = prediction_frame(predict_encoded(model, data.encoded[split], config.train.eval_batch_size),
+                                     data.encoded[split], data.frames[split], data.encoder,
                                      list(dict.fromkeys([*config.eval.groups, *config.eval.keep])))
-            metrics[split] = frame_metrics(frame, encoder, config.eval.groups)
+            metrics[split] = frame_metrics(frame, data.encoder, config.eval.groups)
             if config.eval.write_predictions:
-                write_frame(run_dir / f"predictions_{split}.csv", frame)
-        write_json(run_dir / "metrics.json", metrics)
-        if "test" in metrics:
-            print_metrics(metrics["test"], encoder, f"{config.model['name']} test")
+                write_frame(run.path / f"predictions_{split}.csv", frame)
         return metrics
 
-    def evaluate(self, run_dir: Path, overrides: list[str]) -> dict:
-        """Re-score the test split of a finished run (data/eval keys may be overridden)."""
-        run_dir = Path(run_dir)
-        ranker = Ranker.load(run_dir)
-        config = load_config(run_dir / "config.yaml", overrides) if overrides else ranker.config
-        if config.train.threads is not None:
-            torch.set_num_threads(config.train.threads)
-        frames, files, _ = load_splits(config.data)
-        scores = ranker.predict_frame(frames["test"], file=files["test"], keep=config.eval.groups)
-        metrics = frame_metrics(scores, ranker.encoder, config.eval.groups)
-        write_json(run_dir / "metrics_evaluate.json", metrics)
-        print_metrics(metrics, ranker.encoder, f"{config.model['name']} test")
-        return metrics
+    def summary(self, config: RankingConfig, data: RankingRows, results: dict[str, dict],
+                training: dict[str, dict]) -> dict:
+        return results[config.model["name"]]
+
+    def report(self, run: RunDir, config: RankingConfig, data: RankingRows, results: dict, metrics: dict) -> None:
+        if "test" in metrics:
+            print_metrics(metrics["test"], data.encoder, f"{config.model['name']} test")
+
+    # `hmtrec evaluate`: re-score the test rows with the saved model and encoder
+    def load_saved(self, run: RunDir, config: RankingConfig, info: dict) -> Ranker:
+        return Ranker.load(run.path)
+
+    def ready(self, ranker: Ranker, config: RankingConfig, data: RankingRows, info: dict) -> dict:
+        data.encoder = ranker.encoder
+        return {config.model["name"]: ranker}
+
+    def evaluate_saved_model(self, label: str, ranker: Ranker, config: RankingConfig, data: RankingRows) -> dict:
+        scores = ranker.predict_frame(data.frames["test"], file=data.files["test"], keep=config.eval.groups)
+        return frame_metrics(scores, ranker.encoder, config.eval.groups)
+
+    def evaluation_record(self, overrides: list[str], results: dict[str, dict]) -> dict:
+        return next(iter(results.values()))
+
+    def evaluation_result(self, record: dict) -> dict:
+        return record
+
+    def print_evaluation(self, config: RankingConfig, data: RankingRows, results: dict[str, dict]) -> None:
+        print_metrics(next(iter(results.values())), data.encoder, f"{config.model['name']} test")
+
+
+RankingPipeline = RankingKind  # the older name

@@ -1,4 +1,6 @@
-"""The sequence pipeline (config kind "sequence"): data -> model(s) -> training -> evaluation -> run dir.
+"""The sequence kind (config kind "sequence"): its config, data, windows, the fit of one model and
+its evaluation; the run lifecycle around them (run directory, same-run check, per-model loop,
+status, `hmtrec evaluate`) is `hmtrec.lifecycle`.
 
     kind: sequence
     data: {source: synthetic, ...}               # hmtrec.data.loading.DataConfig
@@ -31,46 +33,39 @@ Run directory:
 from __future__ import annotations
 
 import math
-import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import numpy as np
-import torch
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-import hmtrec
-from hmtrec.config import StrictModel, dump_config, load_config, register_config
+from hmtrec.config import StrictModel, register_config
 from hmtrec.data.loading import DataConfig, PreparedData, load_data
 from hmtrec.data.sequences import SequenceData, collate_windows, make_windows
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.evaluate.ranking import EvalSettings, evaluate_model
 from hmtrec.evaluate.report import print_results, results_table
-from hmtrec.models.registry import build_model, validate_model_params
-from hmtrec.pipelines import register_pipeline
+from hmtrec.models.families import SEQUENCE_WINDOWS
+from hmtrec.models.registry import validate_model_params
+from hmtrec.lifecycle import RunKind, TrainSettings, fit_trainable, register_kind, set_threads  # noqa: F401
 from hmtrec.progress import console
-from hmtrec.rundir import RunDir, check_label, write_text
-from hmtrec.train.run_dir import close_run_dir, get_logger, open_run_dir, read_json, save_weights, write_json
-from hmtrec.train.trainer import (TrainerSettings, TrainState, Trainer, check_device, resolve_device,
-                                  seed_everything, usable_cores)
+from hmtrec.rundir import RunDir, check_label, get_logger, save_weights, versions, write_json, write_text  # noqa: F401
+from hmtrec.train.trainer import TrainerSettings, TrainState, resolve_device
 
 MAIN_WEIGHTS = "model.safetensors"
 BASELINES_DIR = "baselines"
 LENGTH_POOL_BATCHES = 50  # batches per pool of windows sorted by length
-EVALUATION_OVERRIDES = ("eval.", "data.path", "train.device", "train.threads")
 
 
-class TrainSection(StrictModel):
-    """The `train:` section: how every trainable model of the run is trained."""
+class TrainSection(TrainSettings):
+    """The `train:` section: how every trainable model of the run is trained (the shared keys of
+    `hmtrec.lifecycle.TrainSettings`, plus windows, schedule, budget, precision and monitor)."""
 
-    epochs: int = Field(10, ge=0)
     batch_size: int = Field(128, ge=1, description="windows per training batch")
     max_len: int = Field(50, ge=1, description="longest context window, in events")
     epoch_fraction: float = Field(1.0, gt=0, le=1, description="share of the training windows each epoch "
                                   "visits (a different random share every epoch); 1: all")
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="after the warm-up: constant, or cosine / linear decay to lr * lr_floor at the "
                                 "last step of the last epoch")
@@ -83,12 +78,6 @@ class TrainSection(StrictModel):
     budget_clock: Literal["wall", "cpu"] = Field(
         "wall", description="what the budget counts: wall (elapsed time) or cpu (process CPU time / threads: the "
                             "time an otherwise idle machine would need, so other processes do not shorten the run)")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(5.0, gt=0)
-    seed: int = 0
-    device: str = Field("cpu", description="cpu, cuda, cuda:1, mps or auto")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: every core this process "
-                                                         "may use)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16: forward pass and loss under bfloat16 autocast (weights, optimiser and "
                             "evaluation stay float32); much faster full-softmax heads on CPUs with bf16 units. "
@@ -98,19 +87,9 @@ class TrainSection(StrictModel):
         "MRR@20", description="validation metric that picks the best epoch: METRIC (at the finest level "
                               "the model scores) or LEVEL/METRIC; null: no validation, keep the last epoch")
     monitor_mode: Literal["max", "min"] = "max"
-    patience: int | None = Field(None, ge=1, description="stop after this many epochs without improvement")
     valid_max_sequences: int | None = Field(
         None, ge=1, description="validate on a fixed random subset of this many valid sequences (speed)")
     resume: bool = Field(True, description="continue from checkpoint.pt when the run directory has one")
-
-    @field_validator("device")
-    @classmethod
-    def _check_device_name(cls, value: str) -> str:
-        try:
-            torch.device(value) if value != "auto" else None
-        except (RuntimeError, ValueError):
-            raise ValueError(f"unknown device {value!r}; expected cpu, cuda, cuda:N, mps or auto") from None
-        return value
 
     @field_validator("monitor")
     @classmethod
@@ -123,14 +102,10 @@ class TrainSection(StrictModel):
         return value
 
     def trainer_settings(self) -> TrainerSettings:
-        return TrainerSettings(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-                               grad_clip=self.grad_clip, seed=self.seed, device=self.device,
-                               monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode,
-                               patience=self.patience, resume=self.resume, precision=self.precision,
-                               lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction,
-                               lr_floor=self.lr_floor, budget_minutes=self.budget_minutes,
-                               budget_clock=self.budget_clock,
-                               monitor_label=self.monitor)
+        return super().trainer_settings(
+            monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode, precision=self.precision,
+            lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction, lr_floor=self.lr_floor,
+            budget_minutes=self.budget_minutes, budget_clock=self.budget_clock, monitor_label=self.monitor)
 
 
 def _model_spec(section: Any, where: str) -> dict:
@@ -151,6 +126,10 @@ def _model_spec(section: Any, where: str) -> dict:
 
 @register_config("sequence")
 class SequenceConfig(StrictModel):
+    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may change: a budget bounds how long
+    # the run trains, not what it learns per epoch
+    resumable_changes: ClassVar[tuple[str, ...]] = ("train.budget_minutes", "train.budget_clock")
+
     kind: Literal["sequence"] = "sequence"
     data: DataConfig = Field(default_factory=DataConfig)
     model: dict[str, Any] = Field("hiersrec", validate_default=True,
@@ -194,17 +173,11 @@ class SequenceConfig(StrictModel):
 
 # ---- helpers shared with `hmtrec evaluate` and the artefact loader -----------------------------
 
-def model_dir(run_dir: Path, config: SequenceConfig, label: str) -> Path:
-    """Where a model's checkpoint and weights live: the run dir for the main model."""
-    return RunDir(run_dir).model_dir(label, config.model["label"])
-
-
 def build_sequence_model(spec: dict, prepared_or_dataset, config: SequenceConfig, directory: Path | None):
     """Build the model a spec names, with the context every sequence builder may use."""
-    entry, params = validate_model_params("sequence", {k: v for k, v in spec.items() if k != "label"})
-    dataset = getattr(prepared_or_dataset, "dataset", prepared_or_dataset)
-    return build_model(entry, params, taxonomy=dataset.taxonomy, dataset=dataset,
-                       max_len=config.train.max_len, run_dir=directory)
+    from hmtrec.serve.artefact import build_sequence_model as build
+
+    return build(spec, getattr(prepared_or_dataset, "dataset", prepared_or_dataset), config.train.max_len, directory)
 
 
 def check_candidate_level(model, taxonomy, settings: EvalSettings, label: str) -> None:
@@ -294,80 +267,48 @@ def _validation_subset(valid: SequenceData, settings: TrainSection) -> SequenceD
     return valid.select(np.sort(chosen))
 
 
-def set_threads(threads: int | None) -> int:
-    """Set torch's CPU threads: `threads`, or every core this process may use when None."""
-    threads = threads or usable_cores()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
+# ---- the kind -----------------------------------------------------------------------------------
 
+@register_kind
+class SequenceKind(RunKind):
+    """Sequence windows: every model of `model` and `baselines`, trained on causal windows (or the
+    model's own `training_batches`) when trainable, else fitted; evaluated on the test split."""
 
-def versions() -> dict[str, str]:
-    return {"hmtrec": getattr(hmtrec, "__version__", "unknown"),
-            "torch": torch.__version__, "python": platform.python_version()}
+    name = "sequence"
+    config_class = SequenceConfig
+    batch_contract = SEQUENCE_WINDOWS
+    evaluation_overrides = ("eval", "data.path", "train.device", "train.threads")
 
+    def model_labels(self, config: SequenceConfig) -> list[str]:
+        return [spec["label"] for spec in config.model_specs()]
 
-def _check_same_run(run_dir: Path, config: SequenceConfig) -> None:
-    """Refuse to mix two configs in one run directory: resuming needs the same data, models and
-    training settings (evaluation settings, device and threads may change)."""
-    RunDir(run_dir).check_same_run(config)
+    def run_info(self, config: SequenceConfig, prepared) -> dict:
+        return {"model": config.model["label"], "baselines": [spec["label"] for spec in config.baselines]}
 
-
-# ---- the pipeline ------------------------------------------------------------------------------
-
-@register_pipeline("sequence")
-class SequencePipeline:
-    def train(self, config: SequenceConfig, run_dir: Path, *,
-              on_epoch_end: Callable[[TrainState], None] | None = None) -> dict:
-        """Train and evaluate the main model and the baselines; write the run directory.
-        `on_epoch_end` is passed to the main model's Trainer (tests use it to interrupt a run)."""
-        try:
-            check_device(config.train.device)
-        except ValueError as error:  # before anything is written
-            raise ConfigError(f"key 'train.device': {error}") from None
-        RunDir(run_dir).check_same_run(config)  # a refusal costs no data loading
-        # data next: bad data or an eval level the data lacks fails before the run directory exists
+    def prepare(self, config: SequenceConfig, *, for_evaluation: bool = False) -> PreparedData:
         console.print(f"[bold]loading data[/bold] ({config.data.source})")
         prepared = load_data(config.data)
-        check_eval_levels(config.eval, prepared.taxonomy)
-        run = RunDir.begin(run_dir, config, models=[spec["label"] for spec in config.model_specs()],
-                           model=config.model["label"], baselines=[spec["label"] for spec in config.baselines])
-        run_dir = run.path
-        log = get_logger()
-        try:
-            threads = set_threads(config.train.threads)
-            log.info("torch CPU threads: %d (%s)", threads, "train.threads" if config.train.threads else
-                     f"every usable core; train.threads: N to change")
-            log.info("%s", prepared.summary())
-            save_catalogue(run_dir, prepared)
-            write_json(run_dir / "data.json", {**prepared.info,
-                                               "filters_applied": [r.to_dict() for r in prepared.reports]})
-            results: dict[str, dict] = {}
-            for spec in config.model_specs():
-                is_main = spec["label"] == config.model["label"]
-                results[spec["label"]] = self._train_and_evaluate(
-                    spec, prepared, config, model_dir(run_dir, config, spec["label"]),
-                    on_epoch_end if is_main else None)
-            metrics = {"data": {"name": prepared.dataset.name, **prepared.info["counts"],
-                                "n_items": prepared.taxonomy.n_leaves},
-                       "models": results}
-            write_json(run_dir / "metrics.json", metrics)
-            write_text(run_dir / "metrics.md", results_table(results))
-            print_tables(results, config.eval.ks, prepared.taxonomy)
-            run.finish()
-            return metrics
-        finally:
-            run.close()
+        check_eval_levels(config.eval, prepared.taxonomy)   # an eval level the data lacks fails first
+        return prepared
 
-    def _train_and_evaluate(self, spec: dict, prepared: PreparedData, config: SequenceConfig, directory: Path,
-                            on_epoch_end: Callable[[TrainState], None] | None) -> dict:
-        log = get_logger()
-        label = spec["label"]
+    def save_data(self, run: RunDir, config: SequenceConfig, prepared: PreparedData) -> None:
+        get_logger().info("%s", prepared.summary())
+        save_catalogue(run.path, prepared)
+        write_json(run.path / "data.json", {**prepared.info,
+                                            "filters_applied": [r.to_dict() for r in prepared.reports]})
+
+    def build(self, label: str, run: RunDir, config: SequenceConfig, prepared: PreparedData):
+        spec = next(spec for spec in config.model_specs() if spec["label"] == label)
+        directory = run.model_dir(label, config.model["label"])
         directory.mkdir(parents=True, exist_ok=True)
-        seed_everything(config.train.seed)
         model = build_sequence_model(spec, prepared, config, directory)
         check_candidate_level(model, prepared.taxonomy, config.eval, label)
         console.print(f"[bold]{label}[/bold]: {count_parameters(model):,} parameters")
+        return model
+
+    def fit(self, label: str, model, run: RunDir, config: SequenceConfig, prepared: PreparedData,
+            on_epoch_end: Callable[[TrainState], None] | None) -> dict:
+        directory = run.model_dir(label, config.model["label"])
         started = time.perf_counter()
         if getattr(model, "trainable", True):
             model.fit(prepared.train)   # statistics a trainable model keeps beside its weights (a hybrid's kNN)
@@ -380,12 +321,7 @@ class SequencePipeline:
             training = {"fit_seconds": time.perf_counter() - started}
         save_weights(directory / MAIN_WEIGHTS, model.state_dict())
         training["parameters"] = count_parameters(model)
-        console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
-        result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len,
-                                train=prepared.train)
-        result["training"] = training
-        log.info("%s test: %s", label, flat_metrics(result))
-        return result
+        return training
 
     def _fit_trainable(self, model, prepared: PreparedData, config: SequenceConfig, directory: Path,
                        on_epoch_end) -> dict:
@@ -409,8 +345,8 @@ class SequencePipeline:
         if steps is None and callable(own_steps):
             n_steps = own_steps(prepared.train, settings.batch_size, settings.max_len)
             steps = lambda epoch: n_steps  # noqa: E731
-        trainer = Trainer(model, settings.trainer_settings(), directory, validate=validate, on_epoch_end=on_epoch_end)
-        state = trainer.fit(batches, steps)
+        state = fit_trainable(model, settings.trainer_settings(), directory, batches, steps, validate=validate,
+                              on_epoch_end=on_epoch_end)
         epoch_seconds = [record["epoch_seconds"] for record in state.history]
         return {"epochs": state.epoch, "best_epoch": state.best_epoch or state.epoch,
                 "stopped_early": state.stopped_early, "stopped_by_budget": state.stopped_by_budget,
@@ -420,41 +356,44 @@ class SequencePipeline:
                 "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
                 "history": state.history}
 
-    def evaluate(self, run_dir: Path, overrides: list[str]) -> dict:
-        """Reload a run's models and evaluate them on the test split again; `overrides` may change
-        eval.* (e.g. eval.candidate_fraction=0.1), data.path, train.device and train.threads."""
+    def evaluate_model(self, label: str, model, run: RunDir | None, config: SequenceConfig,
+                       prepared: PreparedData, training: dict | None) -> dict:
+        console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
+        result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len,
+                                train=prepared.train)
+        if training is not None:
+            result["training"] = training
+        get_logger().info("%s test: %s", label, flat_metrics(result))
+        return result
+
+    def summary(self, config: SequenceConfig, prepared: PreparedData, results: dict[str, dict],
+                training: dict[str, dict]) -> dict:
+        return {"data": {"name": prepared.dataset.name, **prepared.info["counts"],
+                         "n_items": prepared.taxonomy.n_leaves},
+                "models": results}
+
+    def report(self, run: RunDir, config: SequenceConfig, prepared: PreparedData, results: dict[str, dict],
+               metrics: dict) -> None:
+        write_text(run.path / "metrics.md", results_table(results))
+        print_tables(results, config.eval.ks, prepared.taxonomy)
+
+    # `hmtrec evaluate`: the saved models, refitted where they keep no tensors
+    def load_saved(self, run: RunDir, config: SequenceConfig, info: dict):
         from hmtrec.serve.artefact import load_sequence_run
 
-        for item in overrides:
-            key = item.split("=", 1)[0].strip()
-            if not any(key == prefix or key.startswith(prefix) for prefix in EVALUATION_OVERRIDES):
-                raise ConfigError(f"--set {key}: `hmtrec evaluate` can only change eval.*, data.path, "
-                                  f"train.device and train.threads (the rest describes the trained models)")
-        run = RunDir(run_dir)
-        run.require_done("`hmtrec evaluate`")
-        config = run.read_config(overrides)
-        set_threads(config.train.threads)
-        run = RunDir.open_existing(run_dir, "sequence")
-        run_dir = run.path
-        try:
-            get_logger().info("evaluate with overrides %s", list(overrides))
-            artefact = load_sequence_run(run_dir, config=config)
-            prepared = load_data(config.data)
-            check_eval_levels(config.eval, prepared.taxonomy)
-            artefact.check_catalogue(prepared.taxonomy)
-            artefact.fit_missing(prepared.train)
-            device = resolve_device(config.train.device)
-            results = {}
-            for label, model in artefact.models.items():
-                console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
-                results[label] = evaluate_model(model.to(device), prepared.test, prepared.taxonomy, config.eval,
-                                                max_len=config.eval_max_len, train=prepared.train)
-                get_logger().info("%s test: %s", label, flat_metrics(results[label]))
-            write_json(run_dir / "evaluation.json", {"overrides": list(overrides), "models": results})
-            print_tables(results, config.eval.ks, prepared.taxonomy)
-            return results
-        finally:
-            run.close()
+        return load_sequence_run(run.path, config=config)
+
+    def ready(self, artefact, config: SequenceConfig, prepared: PreparedData, info: dict) -> dict[str, Any]:
+        artefact.check_catalogue(prepared.taxonomy)
+        artefact.fit_missing(prepared.train)
+        device = resolve_device(config.train.device)
+        return {label: model.to(device) for label, model in artefact.models.items()}
+
+    def print_evaluation(self, config: SequenceConfig, prepared: PreparedData, results: dict[str, dict]) -> None:
+        print_tables(results, config.eval.ks, prepared.taxonomy)
+
+
+SequencePipeline = SequenceKind  # the older name
 
 
 def print_tables(results: dict[str, dict], ks: list[int], taxonomy=None) -> None:

@@ -298,10 +298,16 @@ def build_sequence_model(spec: dict, dataset: Dataset, max_len: int, directory: 
 
 
 def load_sequence_run(run_dir: str | Path, *, config=None, labels: Sequence[str] | None = None) -> SequenceArtefact:
-    """Rebuild the models of a sequence run (all, or those in `labels`) with their saved weights."""
-    run = RunDir(run_dir)
-    run.read_info("sequence")
-    config = config or run.read_config()
+    """Rebuild the models of a finished sequence run (all, or those in `labels`) with their saved
+    weights. `config`: the run's config as the caller already read it (with evaluation overrides)."""
+    from hmtrec.lifecycle import open_finished
+
+    if config is None:
+        run, _, config = open_finished(run_dir, "sequence", "loading its models")
+    else:
+        run = RunDir(run_dir)
+        run.read_info("sequence")
+        run.require_done("loading its models")
     run_dir = run.path
     taxonomy = read_taxonomy(run_dir / TAXONOMY_FILE)
     leaf_text = read_json(run_dir / "leaf_text.json")["text"] if (run_dir / "leaf_text.json").exists() else None
@@ -353,10 +359,9 @@ def build_geo_model(config, taxonomy: Taxonomy, event_types: list[str], section:
 
 def load_geo_run(run_dir: str | Path):
     """(config, model with trained weights, taxonomy) of a finished geo run directory."""
-    run = RunDir(run_dir)
-    info = run.read_info("geo")
-    run.require_done("geo inference")
-    config = run.read_config()
+    from hmtrec.lifecycle import open_finished
+
+    run, info, config = open_finished(run_dir, "geo", "geo inference")
     taxonomy = read_taxonomy(run.path / TAXONOMY_FILE)
     model = build_geo_model(config, taxonomy, info["event_types"])
     model.load_state_dict(load_weights(run.path / WEIGHTS_FILE))

@@ -94,7 +94,7 @@ class GeoSuggester:
         days before the prediction time `at` (an ISO date; default now), with action `types`
         (default: the model's first action type). Levels default to the coarsest and finest predicted.
         `user`: the user's id as in the training log, for a model with a user embedding (None: none used)."""
-        from hmtrec.data.actions import (DAY_SECONDS, DEFAULT_EVENT_TYPE, ACTIVE, ActionStreams, Examples)
+        from hmtrec.data.actions import DAY_SECONDS, DEFAULT_EVENT_TYPE, ActionStreams
         from hmtrec.data.sequences import SequenceData
 
         if len(venues) != len(ages_days):
@@ -123,9 +123,7 @@ class GeoSuggester:
         log = SequenceData(leaves[order], np.array([0, len(order)]), np.array([user or "query"]), timestamps=times,
                            event_types=type_index if has_types else None,
                            event_type_names=type_names if has_types else [])
-        example = Examples(np.array([0]), np.array([now]), np.array([0]), np.array([now]),
-                           np.array([ACTIVE], dtype=np.int8))
-        batch = ActionStreams(log, settings).batch(example)
+        batch = ActionStreams(log, settings).query(np.array([0]), np.array([now]))   # no target invented
         if user is None:
             del batch["user_hash"]        # an anonymous history: no user embedding
         with torch.no_grad():

@@ -18,7 +18,8 @@ from hmtrec.data.features import EncodedRows, FeatureEncoder
 from hmtrec.errors import DataError
 from hmtrec.models.ranking.base import RankingModel
 from hmtrec.models.registry import validate_model_params
-from hmtrec.rundir import WEIGHTS_FILE, RunDir, load_weights
+from hmtrec.lifecycle import open_finished
+from hmtrec.rundir import WEIGHTS_FILE, load_weights
 
 FEATURES_FILE = "features.json"
 
@@ -80,11 +81,8 @@ class Ranker:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Ranker":
-        run = RunDir(run_dir)
-        run.read_info("ranking")
-        run.require_done("ranking inference")
+        run, _, config = open_finished(run_dir, "ranking", "ranking inference")
         run_dir = run.path
-        config = run.read_config()
         encoder = FeatureEncoder.load(run_dir / FEATURES_FILE)
         model = build_model(config, encoder)
         model.load_state_dict(load_weights(run_dir / WEIGHTS_FILE))

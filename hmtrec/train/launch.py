@@ -10,11 +10,11 @@ from hmtrec.train.distributed import rank_run_dir, session, set_loader_workers
 
 def train_run(config, run_dir: Path, *, track: bool = False, tracking_uri: str | None = None,
               experiment: str | None = None, loader_workers: int = 0) -> dict:
-    from hmtrec.pipelines import get_pipeline
+    from hmtrec.lifecycle import get_kind
 
     set_loader_workers(loader_workers)
     device = getattr(getattr(config, "train", None), "device", "cpu")
-    pipeline = get_pipeline(config.kind)
+    pipeline = get_kind(config.kind)
     with session(device) as launch, rank_run_dir(run_dir, launch) as directory:
         if not track:
             return pipeline.train(config, directory)

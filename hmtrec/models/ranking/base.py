@@ -17,6 +17,7 @@ from pydantic import Field
 
 from hmtrec.config import StrictModel
 from hmtrec.data.features import FeatureLayout
+from hmtrec.models.families import MULTI_TASK_ROWS
 from hmtrec.models.ranking.blocks import FeatureEmbedding, LinearTerms
 from hmtrec.train.losses import build_weighting, masked_task_losses
 
@@ -51,6 +52,8 @@ class LossSettings(StrictModel):
 
 
 class RankingModel(nn.Module):
+    batch_contracts = (MULTI_TASK_ROWS,)   # the batches it reads (hmtrec.models.families)
+
     def __init__(self, params: RankingParams, layout: FeatureLayout, loss: LossSettings | None = None):
         super().__init__()
         self.params = params

@@ -21,10 +21,12 @@ from torch import nn
 
 from hmtrec.data.sequences import PAD, SequenceData
 from hmtrec.data.taxonomy import Taxonomy
+from hmtrec.models.families import SEQUENCE_WINDOWS
 
 
 class SequenceRecommender(nn.Module):
     trainable: bool = True
+    batch_contracts: tuple[str, ...] = (SEQUENCE_WINDOWS,)   # the batches it reads (hmtrec.models.families)
 
     def __init__(self, taxonomy: Taxonomy):
         super().__init__()

@@ -61,6 +61,7 @@ from hmtrec.data.geo import KM_PER_DEGREE
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
+from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender
 from hmtrec.models.sequence.encoder import Block
@@ -98,6 +99,8 @@ class ActionTransformerParams(StrictModel):
 
 
 class ActionTransformer(SequenceRecommender):
+    batch_contracts = (GEO_ACTIONS,)
+
     def __init__(self, taxonomy: Taxonomy, params: ActionTransformerParams, event_types: list[str]):
         super().__init__(taxonomy)
         self.params = params
@@ -211,7 +214,7 @@ class ActionTransformer(SequenceRecommender):
         return total
 
     def summary_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        size = batch["targets"].shape[0]
+        size = batch[f"{self.stream_names(batch)[0]}{LEAVES_SUFFIX}"].shape[0]   # a query batch has no targets
         summary = self.summary.expand(size, -1)
         for name, embedding in self.context_embeddings.items():
             summary = summary + embedding(batch[f"context_{name}"])
@@ -234,7 +237,7 @@ class ActionTransformer(SequenceRecommender):
         """(summary state [B, D], the last layer's attention keys of the actions [B, L, D], action
         leaves [B, L] with PAD), the actions of every stream side by side."""
         streams = self.stream_names(batch)
-        if not streams or batch["targets"].dim() != 1:
+        if not streams or ("targets" in batch and batch["targets"].dim() != 1):
             raise ConfigError("the action-transformer reads action-stream examples (hmtrec.data.actions), "
                               "not sequence windows: train it with a config of kind 'geo'")
         def joined(suffix: str) -> torch.Tensor | None:
@@ -390,6 +393,7 @@ class HistoryPopularity(SequenceRecommender):
     events. Scores are normalised into log-probabilities, like the transformer's."""
 
     trainable = False
+    batch_contracts = (GEO_ACTIONS,)
 
     def __init__(self, taxonomy: Taxonomy, params: HistoryPopularityParams):
         super().__init__(taxonomy)

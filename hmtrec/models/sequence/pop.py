@@ -14,6 +14,7 @@ import torch
 from hmtrec.config import StrictModel
 from hmtrec.data.sequences import SequenceData
 from hmtrec.data.taxonomy import Taxonomy
+from hmtrec.models.families import GEO_ACTIONS, SEQUENCE_WINDOWS
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, target_positions
 
@@ -27,6 +28,8 @@ class PopParams(StrictModel):
 
 class Popularity(SequenceRecommender):
     trainable = False
+    # it reads only how many targets a batch has, so it scores geo action-stream examples too
+    batch_contracts = (SEQUENCE_WINDOWS, GEO_ACTIONS)
 
     def __init__(self, taxonomy: Taxonomy):
         super().__init__(taxonomy)
