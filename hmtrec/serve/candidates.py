@@ -74,6 +74,44 @@ def adaptive_node_mask(level_scores: torch.Tensor, leaf_counts: torch.Tensor | n
     return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
 
 
+def adaptive_nodes(level_scores: torch.Tensor, leaf_counts: torch.Tensor | np.ndarray,
+                   fraction: float, *, first_guess: int = 64) -> torch.Tensor:
+    """The nodes of `adaptive_node_mask` as indices [M, w], best first (-1: padding to the longest
+    row w). The taken nodes are a prefix of the descending order, so a top-k of `first_guess` nodes
+    (re-sorted with ties by lower index) replaces the full sort whenever every row's prefix ends
+    inside it strictly above the k-th score (else the next guess is 4 times larger, up to a sort)."""
+    _check_fraction(fraction)
+    counts = torch.as_tensor(leaf_counts, dtype=torch.float64, device=level_scores.device)
+    n_nodes = level_scores.shape[1]
+    if counts.shape != (n_nodes,):
+        raise ValueError(f"leaf_counts has shape {tuple(counts.shape)}, expected ({n_nodes},)")
+    target = fraction * float(counts.sum())
+    guess = min(n_nodes, max(1, first_guess))
+    while True:
+        if guess >= n_nodes:
+            order = _descending_order(level_scores)
+        else:
+            top = torch.topk(level_scores, guess, dim=1).indices
+            top = torch.sort(top, dim=1).values                    # by index, so the stable sort below
+            values = level_scores.gather(1, top)                   # breaks ties by lower index
+            order = top.gather(1, torch.sort(values, dim=1, descending=True, stable=True).indices)
+        sorted_counts = counts[order]
+        before = torch.cumsum(sorted_counts, dim=1) - sorted_counts
+        keep = before < target
+        keep[:, 0] = True
+        taken = keep.sum(1)
+        if guess < n_nodes:
+            # complete only if each row stopped before the guess's end, strictly above its k-th score
+            # (a node outside the guess that ties with the last taken one could precede it)
+            last = level_scores.gather(1, order.gather(1, (taken - 1)[:, None]))[:, 0]
+            kth = level_scores.gather(1, order[:, -1:])[:, 0]
+            if not bool(((taken < guess) & (last > kth)).all()):
+                guess *= 4
+                continue
+        width = int(taken.max())
+        return torch.where(keep[:, :width], order[:, :width], torch.full_like(order[:, :width], -1))
+
+
 def node_mask_from_indices(nodes: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """nodes [M, k] -> bool [M, n_nodes]."""
     mask = torch.zeros(nodes.shape[0], n_nodes, dtype=torch.bool, device=nodes.device)
@@ -202,32 +240,28 @@ def full_topk(queries: torch.Tensor, leaf_embeddings: torch.Tensor, k: int, *,
 
 
 def candidate_leaf_index(taxonomy: Taxonomy, level: int | str, nodes: torch.Tensor) -> torch.Tensor:
-    """nodes [Q, k] of `level` -> leaf indices [Q, C] of the leaves under each row's nodes, padded
-    with -1 to the largest row's count C. Built with repeat_interleave over the leaves-by-node
-    order, without a loop over queries."""
+    """nodes [Q, k] of `level` (-1: no node, padding) -> leaf indices [Q, C] of the leaves under each
+    row's nodes, in the order of the nodes and, within a node, of `NodeBlocks` (so both list a row's
+    candidates alike), padded with -1 to the largest row's count C. Whole-batch NumPy operations
+    (repeat over the blocks' lengths), no loop over queries."""
     level = taxonomy.level_index(level)
     order, offsets = taxonomy._leaves_by_node(level)
-    order_t = torch.from_numpy(order).to(nodes.device)
-    offsets_t = torch.from_numpy(offsets).to(nodes.device)
-    nodes = nodes.long()
-    starts, lengths = offsets_t[nodes], offsets_t[nodes + 1] - offsets_t[nodes]    # [Q, k]
-    flat_lengths = lengths.reshape(-1)
-    total = int(flat_lengths.sum())
-    per_query = lengths.sum(1)
-    width = int(per_query.max()) if len(per_query) else 0
-    out = torch.full((nodes.shape[0], width), -1, dtype=torch.long, device=nodes.device)
-    if total == 0:
-        return out
-    # position of every candidate within the flat list of ranges, then within its query row
-    range_start = torch.cumsum(flat_lengths, 0) - flat_lengths
-    within_range = torch.arange(total, device=nodes.device) - torch.repeat_interleave(range_start, flat_lengths)
-    source = torch.repeat_interleave(starts.reshape(-1), flat_lengths) + within_range
-    query = torch.repeat_interleave(torch.arange(nodes.shape[0], device=nodes.device).repeat_interleave(
-        nodes.shape[1]), flat_lengths)
-    query_start = torch.cumsum(per_query, 0) - per_query
-    column = torch.arange(total, device=nodes.device) - query_start[query]
-    out[query, column] = order_t[source]
-    return out
+    chosen = nodes.cpu().numpy().astype(np.int64, copy=False)      # NumPy: its gathers are far cheaper here
+    n_rows, n_chosen = chosen.shape
+    valid = chosen >= 0
+    safe = np.where(valid, chosen, 0)
+    starts = offsets[safe]
+    lengths = np.where(valid, offsets[safe + 1] - starts, 0)                     # [Q, k]
+    flat = lengths.ravel()
+    total = int(flat.sum())
+    per_row = lengths.sum(axis=1)
+    width = int(per_row.max()) if chosen.size else 0
+    # every candidate's place in the leaves-by-node order: its block's start + its offset in the block
+    offset = np.arange(total) - np.repeat(np.cumsum(flat) - flat, flat)
+    source = np.repeat(starts.ravel(), flat) + offset
+    leaves = np.full((n_rows, width), -1, dtype=np.int64)
+    leaves[np.arange(width) < per_row[:, None]] = order[source]    # row-major: each row's candidates, then -1
+    return torch.from_numpy(leaves).to(nodes.device)
 
 
 class NodeBlocks:

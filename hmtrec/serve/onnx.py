@@ -131,25 +131,38 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
 
 
 def parity(reference: HeadScorer, other: "OnnxScorer", histories: list[np.ndarray], taxonomy) -> float:
-    """Largest |difference| of every output (coarse logits, full and candidate item logits)."""
+    """Largest |difference| of every output (coarse logits, full and candidate item logits; the
+    candidates both ways, as the full product's columns and through items.onnx / node blocks)."""
     from hmtrec.serve.scoring import pad_histories
 
     batch = pad_histories(histories, reference.max_len)
     worst = 0.0
-    for options in ({}, {"top": 2}, {"fraction": 0.05}):
-        a, b = reference.score(batch, **options), other.score(batch, **options)
-        for level in a.levels:
-            worst = max(worst, float((a.levels[level] - b.levels[level]).abs().max()))
-        if a.candidate_scores is not None:
-            # the same candidates (same coarse logits up to float noise), maybe in another order
-            for row in range(batch.shape[0]):
-                ids_a, ids_b = a.candidate_ids[row], b.candidate_ids[row]
-                keep_a, keep_b = ids_a >= 0, ids_b >= 0
-                order_a, order_b = torch.argsort(ids_a[keep_a]), torch.argsort(ids_b[keep_b])
-                if not torch.equal(ids_a[keep_a][order_a], ids_b[keep_b][order_b]):
-                    return float("inf")
-                worst = max(worst, float((a.candidate_scores[row][keep_a][order_a]
-                                          - b.candidate_scores[row][keep_b][order_b]).abs().max()))
+    dense = reference.dense_candidates, other.dense_candidates
+    try:
+        for options, way in (({}, True), ({"top": 2}, True), ({"top": 2}, False), ({"fraction": 0.05}, True),
+                             ({"fraction": 0.05}, False)):
+            reference.dense_candidates, other.dense_candidates = way, not way
+            worst = max(worst, _largest_difference(reference.score(batch, **options), other.score(batch, **options),
+                                                   batch.shape[0]))
+    finally:
+        reference.dense_candidates, other.dense_candidates = dense
+    return worst
+
+
+def _largest_difference(a: Scores, b: Scores, n_rows: int) -> float:
+    worst = 0.0
+    for level in a.levels:
+        worst = max(worst, float((a.levels[level] - b.levels[level]).abs().max()))
+    if a.candidate_scores is not None:
+        # the same candidates (same coarse logits up to float noise), maybe in another order
+        for row in range(n_rows):
+            ids_a, ids_b = a.candidate_ids[row], b.candidate_ids[row]
+            keep_a, keep_b = ids_a >= 0, ids_b >= 0
+            order_a, order_b = torch.argsort(ids_a[keep_a]), torch.argsort(ids_b[keep_b])
+            if not torch.equal(ids_a[keep_a][order_a], ids_b[keep_b][order_b]):
+                return float("inf")
+            worst = max(worst, float((a.candidate_scores[row][keep_a][order_a]
+                                      - b.candidate_scores[row][keep_b][order_b]).abs().max()))
     return worst
 
 
@@ -162,9 +175,12 @@ class OnnxScorer(HeadScorer):
         self.__dict__.update({k: v for k, v in reference.__dict__.items() if k != "blocks"})
         self.blocks = {}
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # idle pool threads would spin on the cores the server's event loop needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(name):
             path = Path(folder) / name
@@ -206,16 +222,12 @@ class OnnxScorer(HeadScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        ids = _leaf_index(self.taxonomy, level, nodes)
-        logits = self.items_session.run(None, {"query": query.numpy(), "candidate_ids": ids.numpy()})[0]
+        ids = candidate_leaf_index(self.taxonomy, level, nodes)
+        if self.dense_candidates:   # as HeadScorer: the full product, then the candidates' columns
+            full = self.full_session.run(None, {"query": query.numpy()})[0]
+            logits = self.gather_candidates(torch.from_numpy(full), ids)
+        else:
+            logits = torch.from_numpy(self.items_session.run(None, {"query": query.numpy(),
+                                                                    "candidate_ids": ids.numpy()})[0])
         share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
-        return Scores(coarse, leaf, torch.from_numpy(logits), ids, level, share)
-
-
-def _leaf_index(taxonomy, level: str, nodes: torch.Tensor) -> torch.Tensor:
-    """nodes [Q, k] (-1: padding) -> the leaves under each row's nodes [Q, C], padded with -1."""
-    rows = [taxonomy.leaves_under(row[row >= 0], level) for row in nodes.numpy()]
-    out = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return torch.from_numpy(out)
+        return Scores(coarse, leaf, logits, ids, level, share)

@@ -12,6 +12,12 @@ so a request with candidates scores a few percent of the catalogue. The leaf vec
 embeddings + metadata projections) do not change after training: they are computed once at load.
 The item head's bias is folded into the leaf vectors (query [h, 1] against rows [w, b]), so full
 and candidate scoring are both plain dot products.
+
+Candidates are scored one of two ways, by catalogue size, with the same candidates in the same
+order: on a catalogue of up to `DENSE_CANDIDATE_ITEMS` items one product over the whole catalogue
+then a gather of the candidates' columns (one matrix product is cheaper than choosing rows there),
+above it one product per chosen node's contiguous block (`NodeBlocks`), which reads only the
+candidates' rows.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.serve.candidates import NodeBlocks, adaptive_node_mask, top_nodes
+from hmtrec.serve.candidates import NodeBlocks, adaptive_nodes, candidate_leaf_index, top_nodes
+
+DENSE_CANDIDATE_ITEMS = 200_000   # catalogues up to this size score candidates as full product + gather
 
 
 @dataclass
@@ -74,8 +82,9 @@ def pad_histories(rows: list[np.ndarray], max_len: int) -> torch.Tensor:
 class HeadScorer(HistoryScorer):
     """An encoder with hierarchical heads whose finest head is the leaf level (HierSRec)."""
 
-    def __init__(self, model, taxonomy: Taxonomy, max_len: int):
+    def __init__(self, model, taxonomy: Taxonomy, max_len: int, *, dense_limit: int = DENSE_CANDIDATE_ITEMS):
         super().__init__(model, taxonomy, max_len)
+        self.dense_candidates = taxonomy.n_leaves <= dense_limit
         heads = model.heads
         with torch.no_grad():
             self.leaf_table = model.leaf_vectors().detach().float().contiguous()     # [N, D] input vectors
@@ -111,14 +120,9 @@ class HeadScorer(HistoryScorer):
         score until their leaves reach `fraction` of the catalogue."""
         if top is not None:
             return top_nodes(level_logits, top)
-        mask = adaptive_node_mask(level_logits, self.leaf_counts[level], fraction)
-        width = int(mask.sum(1).max())
-        order = torch.sort(level_logits.masked_fill(~mask, -math.inf), dim=1, descending=True, stable=True).indices
-        chosen = order[:, :width]
-        taken = torch.gather(mask, 1, chosen)
-        return torch.where(taken, chosen, torch.full_like(chosen, -1))
+        return adaptive_nodes(level_logits, self.leaf_counts[level], fraction)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, histories: torch.Tensor, *, level: str | None = None, top: int | None = None,
               fraction: float | None = None) -> Scores:
         """Full scores, or (with `top` or `fraction`) candidates under nodes of `level` (default: the
@@ -131,11 +135,21 @@ class HeadScorer(HistoryScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        if level not in self.blocks:
-            self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
-        scores, ids = self.blocks[level].scores(query, nodes)
+        if self.dense_candidates:
+            ids = candidate_leaf_index(self.taxonomy, level, nodes)
+            scores = self.gather_candidates(query @ self.item_rows.T, ids)
+        else:
+            if level not in self.blocks:
+                self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
+            scores, ids = self.blocks[level].scores(query, nodes)
         share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
         return Scores(coarse, leaf, scores, ids, level, share)
+
+    @staticmethod
+    def gather_candidates(full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Full item scores [Q, N] -> the candidates' scores [Q, C] (-inf at padding, id -1)."""
+        picked = full.gather(1, ids.clamp(min=0))
+        return picked.masked_fill_(ids < 0, -math.inf)
 
 
 def scorer_for(model, taxonomy: Taxonomy, max_len: int) -> HistoryScorer:
