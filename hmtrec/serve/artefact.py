@@ -231,7 +231,8 @@ class SequenceArtefact:
             item_scores, item_ids = scores.candidate_scores.float(), scores.candidate_ids
         else:
             item_scores, item_ids = scores.levels[finest].float(), None
-        # a probability is exp(score - logsumexp): no softmax over every scored item is materialised
+        # a probability is exp(score - logsumexp): no softmax over every scored item is materialised;
+        # candidate padding (id -1) already scores -inf, so it ranks last and weighs nothing
         normaliser = torch.logsumexp(item_scores, dim=1, keepdim=True)
         ranked = item_scores
         if exclude_history:
@@ -241,8 +242,6 @@ class SequenceArtefact:
                 seen[row, torch.from_numpy(np.asarray(nodes, dtype=np.int64))] = True
             ranked = ranked.masked_fill(seen if item_ids is None else seen.gather(1, item_ids.clamp(min=0)),
                                         -float("inf"))
-        if candidates:
-            ranked = ranked.masked_fill(item_ids < 0, -float("inf"))
         width = min(k, ranked.shape[1])
         top_values, top = torch.topk(ranked, width, dim=1)
         counts = torch.isfinite(top_values).sum(1).tolist()

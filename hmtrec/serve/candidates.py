@@ -239,28 +239,34 @@ def full_topk(queries: torch.Tensor, leaf_embeddings: torch.Tensor, k: int, *,
     return best_scores, best_leaves
 
 
+def block_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Row q's ranges [starts[q, j], starts[q, j] + lengths[q, j]) laid end to end: [Q, C] int64,
+    padded with -1 to the longest row C. Whole-batch NumPy (repeat over the lengths), no loop."""
+    flat = lengths.ravel()
+    per_row = lengths.sum(axis=1)
+    width = int(per_row.max()) if lengths.size else 0
+    offset = np.arange(int(flat.sum())) - np.repeat(np.cumsum(flat) - flat, flat)   # place inside its range
+    out = np.full((lengths.shape[0], width), -1, dtype=np.int64)
+    out[np.arange(width) < per_row[:, None]] = np.repeat(starts.ravel(), flat) + offset   # row-major order
+    return out
+
+
+def _node_ranges(offsets: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) in the leaves-by-node order of each node (-1: padding, length 0)."""
+    valid = nodes >= 0
+    safe = np.where(valid, nodes, 0)
+    starts = offsets[safe]
+    return starts, np.where(valid, offsets[safe + 1] - starts, 0)
+
+
 def candidate_leaf_index(taxonomy: Taxonomy, level: int | str, nodes: torch.Tensor) -> torch.Tensor:
     """nodes [Q, k] of `level` (-1: no node, padding) -> leaf indices [Q, C] of the leaves under each
     row's nodes, in the order of the nodes and, within a node, of `NodeBlocks` (so both list a row's
-    candidates alike), padded with -1 to the largest row's count C. Whole-batch NumPy operations
-    (repeat over the blocks' lengths), no loop over queries."""
-    level = taxonomy.level_index(level)
-    order, offsets = taxonomy._leaves_by_node(level)
-    chosen = nodes.cpu().numpy().astype(np.int64, copy=False)      # NumPy: its gathers are far cheaper here
-    n_rows, n_chosen = chosen.shape
-    valid = chosen >= 0
-    safe = np.where(valid, chosen, 0)
-    starts = offsets[safe]
-    lengths = np.where(valid, offsets[safe + 1] - starts, 0)                     # [Q, k]
-    flat = lengths.ravel()
-    total = int(flat.sum())
-    per_row = lengths.sum(axis=1)
-    width = int(per_row.max()) if chosen.size else 0
-    # every candidate's place in the leaves-by-node order: its block's start + its offset in the block
-    offset = np.arange(total) - np.repeat(np.cumsum(flat) - flat, flat)
-    source = np.repeat(starts.ravel(), flat) + offset
-    leaves = np.full((n_rows, width), -1, dtype=np.int64)
-    leaves[np.arange(width) < per_row[:, None]] = order[source]    # row-major: each row's candidates, then -1
+    candidates alike), padded with -1 to the largest row's count C."""
+    order, offsets = taxonomy._leaves_by_node(taxonomy.level_index(level))
+    positions = block_positions(*_node_ranges(offsets, nodes.cpu().numpy().astype(np.int64, copy=False)))
+    leaves = order[np.maximum(positions, 0)]
+    leaves[positions < 0] = -1
     return torch.from_numpy(leaves).to(nodes.device)
 
 
@@ -275,6 +281,38 @@ class NodeBlocks:
         self.leaf_ids = torch.from_numpy(order).to(leaf_embeddings.device)            # block position -> leaf
         self.offsets = offsets                                                        # node -> block range
         self.embeddings = leaf_embeddings.index_select(0, self.leaf_ids).contiguous()  # [N, d] by node
+
+    def union_size(self, nodes: torch.Tensor) -> int:
+        """How many leaves lie under the nodes chosen by any row."""
+        chosen = nodes.cpu().numpy()
+        union = np.unique(chosen[chosen >= 0])
+        return int((self.offsets[union + 1] - self.offsets[union]).sum())
+
+    def union_scores(self, queries: torch.Tensor, nodes: torch.Tensor, score_rows=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `scores` (same candidates, same order), in one product: the blocks of every node any
+        row chose are copied side by side once, all queries are multiplied with them, and each row
+        picks its own columns. `score_rows(queries, block positions [U]) -> [Q, U]` may replace the
+        product (ONNX Runtime does)."""
+        chosen = nodes.cpu().numpy().astype(np.int64, copy=False)     # index arithmetic in NumPy (cheaper)
+        union = np.unique(chosen[chosen >= 0])
+        union_starts, union_lengths = _node_ranges(self.offsets, union)
+        rows = block_positions(union_starts[None], union_lengths[None])[0]           # [U] block positions
+        union_leaves = self.leaf_ids.numpy()[rows]
+        if score_rows is None:
+            product = queries @ self.embeddings.index_select(0, torch.from_numpy(rows)).T   # [Q, U]
+        else:
+            product = score_rows(queries, torch.from_numpy(union_leaves))
+        where = np.zeros(len(self.offsets), dtype=np.int64)          # node -> its first column in the union
+        where[union] = np.cumsum(union_lengths) - union_lengths
+        _, lengths = _node_ranges(self.offsets, chosen)
+        columns = block_positions(np.where(chosen >= 0, where[np.maximum(chosen, 0)], 0), lengths)
+        padding = columns < 0
+        columns[padding] = 0
+        scores = product.gather(1, torch.from_numpy(columns)).masked_fill_(torch.from_numpy(padding), -math.inf)
+        leaves = union_leaves[columns]
+        leaves[padding] = -1
+        return scores, torch.from_numpy(leaves)
 
     def topk(self, queries: torch.Tensor, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k leaves among those under `nodes` [Q, k_nodes], per query: (scores [Q, k], leaves

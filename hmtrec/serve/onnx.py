@@ -7,6 +7,8 @@
     items.onnx       query [Q, D + 1], candidate_ids [Q, C] int64 (-1: padding)
                        -> logits [Q, C] (-inf at padding): the item head on the candidates only
     items_full.onnx  query [Q, D + 1] -> logits [Q, n_items]: the item head on the whole catalogue
+    items_rows.onnx  query [Q, D + 1], item_ids [U] int64 -> logits [Q, U]: the item head on items
+                       shared by the batch (the union of its candidates, on large catalogues)
     manifest.json    levels, sizes, opset, and the parity measured against PyTorch at export
 
 The chain is encoder -> coarse heads -> candidate choice -> item head. The candidate choice (top
@@ -57,6 +59,15 @@ class _Items(nn.Module):
         rows = self.item_rows[candidate_ids.clamp(min=0)]                  # [Q, C, D + 1]
         logits = torch.einsum("qd,qcd->qc", query, rows)
         return torch.where(candidate_ids >= 0, logits, torch.full_like(logits, float("-inf")))
+
+
+class _ItemRows(nn.Module):
+    def __init__(self, item_rows: torch.Tensor):
+        super().__init__()
+        self.register_buffer("item_rows", item_rows.clone())
+
+    def forward(self, query: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        return query @ self.item_rows.index_select(0, item_ids).T
 
 
 class _ItemsFull(nn.Module):
@@ -118,6 +129,9 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
              "logits": {0: "queries", 1: "candidates"}})
     _export(_ItemsFull(scorer.item_rows), (query,), out / "items_full.onnx", ["query"], ["logits"],
             {"query": {0: "queries"}, "logits": {0: "queries"}})
+    _export(_ItemRows(scorer.item_rows), (query, ids[0][ids[0] >= 0]), out / "items_rows.onnx",
+            ["query", "item_ids"], ["logits"],
+            {"query": {0: "queries"}, "item_ids": {0: "items"}, "logits": {0: "queries", 1: "items"}})
     manifest = {"model": label or artefact.main, "levels": scorer.coarse_levels, "item_level": artefact.taxonomy.leaf_level,
                 "n_items": artefact.taxonomy.n_leaves, "max_len": max_len, "opset": OPSET,
                 "query_dim": int(scorer.item_rows.shape[1]), "export_seconds": time.perf_counter() - started}
@@ -132,20 +146,22 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
 
 def parity(reference: HeadScorer, other: "OnnxScorer", histories: list[np.ndarray], taxonomy) -> float:
     """Largest |difference| of every output (coarse logits, full and candidate item logits; the
-    candidates both ways, as the full product's columns and through items.onnx / node blocks)."""
+    candidates every way on both sides: the full product's columns, the chosen nodes' rows
+    (items_rows.onnx), each candidate's row (items.onnx))."""
     from hmtrec.serve.scoring import pad_histories
 
     batch = pad_histories(histories, reference.max_len)
     worst = 0.0
-    dense = reference.dense_candidates, other.dense_candidates
+    paths = reference.candidate_path, other.candidate_path
+    ways = [("auto", "auto")] + [(mine, theirs) for mine in ("dense", "union")
+                                 for theirs in ("dense", "union", "gather") if other.rows_session or theirs != "union"]
     try:
-        for options, way in (({}, True), ({"top": 2}, True), ({"top": 2}, False), ({"fraction": 0.05}, True),
-                             ({"fraction": 0.05}, False)):
-            reference.dense_candidates, other.dense_candidates = way, not way
-            worst = max(worst, _largest_difference(reference.score(batch, **options), other.score(batch, **options),
-                                                   batch.shape[0]))
+        for options in ({}, {"top": 2}, {"fraction": 0.05}):
+            for reference.candidate_path, other.candidate_path in ways[:1] if not options else ways:
+                worst = max(worst, _largest_difference(reference.score(batch, **options),
+                                                       other.score(batch, **options), batch.shape[0]))
     finally:
-        reference.dense_candidates, other.dense_candidates = dense
+        reference.candidate_path, other.candidate_path = paths
     return worst
 
 
@@ -195,6 +211,8 @@ class OnnxScorer(HeadScorer):
         self.encoder_session = session("encoder.onnx")
         self.items_session = session("items.onnx")
         self.full_session = session("items_full.onnx")
+        # exports before items_rows.onnx existed score large catalogues' candidates through items.onnx
+        self.rows_session = session("items_rows.onnx") if (Path(folder) / "items_rows.onnx").exists() else None
         self.manifest = manifest
 
     @classmethod
@@ -205,6 +223,9 @@ class OnnxScorer(HeadScorer):
         if manifest["n_items"] != artefact.taxonomy.n_leaves:
             raise ArtefactError(folder / MANIFEST, "was exported for another catalogue", "export it again")
         return cls(folder, manifest, reference, threads)
+
+    def _score_rows(self, query: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.rows_session.run(None, {"query": query.numpy(), "item_ids": item_ids.numpy()})[0])
 
     def query(self, histories: torch.Tensor):
         outputs = self.encoder_session.run(None, {"histories": histories.numpy()})
@@ -222,11 +243,15 @@ class OnnxScorer(HeadScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        ids = candidate_leaf_index(self.taxonomy, level, nodes)
-        if self.dense_candidates:   # as HeadScorer: the full product, then the candidates' columns
+        # the same three ways as HeadScorer.score, each product run by ONNX Runtime
+        if self.dense_for(level, nodes):
+            ids = candidate_leaf_index(self.taxonomy, level, nodes)
             full = self.full_session.run(None, {"query": query.numpy()})[0]
             logits = self.gather_candidates(torch.from_numpy(full), ids)
+        elif self.rows_session is not None and self.candidate_path != "gather":
+            logits, ids = self.node_blocks(level).union_scores(query, nodes, score_rows=self._score_rows)
         else:
+            ids = candidate_leaf_index(self.taxonomy, level, nodes)
             logits = torch.from_numpy(self.items_session.run(None, {"query": query.numpy(),
                                                                     "candidate_ids": ids.numpy()})[0])
         share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves

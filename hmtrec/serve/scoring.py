@@ -13,11 +13,12 @@ embeddings + metadata projections) do not change after training: they are comput
 The item head's bias is folded into the leaf vectors (query [h, 1] against rows [w, b]), so full
 and candidate scoring are both plain dot products.
 
-Candidates are scored one of two ways, by catalogue size, with the same candidates in the same
-order: on a catalogue of up to `DENSE_CANDIDATE_ITEMS` items one product over the whole catalogue
-then a gather of the candidates' columns (one matrix product is cheaper than choosing rows there),
-above it one product per chosen node's contiguous block (`NodeBlocks`), which reads only the
-candidates' rows.
+Candidates are scored one of two ways, with the same candidates in the same order: on a
+catalogue of up to `DENSE_CANDIDATE_ITEMS` items, one product over the whole catalogue then a
+gather of the candidates' columns (one matrix product is cheaper than choosing rows there); above
+it, the rows of every node the batch chose are copied side by side once (`NodeBlocks`, rows
+grouped by node) and multiplied with all queries, each row then picking its own columns (unless
+those nodes hold over half of the catalogue: then the full product again).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class HeadScorer(HistoryScorer):
     def __init__(self, model, taxonomy: Taxonomy, max_len: int, *, dense_limit: int = DENSE_CANDIDATE_ITEMS):
         super().__init__(model, taxonomy, max_len)
         self.dense_candidates = taxonomy.n_leaves <= dense_limit
+        self.candidate_path = "auto"        # or "dense" / "union": one way for every batch (tests, parity)
         heads = model.heads
         with torch.no_grad():
             self.leaf_table = model.leaf_vectors().detach().float().contiguous()     # [N, D] input vectors
@@ -135,15 +137,26 @@ class HeadScorer(HistoryScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        if self.dense_candidates:
+        if self.dense_for(level, nodes):
             ids = candidate_leaf_index(self.taxonomy, level, nodes)
             scores = self.gather_candidates(query @ self.item_rows.T, ids)
         else:
-            if level not in self.blocks:
-                self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
-            scores, ids = self.blocks[level].scores(query, nodes)
+            scores, ids = self.node_blocks(level).union_scores(query, nodes)
         share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
         return Scores(coarse, leaf, scores, ids, level, share)
+
+    def node_blocks(self, level: str) -> NodeBlocks:
+        if level not in self.blocks:
+            self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
+        return self.blocks[level]
+
+    def dense_for(self, level: str, nodes: torch.Tensor) -> bool:
+        """Score these candidates through the full product? On a small catalogue always; on a large
+        one when the nodes chosen by the batch hold over half of the catalogue (copying their rows
+        would cost more than the product saves)."""
+        if self.candidate_path != "auto":
+            return self.candidate_path == "dense"
+        return self.dense_candidates or self.node_blocks(level).union_size(nodes) > self.taxonomy.n_leaves / 2
 
     @staticmethod
     def gather_candidates(full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
