@@ -272,11 +272,15 @@ class SequenceArtefact:
                 sources[level] = f"sum of {finer[-1]} probabilities"
             best[level] = (value.tolist(), self._labels(level)[index.numpy()].tolist())
         results = []
+        fractions = scores.candidate_fraction.tolist() if scores.candidate_fraction is not None else None
         for row, (leaves, skipped) in enumerate(chunk):
             n = counts[row]
-            recommendations = [{"rank": i + 1, "id": ids[row][i], "probability": top_probabilities[row][i],
-                                "ancestors": {level: ancestor_labels[level][row][i] for level in coarser}}
-                               for i in range(n)]
+            # zip over whole rows (no per-item comprehension frame): this loop runs for every answer
+            row_ancestors = zip(*(ancestor_labels[level][row][:n] for level in coarser)) if coarser else [()] * n
+            recommendations = [{"rank": rank, "id": item, "probability": probability,
+                                "ancestors": dict(zip(coarser, above))}
+                               for rank, item, probability, above in zip(range(1, n + 1), ids[row][:n],
+                                                                         top_probabilities[row][:n], row_ancestors)]
             levels = {level: {"label": best[level][1][row], "probability": best[level][0][row],
                               "source": sources[level],
                               "contains_top": n > 0 and ancestor_labels[level][row][0] == best[level][1][row]}
@@ -286,7 +290,7 @@ class SequenceArtefact:
                       "recommendations": recommendations}
             if scores.candidate_scores is not None:
                 result["scored"] = {"mode": "candidates", "level": scores.candidate_level,
-                                    "fraction": float(scores.candidate_fraction[row])}
+                                    "fraction": fractions[row]}
             else:
                 result["scored"] = {"mode": "full", "fraction": 1.0}
             results.append(result)

@@ -36,6 +36,7 @@ ONNX_DIR = "onnx"
 MANIFEST = "manifest.json"
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
+LEGACY_DENSE_ITEMS = 200_000
 
 
 class _Encoder(nn.Module):
@@ -243,7 +244,10 @@ class OnnxScorer(HeadScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        # the same three ways as HeadScorer.score, each product run by ONNX Runtime
+        # the ways of HeadScorer.score, each product run by ONNX Runtime (an export without
+        # items_rows.onnx: the full product up to LEGACY_DENSE_ITEMS items, else items.onnx)
+        if self.rows_session is None and self.candidate_path == "auto":
+            self.candidate_path = "dense" if self.taxonomy.n_leaves <= LEGACY_DENSE_ITEMS else "gather"
         if self.dense_for(level, nodes):
             ids = candidate_leaf_index(self.taxonomy, level, nodes)
             full = self.full_session.run(None, {"query": query.numpy()})[0]

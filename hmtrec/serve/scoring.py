@@ -13,12 +13,11 @@ embeddings + metadata projections) do not change after training: they are comput
 The item head's bias is folded into the leaf vectors (query [h, 1] against rows [w, b]), so full
 and candidate scoring are both plain dot products.
 
-Candidates are scored one of two ways, with the same candidates in the same order: on a
-catalogue of up to `DENSE_CANDIDATE_ITEMS` items, one product over the whole catalogue then a
-gather of the candidates' columns (one matrix product is cheaper than choosing rows there); above
-it, the rows of every node the batch chose are copied side by side once (`NodeBlocks`, rows
-grouped by node) and multiplied with all queries, each row then picking its own columns (unless
-those nodes hold over half of the catalogue: then the full product again).
+Candidates are scored one of two ways, chosen per batch, with the same candidates in the same
+order: the rows of every node the batch chose are copied side by side once (`NodeBlocks`, rows
+grouped by node) and multiplied with all its queries, each row then picking its own columns; or,
+when those nodes hold over half of the catalogue (many different queries in a batch), one product
+over the whole catalogue and a gather of each row's candidate columns, which is then cheaper.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.serve.candidates import NodeBlocks, adaptive_nodes, candidate_leaf_index, top_nodes
 
-DENSE_CANDIDATE_ITEMS = 200_000   # catalogues up to this size score candidates as full product + gather
+DENSE_SHARE = 0.5   # above this share of the catalogue under a batch's chosen nodes, the full product wins
 
 
 @dataclass
@@ -83,9 +82,8 @@ def pad_histories(rows: list[np.ndarray], max_len: int) -> torch.Tensor:
 class HeadScorer(HistoryScorer):
     """An encoder with hierarchical heads whose finest head is the leaf level (HierSRec)."""
 
-    def __init__(self, model, taxonomy: Taxonomy, max_len: int, *, dense_limit: int = DENSE_CANDIDATE_ITEMS):
+    def __init__(self, model, taxonomy: Taxonomy, max_len: int):
         super().__init__(model, taxonomy, max_len)
-        self.dense_candidates = taxonomy.n_leaves <= dense_limit
         self.candidate_path = "auto"        # or "dense" / "union": one way for every batch (tests, parity)
         heads = model.heads
         with torch.no_grad():
@@ -151,12 +149,11 @@ class HeadScorer(HistoryScorer):
         return self.blocks[level]
 
     def dense_for(self, level: str, nodes: torch.Tensor) -> bool:
-        """Score these candidates through the full product? On a small catalogue always; on a large
-        one when the nodes chosen by the batch hold over half of the catalogue (copying their rows
-        would cost more than the product saves)."""
+        """Score these candidates through the full product? When the nodes chosen by the batch hold
+        over `DENSE_SHARE` of the catalogue (copying their rows would cost more than it saves)."""
         if self.candidate_path != "auto":
             return self.candidate_path == "dense"
-        return self.dense_candidates or self.node_blocks(level).union_size(nodes) > self.taxonomy.n_leaves / 2
+        return self.node_blocks(level).union_size(nodes) > DENSE_SHARE * self.taxonomy.n_leaves
 
     @staticmethod
     def gather_candidates(full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
