@@ -2,9 +2,16 @@
 and 32 concurrent clients, PyTorch vs ONNX Runtime, full-catalogue vs candidate scoring.
 
 Loopback only: each server is a `hmtrec serve RUN_DIR --host 127.0.0.1` child process; the clients
-are closed loops (send, wait for the answer, send again) in this process, each level bounded by a
-request count and a time limit. Histories are drawn once (fixed seed) from the run's catalogue, 1
-to 20 items long; the same list is replayed for every setting.
+are closed loops (send, wait for the answer, send again at once: no think time), each row bounded
+by a request count and a time limit. Histories are drawn once (fixed seed) from the run's
+catalogue, 1 to 20 items long; the same list is replayed for every setting.
+
+The load generator shares the machine with the server, so it must be cheap: `wrk` (C, HTTP/1.1
+keep-alive, one thread, bodies pre-encoded in a Lua script that also stops it at the request
+bound) when it is installed (`apt-get install wrk`), else raw asyncio streams in this process
+(`--client python`). `--server-cpus` / `--client-cpus` pin them with taskset. Beside latency each
+row reports the server process's CPU time per request (utime + stime from /proc, every thread),
+which contention from other jobs does not inflate the way it inflates wall-clock latency.
 
     python benchmarks/serve_load.py RUN_DIR [RUN_DIR ...]          # writes the "serve-load" section
     python benchmarks/serve_load.py RUN_DIR --quick                  # fewer requests, prints only
@@ -19,9 +26,13 @@ import argparse
 import asyncio
 import json
 import os
+import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +42,30 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = (1, 8, 32)
 MODES = {"full": {}, "candidates 5%": {"candidate_fraction": 0.05}}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+
+# wrk: the bodies replayed in turn, the request bound, and the percentiles printed at the end
+WRK_SCRIPT = r"""
+local bodies, sent, done_count = {}, 0, 0
+for line in io.lines(os.getenv("SERVE_LOAD_BODIES")) do bodies[#bodies + 1] = line end
+local limit = tonumber(os.getenv("SERVE_LOAD_REQUESTS"))
+local headers = {["Content-Type"] = "application/json"}
+request = function()
+  sent = sent + 1
+  return wrk.format("POST", "/recommend", headers, bodies[(sent % #bodies) + 1])
+end
+response = function(status, headers, body)
+  done_count = done_count + 1
+  if done_count >= limit then wrk.thread:stop() end
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("SERVE_LOAD requests=%d errors=%d p50=%.3f p95=%.3f p99=%.3f mean=%.4f seconds=%.3f\n",
+    summary.requests, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000,
+    latency.mean / 1000, summary.duration / 1e6))
+end
+"""
 
 
 def free_port() -> int:
@@ -39,13 +74,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(run_dir: Path, backend: str, threads: int, batch_wait_ms: float) -> tuple[subprocess.Popen, str]:
+def pinned(command: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *command] if cpus else command
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(run_dir: Path, backend: str, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HMTREC_PROGRESS": "0", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "hmtrec.cli", "serve", str(run_dir), "--host", "127.0.0.1",
-                                "--port", str(port), "--backend", backend, "--threads", str(threads),
-                                "--batch-wait-ms", str(batch_wait_ms), "--unknown", "ignore"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = [sys.executable, "-m", "hmtrec.cli", "serve", str(run_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--backend", backend, "--threads", str(args.threads),
+               "--batch-wait-ms", str(args.batch_wait_ms), "--unknown", "ignore"]
+    process = subprocess.Popen(pinned(command, args.server_cpus), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while True:
@@ -75,10 +121,12 @@ class Connection:
         reader, writer = await asyncio.open_connection(host, int(port))
         return cls(reader, writer, f"{host}:{port}")
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        await self.writer.drain()
+    def request(self, path: str, body: bytes) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
@@ -89,19 +137,20 @@ class Connection:
         self.writer.close()
 
 
-async def closed_loop(url: str, bodies: list[bytes], clients: int, max_requests: int, max_seconds: float
-                      ) -> tuple[np.ndarray, float]:
+async def python_closed_loop(url: str, bodies: list[bytes], clients: int, max_requests: int,
+                             max_seconds: float) -> tuple[np.ndarray, float]:
     """Latencies (s) of every answered request, and the wall time, for `clients` closed loops."""
     latencies: list[float] = []
-    next_body = iter(range(10**9))
     connections = [await Connection.open(url) for _ in range(clients)]
+    requests = [connections[0].request("/recommend", body) for body in bodies]   # encoded once
+    counter = iter(range(10**9))
     started = time.perf_counter()
 
     async def worker(connection):
         while len(latencies) < max_requests and time.perf_counter() - started < max_seconds:
-            body = bodies[next(next_body) % len(bodies)]
+            request = requests[next(counter) % len(requests)]
             sent = time.perf_counter()
-            status, answer = await connection.post("/recommend", body)
+            status, answer = await connection.post(request)
             if status != 200:
                 raise SystemExit(f"{status}: {answer[:300]!r}")
             latencies.append(time.perf_counter() - sent)
@@ -114,6 +163,36 @@ async def closed_loop(url: str, bodies: list[bytes], clients: int, max_requests:
     return np.asarray(latencies), time.perf_counter() - started
 
 
+def run_level(url: str, bodies: list[bytes], clients: int, max_requests: int, max_seconds: float, args,
+              folder: Path) -> dict:
+    """One closed-loop level: requests, p50/p95/p99 (ms) and wall seconds."""
+    if args.client == "wrk":
+        body_file = folder / "bodies.jsonl"
+        body_file.write_bytes(b"\n".join(bodies) + b"\n")
+        script = folder / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        env = {**os.environ, "SERVE_LOAD_BODIES": str(body_file), "SERVE_LOAD_REQUESTS": str(max_requests)}
+        command = ["wrk", "-t1", f"-c{clients}", f"-d{max_seconds:.0f}s", "--timeout", "30s", "-s", str(script), url]
+        out = subprocess.run(pinned(command, args.client_cpus), env=env, capture_output=True, text=True,
+                             timeout=max_seconds + 60)
+        found = re.search(r"SERVE_LOAD requests=(\d+) errors=(\d+) p50=([\d.]+) p95=([\d.]+) p99=([\d.]+) "
+                          r"mean=([\d.]+) seconds=([\d.]+)", out.stdout)
+        if found is None:
+            raise SystemExit(f"wrk failed: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+        n, errors = int(found[1]), int(found[2])
+        if errors:
+            raise SystemExit(f"wrk saw {errors} failed requests (non-2xx or socket errors) at {clients} clients")
+        p50, p95, p99, mean, wall = (float(found[i]) for i in range(3, 8))
+        if n >= max_requests:
+            # stopped at the request bound, but wrk reports its whole -d time: in a closed loop with no
+            # think time every connection is always busy, so the time taken is requests x mean / clients
+            wall = n * mean / 1000 / clients
+        return {"requests": n, "p50 ms": p50, "p95 ms": p95, "p99 ms": p99, "wall": wall}
+    latencies, wall = asyncio.run(python_closed_loop(url, bodies, clients, max_requests, max_seconds))
+    p50, p95, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 95, 99))
+    return {"requests": len(latencies), "p50 ms": p50, "p95 ms": p95, "p99 ms": p99, "wall": wall}
+
+
 def histories_for(run_dir: Path, n: int, seed: int = 0) -> list[list[str]]:
     taxonomy = json.loads((run_dir / "taxonomy.json").read_text())
     labels = taxonomy["node_labels"][-1]
@@ -122,43 +201,64 @@ def histories_for(run_dir: Path, n: int, seed: int = 0) -> list[list[str]]:
 
 
 def measure(run_dir: Path, backend: str, args) -> list[dict]:
-    process, url = start_server(run_dir, backend, args.threads, args.batch_wait_ms)
+    process, url = start_server(run_dir, backend, args)
     rows = []
     try:
         model = httpx.get(f"{url}/model", timeout=10).json()
         histories = histories_for(run_dir, 512)
-        for mode, options in MODES.items():
-            bodies = [json.dumps({"history": h, "k": 20, **options}).encode() for h in histories]
-            asyncio.run(closed_loop(url, bodies, 4, 64, 10))          # warm-up
-            for clients in CLIENTS:
-                latencies, wall = asyncio.run(closed_loop(url, bodies, clients, args.requests, args.seconds))
-                p50, p95, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 95, 99))
-                rows.append({"model": f"{run_dir.name} ({model['n_items']:,} items)", "backend": backend,
-                             "scoring": mode, "clients": clients, "requests": len(latencies),
-                             "p50 ms": p50, "p95 ms": p95, "p99 ms": p99,
-                             "requests/s": len(latencies) / wall})
-                print(rows[-1], flush=True)
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as folder:
+            for mode, options in MODES.items():
+                bodies = [json.dumps({"history": h, "k": 20, **options}).encode() for h in histories]
+                run_level(url, bodies, 4, 64, 3, args, Path(folder))          # warm-up
+                for clients in CLIENTS:
+                    before = cpu_seconds(process.pid)
+                    level = run_level(url, bodies, clients, args.requests, args.seconds, args, Path(folder))
+                    used = cpu_seconds(process.pid) - before
+                    rows.append({"model": f"{run_dir.name} ({model['n_items']:,} items)", "backend": backend,
+                                 "scoring": mode, "clients": clients, "requests": level["requests"],
+                                 "p50 ms": level["p50 ms"], "p95 ms": level["p95 ms"], "p99 ms": level["p99 ms"],
+                                 "requests/s": level["requests"] / level["wall"],
+                                 "server CPU ms/request": 1000 * used / max(1, level["requests"])})
+                    print(rows[-1], flush=True)
         batches = httpx.get(f"{url}/model", timeout=10).json().get("batches", {})
-        rows[-1]["_batches"] = batches
+        print(f"{run_dir.name} {backend}: {batches}", flush=True)
     finally:
         process.terminate()
         process.wait(timeout=60)
     return rows
 
 
+def machine() -> str:
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    shown = ", ".join(flag for flag in CPU_FLAGS if flag in flags) or "unknown"
+    return f"{os.cpu_count()} cores ({platform.machine()}; {shown})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--backends", default="torch,onnx")
-    parser.add_argument("--requests", type=int, default=1500, help="most requests per (setting, clients)")
-    parser.add_argument("--seconds", type=float, default=12.0, help="longest time per (setting, clients)")
+    parser.add_argument("--requests", type=int, default=20_000, help="most requests per (setting, clients)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="longest time per (setting, clients)")
     parser.add_argument("--threads", type=int, default=1, help="scoring threads of the server")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
+                        help="load generator (auto: wrk when installed)")
+    parser.add_argument("--server-cpus", help="taskset CPU list for the server (e.g. 0)")
+    parser.add_argument("--client-cpus", help="taskset CPU list for wrk (e.g. 1)")
     parser.add_argument("--section", default="serve-load", help="section of docs/benchmarks.md to write")
-    parser.add_argument("--quick", action="store_true", help="100 requests / 3 s per level; print only")
+    parser.add_argument("--quick", action="store_true", help="300 requests / 3 s per level; print only")
     args = parser.parse_args()
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") else "python"
     if args.quick:
-        args.requests, args.seconds = 100, 3.0
+        args.requests, args.seconds = 300, 3.0
+    load_before = os.getloadavg()
     rows = []
     for run_dir in args.run_dirs:
         for backend in args.backends.split(","):
@@ -170,16 +270,19 @@ def main() -> None:
         return
     from hmtrec.bench.report import markdown_table, update_section
 
-    for row in rows:
-        row.pop("_batches", None)
     load = os.getloadavg()
-    body = (f"Closed-loop clients on loopback against one `hmtrec serve` process (uvicorn, one worker, "
-            f"`--threads {args.threads}` for scoring, micro-batching window {args.batch_wait_ms} ms); "
-            f"POST /recommend with k=20, histories of 1-20 random catalogue items; at most "
-            f"{args.requests} requests or {args.seconds:.0f} s per row, after a warm-up. The clients share "
-            f"the machine's 2 cores with the server (load average at the end: {load[0]:.1f}). "
+    client = ("wrk (one thread, Lua-scripted bodies)" if args.client == "wrk"
+              else "raw asyncio HTTP/1.1 streams in the harness process")
+    pins = (f"; taskset: server on CPU {args.server_cpus or 'any'}, clients on CPU {args.client_cpus or 'any'}"
+            if args.server_cpus or args.client_cpus else "")
+    body = (f"Closed-loop clients (no think time) on loopback against one `hmtrec serve` process (uvicorn, one "
+            f"worker, `--threads {args.threads}` for scoring, `--batch-wait-ms {args.batch_wait_ms:g}`), load from "
+            f"{client}{pins}; POST /recommend with k=20, histories of 1-20 random catalogue items; at most "
+            f"{args.requests} requests or {args.seconds:.0f} s per row, after a warm-up. Machine: {machine()}, "
+            f"shared: load average {load_before[0]:.1f} at the start, {load[0]:.1f} at the end (other jobs "
+            f"inflate latency; 'server CPU ms/request' is the server's own CPU time per answered request). "
             f"'candidates 5%': items under the best categories until they cover 5% of the catalogue.\n\n"
-            + markdown_table(rows, float_format="{:.1f}"))
+            + markdown_table(rows, float_format="{:.2f}"))
     title = "Serving: latency and throughput of `hmtrec serve`"
     update_section(args.section, body, title=title if args.section == "serve-load" else f"{title} ({args.section})",
                    command="python " + " ".join(sys.argv))

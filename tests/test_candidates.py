@@ -10,7 +10,7 @@ import torch
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.serve.candidates import (adaptive_node_mask, aggregate_leaf_scores, candidate_leaf_index,
                                      candidate_leaf_mask, candidate_node_mask, candidate_topk, descendant_mask,
-                                     full_topk, k_for_fraction, row_chunks, top_nodes)
+                                     full_topk, k_for_fraction, NodeBlocks, row_chunks, top_nodes)
 
 
 def taxonomy_abc() -> Taxonomy:
@@ -160,3 +160,39 @@ def test_full_and_candidate_topk_equal_brute_force():
     real = torch.isfinite(masked.values)
     assert torch.equal(found[real], masked.indices[real]) and (found[~real] == -1).all()
     assert torch.allclose(scores[real], masked.values[real])
+
+
+def test_adaptive_nodes_are_the_adaptive_mask_best_first_with_ties_by_lower_index():
+    from hmtrec.serve.candidates import adaptive_nodes
+
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        n_nodes = int(torch.randint(1, 120, (1,), generator=generator))
+        scores = torch.randn(5, n_nodes, generator=generator)
+        if trial % 2:   # many exact ties, also across the first guess's boundary
+            scores = torch.randint(0, 3, (5, n_nodes), generator=generator).float()
+        counts = torch.randint(0, 30, (n_nodes,), generator=generator)
+        counts[0] += 1
+        fraction = float(torch.rand(1, generator=generator)) * 0.6 + 0.01
+        nodes = adaptive_nodes(scores, counts, fraction, first_guess=1 + trial % 7)
+        mask = adaptive_node_mask(scores, counts, fraction)
+        assert nodes.shape[1] == int(mask.sum(1).max())
+        for row in range(len(scores)):
+            taken = nodes[row][nodes[row] >= 0]
+            assert set(taken.tolist()) == set(torch.nonzero(mask[row]).flatten().tolist())
+            expected = sorted(taken.tolist(), key=lambda node: (-float(scores[row, node]), node))
+            assert taken.tolist() == expected
+
+
+def test_candidate_leaf_index_skips_padding_and_lists_candidates_as_node_blocks_do():
+    taxonomy = random_taxonomy()
+    generator = torch.Generator().manual_seed(4)
+    nodes = top_nodes(torch.rand(12, 25, generator=generator), 4)
+    nodes[::3, 2:] = -1                      # rows with fewer nodes, padded
+    index = candidate_leaf_index(taxonomy, "cat", nodes)
+    embeddings = torch.randn(taxonomy.n_leaves, 6, generator=generator)
+    _, leaves = NodeBlocks(embeddings, taxonomy, "cat").scores(torch.randn(12, 6, generator=generator), nodes)
+    assert torch.equal(index, leaves)
+    for row in range(len(nodes)):
+        chosen = nodes[row][nodes[row] >= 0].numpy()
+        assert sorted(index[row][index[row] >= 0].tolist()) == taxonomy.leaves_under(chosen, "cat").tolist()

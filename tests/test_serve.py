@@ -155,6 +155,72 @@ def test_concurrent_requests_are_micro_batched(sequence_run, items):
         assert [item["id"] for item in response.json()["items"]] == [r["id"] for r in expected["recommendations"]]
 
 
+def test_a_batch_of_concurrent_requests_answers_as_many_single_ones(sequence_run, items):
+    """Mixed options in one burst: each request is batched with the others that share its options,
+    and every answer equals the one it gets alone (ids, probabilities, levels, scored share)."""
+    app = create_app(sequence_run.path, ServeSettings(batch_size=8))
+    options = ({}, {"candidate_fraction": 0.2}, {"top_nodes": 2, "exclude_seen": True})
+    bodies = [{"history": items[i % 15:i % 15 + 1 + i % 5], "k": 2 + i % 6, **options[i % 3]} for i in range(24)]
+
+    async def burst():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            together = await asyncio.gather(*(client.post("/recommend", json=body) for body in bodies))
+            alone = [await client.post("/recommend", json=body) for body in bodies]
+            return together, alone
+
+    together, alone = asyncio.run(burst())
+    batcher = app.state.hmtrec["batcher"]
+    assert batcher.batches < 2 * len(bodies)          # the burst took fewer passes than its requests
+    for body, a, b in zip(bodies, together, alone):
+        assert a.status_code == b.status_code == 200, (body, a.text)
+        a, b = a.json(), b.json()
+        assert [i["id"] for i in a["items"]] == [i["id"] for i in b["items"]] and len(a["items"]) == body["k"]
+        assert [i["probability"] for i in a["items"]] == pytest.approx([i["probability"] for i in b["items"]], abs=1e-6)
+        assert a["levels"].keys() == b["levels"].keys() and a["scored"] == pytest.approx(b["scored"])
+
+
+@pytest.mark.parametrize("path", ["dense", "union"])
+def test_both_candidate_paths_rank_as_the_candidate_definition(sequence_run, items, path):
+    """Candidates scored as full-product columns (small catalogues) or as the chosen nodes' rows
+    (large ones) rank exactly as the definition: the full item scores with every item outside the
+    chosen nodes removed."""
+    import numpy as np
+
+    artefact = sequence_run.artefact()
+    scorer = artefact.scorer()
+    rng = np.random.default_rng(5)
+    histories = [[items[i] for i in rng.integers(0, len(items), size=n)] for n in rng.integers(1, 12, size=9)]
+    scorer.candidate_path = path
+    try:
+        for options in ({"candidate_fraction": 0.15}, {"top_nodes": 2}, {"top_nodes": 1, "candidate_level": "L1"}):
+            served = artefact.recommend_many(histories, 15, **options)
+            scorer.candidate_path, reference_scorer = "auto", artefact._scorers.pop(artefact.main)
+            artefact._scorers[artefact.main] = type("Full", (), {"score": lambda self, batch: reference_scorer.score(batch),
+                                                                 "supports_candidates": False})()
+            try:   # the masked full scores (the path of models without the split scorer)
+                expected = artefact.recommend_many(histories, 15, **options)
+            finally:
+                artefact._scorers[artefact.main] = reference_scorer
+                scorer.candidate_path = path
+            for got, want in zip(served, expected):
+                assert [r["id"] for r in got["recommendations"]] == [r["id"] for r in want["recommendations"]]
+                assert [r["probability"] for r in got["recommendations"]] == pytest.approx(
+                    [r["probability"] for r in want["recommendations"]], abs=1e-6)
+                assert got["scored"]["fraction"] == pytest.approx(want["scored"]["fraction"])
+    finally:
+        scorer.candidate_path = "auto"
+
+
+def test_the_lean_route_and_fastapi_agree_on_bad_bodies(client, items):
+    """POST /recommend with a JSON body takes the lean route; another media type reaches FastAPI's
+    route. Both refuse bad input with a 4xx naming the field."""
+    assert field_of(client.post("/recommend", json={"history": items[:2], "k": "many"})) == ["body.k"]
+    other = client.post("/recommend", content=b"history=1", headers={"content-type": "text/plain"})
+    assert 400 <= other.status_code < 500
+    assert client.post("/recommend", content=b"[1, 2]", headers={"content-type": "application/json"}
+                       ).status_code == 422
+
+
 def test_rank_returns_calibrated_heads_and_utility(ranking_run):
     import pandas as pd
 

@@ -25,9 +25,12 @@ def register(app: typer.Typer) -> None:
         max_rows: int = typer.Option(10_000, "--max-rows", min=1),
         max_body_bytes: int = typer.Option(2 * 2**20, "--max-body-bytes", min=1024),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Most requests scored together."),
-        batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", min=0.0,
-                                            help="Longest a request waits for others to batch with."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads for scoring."),
+        batch_wait_ms: float = typer.Option(0.0, "--batch-wait-ms", min=0.0,
+                                            help="How long a busy scorer's next batch waits for more requests "
+                                                 "(0: it takes what is waiting; a lone request never waits)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                              help="torch / ONNX Runtime threads of the scoring thread "
+                                                   "(default: all cores; 1 leaves the others to the HTTP loop)."),
     ):
         """Serve POST /recommend (sequence runs) or POST /rank (ranking runs), GET /health and GET /model;
         the OpenAPI schema is at /openapi.json and the interactive docs at /docs."""

@@ -12,22 +12,32 @@ every bad input is a 4xx whose `detail` names the field (never a 5xx). Unknown i
 per request (`unknown`) and either ignored or an error, by option.
 
 Concurrent /recommend requests are micro-batched: a request that finds the scorer idle is scored at
-once; otherwise it waits at most `batch_wait_ms` for others with the same scoring options, and the
-batch is scored in one pass through the model on one worker thread (the encoder and item head are matrix products, much cheaper per row in a batch).
+once; requests that arrive while it is busy wait, and when it is free everything waiting with the
+same scoring options (up to `batch_size`) is scored in one pass through the model on the one
+scoring thread (the encoder and item head are matrix products, much cheaper per row in a batch).
+`batch_wait_ms` (default 0) makes a batch after the first wait up to that long for more requests.
+
+POST /recommend is answered by a lean ASGI handler in front of FastAPI's routing (`HmtrecApp`): the
+same request model validates the raw body (pydantic's JSON parser), the same checks run, and the
+answer is encoded once with orjson without re-validating it, which saves most of the per-request
+cost of FastAPI's stack at thousands of requests per second. FastAPI still serves the route's
+schema, /docs and the other endpoints.
 """
 
 import asyncio
 import hmac
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hmtrec.errors import DataError, HmtrecError
 from hmtrec.rundir import RunDir
@@ -46,8 +56,8 @@ class ServeSettings:
     max_body_bytes: int = 2 * 2**20
     unknown: Literal["error", "ignore"] = "error"
     batch_size: int = 64              # most requests scored together
-    batch_wait_ms: float = 2.0        # longest a request waits for others to batch with
-    threads: int | None = None        # torch threads of the scoring thread
+    batch_wait_ms: float = 0.0        # longest a busy scorer's next batch waits for more requests
+    threads: int | None = None        # torch / ONNX Runtime threads of the scoring thread (None: all cores)
 
 
 # ---- request and response bodies -----------------------------------------------------------------
@@ -142,9 +152,12 @@ class BadInput(HmtrecError):
         super().__init__(message)
 
 
-def _problem(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": ["body", *field.split(".")] if field else ["body"], "msg": message}]},
-                        status_code=status)
+def _problem_body(field: str, message: str) -> bytes:
+    return orjson.dumps({"detail": [{"loc": ["body", *field.split(".")] if field else ["body"], "msg": message}]})
+
+
+def _problem(status: int, field: str, message: str) -> Response:
+    return Response(_problem_body(field, message), status_code=status, media_type="application/json")
 
 
 class Guard:
@@ -200,64 +213,157 @@ class _TooLarge(Exception):
 
 @dataclass
 class _Pending:
+    options: tuple
     leaves: list[str]
     k: int
     future: asyncio.Future
+    arrived: float
 
 
 @dataclass
 class Batcher:
-    """Collects concurrent requests with the same options; scores each group in one call."""
+    """Scores waiting requests in batches: an idle scorer starts at once; while it is busy requests
+    queue, and each next batch takes every waiting request with the oldest one's options (up to
+    `batch_size`). No timer runs when a request is alone."""
 
     score: Any                                    # (options, [histories], k) -> [results]
     settings: ServeSettings
-    queues: dict[tuple, list[_Pending]] = field(default_factory=dict)
-    lock: asyncio.Lock | None = None
+    waiting: list[_Pending] = field(default_factory=list)
+    busy: bool = False
     batches: int = 0
     scored: int = 0
-    running: int = 0                              # batches taken and not yet answered
+    executor: ThreadPoolExecutor | None = None    # the one scoring thread
 
     async def submit(self, options: tuple, history: list[str], k: int) -> dict:
         loop = asyncio.get_running_loop()
-        pending = _Pending(history, k, loop.create_future())
-        queue = self.queues.setdefault(options, [])
-        queue.append(pending)
-        if len(queue) >= self.settings.batch_size or (len(queue) == 1 and self.running == 0):
-            self._take_and_run(options)   # an idle scorer starts at once: no wait without load
-        elif len(queue) == 1:
-            loop.create_task(self._flush_later(options))
+        pending = _Pending(options, history, k, loop.create_future(), time.perf_counter())
+        self.waiting.append(pending)
+        if not self.busy:
+            self.busy = True
+            # started on the next turn of the loop: requests read in this turn join the first batch
+            loop.create_task(self._drain())
         return await pending.future
 
-    async def _flush_later(self, options: tuple) -> None:
-        await asyncio.sleep(self.settings.batch_wait_ms / 1000)
-        self._take_and_run(options)
+    def _take(self) -> list[_Pending]:
+        options = self.waiting[0].options
+        batch, rest = [], []
+        for pending in self.waiting:
+            (batch if pending.options == options and len(batch) < self.settings.batch_size else rest).append(pending)
+        self.waiting = rest
+        return batch
 
-    def _take_and_run(self, options: tuple) -> None:
-        queue = self.queues.pop(options, [])
-        if queue:
-            self.running += 1      # counted now, so requests arriving before the task starts wait
-            asyncio.get_running_loop().create_task(self._run(options, queue))
-
-    async def _run(self, options: tuple, queue: list[_Pending]) -> None:
-        if self.lock is None:
-            self.lock = asyncio.Lock()
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="hmtrec-score",
+                                               initializer=_set_threads, initargs=(self.settings.threads,))
+        first = True
         try:
-            async with self.lock:   # one batch at a time on the scoring thread
-                results = await asyncio.to_thread(self.score, options, [p.leaves for p in queue],
-                                                  max(p.k for p in queue))
-        except Exception as error:  # every request of the batch gets the error
-            for pending in queue:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
-            return
+            while self.waiting:
+                wait = self.settings.batch_wait_ms / 1000
+                if not first and wait > 0 and len(self.waiting) < self.settings.batch_size:
+                    remaining = self.waiting[0].arrived + wait - time.perf_counter()
+                    if remaining > 0:
+                        await asyncio.sleep(remaining)
+                first = False
+                batch = [p for p in self._take() if not p.future.done()]   # drop cancelled requests
+                if not batch:
+                    continue
+                try:
+                    results = await loop.run_in_executor(self.executor, self.score, batch[0].options,
+                                                         [p.leaves for p in batch], max(p.k for p in batch))
+                except Exception as error:  # every request of the batch gets the error
+                    for pending in batch:
+                        if not pending.future.done():
+                            pending.future.set_exception(error)
+                    continue
+                self.batches += 1
+                self.scored += len(batch)
+                for pending, result in zip(batch, results):
+                    if not pending.future.done():
+                        result["recommendations"] = result["recommendations"][:pending.k]
+                        pending.future.set_result(result)
         finally:
-            self.running -= 1
-        self.batches += 1
-        self.scored += len(queue)
-        for pending, result in zip(queue, results):
-            if not pending.future.done():
-                result["recommendations"] = result["recommendations"][:pending.k]
-                pending.future.set_result(result)
+            self.busy = False
+
+
+def _set_threads(threads: int | None) -> None:
+    """Torch's intra-op thread count is per thread: set it on the scoring thread itself."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class HmtrecApp(FastAPI):
+    """FastAPI, with lean ASGI handlers tried first for the hot routes (`fast_routes`: (method,
+    path) -> ASGI app); a handler returns False to hand the request on to FastAPI untouched."""
+
+    fast_routes: dict[tuple[str, str], Any]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            handler = self.__dict__.get("fast_routes", {}).get((scope["method"], scope["path"]))
+            if handler is not None and await handler(scope, receive, send) is not False:
+                return
+        await super().__call__(scope, receive, send)
+
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def _send_json(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_detail(error: ValidationError) -> bytes:
+    """Pydantic's errors in the shape of FastAPI's 422 (loc under "body")."""
+    return orjson.dumps({"detail": [{"loc": ["body", *item.get("loc", ())], "msg": item.get("msg", ""),
+                                     "type": item.get("type", "")} for item in error.errors(include_url=False)]})
+
+
+def _is_json(headers) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return True   # FastAPI reads a body without a content type as JSON too
+
+
+def fast_json_route(model: type[BaseModel], answer, settings: ServeSettings):
+    """An ASGI handler: the raw JSON body validated by `model`, `answer(request) -> dict` awaited,
+    the dict encoded with orjson. BadInput and validation errors become the same 4xx as FastAPI's.
+    Guarded like every other route (API key, body size)."""
+
+    async def handle(scope, receive, send):
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None     # the client went away
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        try:
+            request = model.model_validate_json(b"".join(chunks))
+        except ValidationError as error:
+            return await _send_json(send, 422, _validation_detail(error))
+        try:
+            body = orjson.dumps(await answer(request))
+        except BadInput as error:
+            return await _send_json(send, error.status, _problem_body(error.field, str(error)))
+        await _send_json(send, 200, body)
+
+    guarded = Guard(handle, settings)
+
+    async def route(scope, receive, send):
+        if not _is_json(scope.get("headers", ())):
+            return False    # FastAPI answers other media types as it always did
+        await guarded(scope, receive, send)
+
+    return route
 
 
 # ---- the application ------------------------------------------------------------------------------
@@ -272,10 +378,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     kind = info["kind"]
     if kind not in ("sequence", "ranking"):
         raise HmtrecError(f"{run.path} holds a {kind!r} run; `hmtrec serve` serves sequence and ranking runs")
-    if settings.threads is not None:
-        import torch
-
-        torch.set_num_threads(settings.threads)
+    _set_threads(settings.threads)
     started = time.time()
     state: dict[str, Any] = {}
     if kind == "sequence":
@@ -283,8 +386,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     else:
         state.update(_load_ranking(run))
 
-    app = FastAPI(title="hmtrec", version=str(info.get("versions", {}).get("hmtrec", "")),
-                  description=f"Serving the {kind} run {run.path.name}.")
+    app = HmtrecApp(title="hmtrec", version=str(info.get("versions", {}).get("hmtrec", "")),
+                    description=f"Serving the {kind} run {run.path.name}.")
     app.state.hmtrec = state
 
     app.add_middleware(Guard, settings=settings)
@@ -332,8 +435,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
             ..., min_length=1, max_length=settings.max_rows,
             description="feature rows: column -> value, as in the training table")
 
-    @app.post("/recommend", response_model=RecommendResponse)
-    async def recommend(request: Recommend) -> RecommendResponse:
+    async def answer_recommend(request: RecommendRequest) -> dict:
+        """The body of a RecommendResponse (built as a dict: encoded without re-validation)."""
         if kind != "sequence":
             raise BadInput(f"this server holds a {kind} run; /recommend needs a sequence run", "", 404)
         if request.k > settings.max_k:
@@ -369,9 +472,16 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
             result = await state["batcher"].submit(options, known, request.k)
         except HmtrecError as error:
             raise BadInput(str(error), "") from None
-        return RecommendResponse(model=result["model"], level=result["level"], items=result["recommendations"],
-                                 levels=result["levels"], unknown=unknown, truncated=result["truncated"],
-                                 scored=result["scored"])
+        return {"model": result["model"], "level": result["level"], "items": result["recommendations"],
+                "levels": result["levels"], "unknown": unknown, "truncated": result["truncated"],
+                "scored": result["scored"]}
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend(request: Recommend) -> Response:
+        # reached only for bodies the fast route hands on (another media type); same answers
+        return Response(orjson.dumps(await answer_recommend(request)), media_type="application/json")
+
+    app.fast_routes = {("POST", "/recommend"): fast_json_route(Recommend, answer_recommend, settings)}
 
     @app.post("/rank", response_model=RankResponse)
     async def rank(request: Rank) -> RankResponse:
@@ -395,7 +505,7 @@ def _load_sequence(run: RunDir, settings: ServeSettings) -> dict:
     if settings.backend == "onnx":
         from hmtrec.serve.onnx import OnnxScorer
 
-        artefact._scorers[artefact.main] = OnnxScorer.load(run.path, artefact)
+        artefact._scorers[artefact.main] = OnnxScorer.load(run.path, artefact, threads=settings.threads)
     for label in artefact.models:   # build every scorer (leaf vectors, blocks) before the first request
         artefact.scorer(label)
     index = {str(label): i for i, label in enumerate(artefact.taxonomy.node_labels[-1])}

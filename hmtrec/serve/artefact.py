@@ -226,47 +226,61 @@ class SequenceArtefact:
         finest = scores.finest
         coarser = taxonomy.level_names[:taxonomy.level_index(finest)]
         n_queries = len(chunk)
-        if scores.candidate_scores is not None:
-            item_scores, item_ids = scores.candidate_scores, scores.candidate_ids
+        candidates = scores.candidate_scores is not None
+        if candidates:
+            item_scores, item_ids = scores.candidate_scores.float(), scores.candidate_ids
         else:
-            item_scores = scores.levels[finest]
-            item_ids = torch.arange(item_scores.shape[1]).expand(n_queries, -1)
-        probabilities = torch.softmax(item_scores.float(), dim=1)
-        ranked = item_scores.float().clone()
+            item_scores, item_ids = scores.levels[finest].float(), None
+        # a probability is exp(score - logsumexp): no softmax over every scored item is materialised;
+        # candidate padding (id -1) already scores -inf, so it ranks last and weighs nothing
+        normaliser = torch.logsumexp(item_scores, dim=1, keepdim=True)
+        ranked = item_scores
         if exclude_history:
             seen = torch.zeros(n_queries, taxonomy.n_nodes(finest), dtype=torch.bool)
             for row, (leaves, _) in enumerate(chunk):
                 nodes = leaves if finest == taxonomy.leaf_level else taxonomy.ancestors(leaves, finest)
                 seen[row, torch.from_numpy(np.asarray(nodes, dtype=np.int64))] = True
-            ranked[seen.gather(1, item_ids.clamp(min=0))] = -float("inf")
-        ranked[item_ids < 0] = -float("inf")
+            ranked = ranked.masked_fill(seen if item_ids is None else seen.gather(1, item_ids.clamp(min=0)),
+                                        -float("inf"))
         width = min(k, ranked.shape[1])
         top_values, top = torch.topk(ranked, width, dim=1)
         counts = torch.isfinite(top_values).sum(1).tolist()
-        nodes = item_ids.gather(1, top).numpy()
-        top_probabilities = probabilities.gather(1, top).tolist()
+        nodes = (top if item_ids is None else item_ids.gather(1, top)).numpy()
+        top_probabilities = torch.exp(item_scores.gather(1, top) - normaliser).tolist()
         ids = self._labels(finest)[nodes.clip(min=0)].tolist()
         ancestors = self._ancestor_table(finest)[nodes.clip(min=0)]            # [Q, k, n_coarser]
         ancestor_labels = {level: self._labels(level)[ancestors[:, :, j]].tolist() for j, level in enumerate(coarser)}
-        level_probabilities = {level: torch.softmax(value.float(), dim=1) for level, value in scores.levels.items()}
-        sources = {level: "head" for level in level_probabilities}
-        complete = sorted(level_probabilities, key=taxonomy.level_index)
-        best = {}
+        complete = sorted(scores.levels, key=taxonomy.level_index)
+        probabilities: dict[str, torch.Tensor] = {}
+
+        def level_probabilities(level: str) -> torch.Tensor:   # softmax of a scored level, when needed
+            if level not in probabilities:
+                probabilities[level] = torch.softmax(scores.levels[level].float(), dim=1)
+            return probabilities[level]
+
+        sources, best = {}, {}
         for level in coarser:
-            if level not in level_probabilities:
+            if level in scores.levels:
+                value, index = level_probabilities(level).max(dim=1)
+                sources[level] = "head"
+            else:
                 finer = [name for name in complete if taxonomy.level_index(name) > taxonomy.level_index(level)]
                 if not finer:
                     continue
-                level_probabilities[level] = _sum_up(level_probabilities[finer[-1]], taxonomy, finer[-1], level)
+                summed = _sum_up(level_probabilities(finer[-1]), taxonomy, finer[-1], level)
+                value, index = summed.max(dim=1)
                 sources[level] = f"sum of {finer[-1]} probabilities"
-            value, index = level_probabilities[level].max(dim=1)
             best[level] = (value.tolist(), self._labels(level)[index.numpy()].tolist())
         results = []
+        fractions = scores.candidate_fraction.tolist() if scores.candidate_fraction is not None else None
         for row, (leaves, skipped) in enumerate(chunk):
             n = counts[row]
-            recommendations = [{"rank": i + 1, "id": ids[row][i], "probability": top_probabilities[row][i],
-                                "ancestors": {level: ancestor_labels[level][row][i] for level in coarser}}
-                               for i in range(n)]
+            # zip over whole rows (no per-item comprehension frame): this loop runs for every answer
+            row_ancestors = zip(*(ancestor_labels[level][row][:n] for level in coarser)) if coarser else [()] * n
+            recommendations = [{"rank": rank, "id": item, "probability": probability,
+                                "ancestors": dict(zip(coarser, above))}
+                               for rank, item, probability, above in zip(range(1, n + 1), ids[row][:n],
+                                                                         top_probabilities[row][:n], row_ancestors)]
             levels = {level: {"label": best[level][1][row], "probability": best[level][0][row],
                               "source": sources[level],
                               "contains_top": n > 0 and ancestor_labels[level][row][0] == best[level][1][row]}
@@ -276,7 +290,7 @@ class SequenceArtefact:
                       "recommendations": recommendations}
             if scores.candidate_scores is not None:
                 result["scored"] = {"mode": "candidates", "level": scores.candidate_level,
-                                    "fraction": float(scores.candidate_fraction[row])}
+                                    "fraction": fractions[row]}
             else:
                 result["scored"] = {"mode": "full", "fraction": 1.0}
             results.append(result)

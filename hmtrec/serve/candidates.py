@@ -74,6 +74,44 @@ def adaptive_node_mask(level_scores: torch.Tensor, leaf_counts: torch.Tensor | n
     return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
 
 
+def adaptive_nodes(level_scores: torch.Tensor, leaf_counts: torch.Tensor | np.ndarray,
+                   fraction: float, *, first_guess: int = 64) -> torch.Tensor:
+    """The nodes of `adaptive_node_mask` as indices [M, w], best first (-1: padding to the longest
+    row w). The taken nodes are a prefix of the descending order, so a top-k of `first_guess` nodes
+    (re-sorted with ties by lower index) replaces the full sort whenever every row's prefix ends
+    inside it strictly above the k-th score (else the next guess is 4 times larger, up to a sort)."""
+    _check_fraction(fraction)
+    counts = torch.as_tensor(leaf_counts, dtype=torch.float64, device=level_scores.device)
+    n_nodes = level_scores.shape[1]
+    if counts.shape != (n_nodes,):
+        raise ValueError(f"leaf_counts has shape {tuple(counts.shape)}, expected ({n_nodes},)")
+    target = fraction * float(counts.sum())
+    guess = min(n_nodes, max(1, first_guess))
+    while True:
+        if guess >= n_nodes:
+            order = _descending_order(level_scores)
+        else:
+            top = torch.topk(level_scores, guess, dim=1).indices
+            top = torch.sort(top, dim=1).values                    # by index, so the stable sort below
+            values = level_scores.gather(1, top)                   # breaks ties by lower index
+            order = top.gather(1, torch.sort(values, dim=1, descending=True, stable=True).indices)
+        sorted_counts = counts[order]
+        before = torch.cumsum(sorted_counts, dim=1) - sorted_counts
+        keep = before < target
+        keep[:, 0] = True
+        taken = keep.sum(1)
+        if guess < n_nodes:
+            # complete only if each row stopped before the guess's end, strictly above its k-th score
+            # (a node outside the guess that ties with the last taken one could precede it)
+            last = level_scores.gather(1, order.gather(1, (taken - 1)[:, None]))[:, 0]
+            kth = level_scores.gather(1, order[:, -1:])[:, 0]
+            if not bool(((taken < guess) & (last > kth)).all()):
+                guess *= 4
+                continue
+        width = int(taken.max())
+        return torch.where(keep[:, :width], order[:, :width], torch.full_like(order[:, :width], -1))
+
+
 def node_mask_from_indices(nodes: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """nodes [M, k] -> bool [M, n_nodes]."""
     mask = torch.zeros(nodes.shape[0], n_nodes, dtype=torch.bool, device=nodes.device)
@@ -201,33 +239,35 @@ def full_topk(queries: torch.Tensor, leaf_embeddings: torch.Tensor, k: int, *,
     return best_scores, best_leaves
 
 
-def candidate_leaf_index(taxonomy: Taxonomy, level: int | str, nodes: torch.Tensor) -> torch.Tensor:
-    """nodes [Q, k] of `level` -> leaf indices [Q, C] of the leaves under each row's nodes, padded
-    with -1 to the largest row's count C. Built with repeat_interleave over the leaves-by-node
-    order, without a loop over queries."""
-    level = taxonomy.level_index(level)
-    order, offsets = taxonomy._leaves_by_node(level)
-    order_t = torch.from_numpy(order).to(nodes.device)
-    offsets_t = torch.from_numpy(offsets).to(nodes.device)
-    nodes = nodes.long()
-    starts, lengths = offsets_t[nodes], offsets_t[nodes + 1] - offsets_t[nodes]    # [Q, k]
-    flat_lengths = lengths.reshape(-1)
-    total = int(flat_lengths.sum())
-    per_query = lengths.sum(1)
-    width = int(per_query.max()) if len(per_query) else 0
-    out = torch.full((nodes.shape[0], width), -1, dtype=torch.long, device=nodes.device)
-    if total == 0:
-        return out
-    # position of every candidate within the flat list of ranges, then within its query row
-    range_start = torch.cumsum(flat_lengths, 0) - flat_lengths
-    within_range = torch.arange(total, device=nodes.device) - torch.repeat_interleave(range_start, flat_lengths)
-    source = torch.repeat_interleave(starts.reshape(-1), flat_lengths) + within_range
-    query = torch.repeat_interleave(torch.arange(nodes.shape[0], device=nodes.device).repeat_interleave(
-        nodes.shape[1]), flat_lengths)
-    query_start = torch.cumsum(per_query, 0) - per_query
-    column = torch.arange(total, device=nodes.device) - query_start[query]
-    out[query, column] = order_t[source]
+def block_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Row q's ranges [starts[q, j], starts[q, j] + lengths[q, j]) laid end to end: [Q, C] int64,
+    padded with -1 to the longest row C. Whole-batch NumPy (repeat over the lengths), no loop."""
+    flat = lengths.ravel()
+    per_row = lengths.sum(axis=1)
+    width = int(per_row.max()) if lengths.size else 0
+    offset = np.arange(int(flat.sum())) - np.repeat(np.cumsum(flat) - flat, flat)   # place inside its range
+    out = np.full((lengths.shape[0], width), -1, dtype=np.int64)
+    out[np.arange(width) < per_row[:, None]] = np.repeat(starts.ravel(), flat) + offset   # row-major order
     return out
+
+
+def _node_ranges(offsets: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) in the leaves-by-node order of each node (-1: padding, length 0)."""
+    valid = nodes >= 0
+    safe = np.where(valid, nodes, 0)
+    starts = offsets[safe]
+    return starts, np.where(valid, offsets[safe + 1] - starts, 0)
+
+
+def candidate_leaf_index(taxonomy: Taxonomy, level: int | str, nodes: torch.Tensor) -> torch.Tensor:
+    """nodes [Q, k] of `level` (-1: no node, padding) -> leaf indices [Q, C] of the leaves under each
+    row's nodes, in the order of the nodes and, within a node, of `NodeBlocks` (so both list a row's
+    candidates alike), padded with -1 to the largest row's count C."""
+    order, offsets = taxonomy._leaves_by_node(taxonomy.level_index(level))
+    positions = block_positions(*_node_ranges(offsets, nodes.cpu().numpy().astype(np.int64, copy=False)))
+    leaves = order[np.maximum(positions, 0)]
+    leaves[positions < 0] = -1
+    return torch.from_numpy(leaves).to(nodes.device)
 
 
 class NodeBlocks:
@@ -241,6 +281,38 @@ class NodeBlocks:
         self.leaf_ids = torch.from_numpy(order).to(leaf_embeddings.device)            # block position -> leaf
         self.offsets = offsets                                                        # node -> block range
         self.embeddings = leaf_embeddings.index_select(0, self.leaf_ids).contiguous()  # [N, d] by node
+
+    def union_size(self, nodes: torch.Tensor) -> int:
+        """How many leaves lie under the nodes chosen by any row."""
+        chosen = nodes.cpu().numpy()
+        union = np.unique(chosen[chosen >= 0])
+        return int((self.offsets[union + 1] - self.offsets[union]).sum())
+
+    def union_scores(self, queries: torch.Tensor, nodes: torch.Tensor, score_rows=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `scores` (same candidates, same order), in one product: the blocks of every node any
+        row chose are copied side by side once, all queries are multiplied with them, and each row
+        picks its own columns. `score_rows(queries, block positions [U]) -> [Q, U]` may replace the
+        product (ONNX Runtime does)."""
+        chosen = nodes.cpu().numpy().astype(np.int64, copy=False)     # index arithmetic in NumPy (cheaper)
+        union = np.unique(chosen[chosen >= 0])
+        union_starts, union_lengths = _node_ranges(self.offsets, union)
+        rows = block_positions(union_starts[None], union_lengths[None])[0]           # [U] block positions
+        union_leaves = self.leaf_ids.numpy()[rows]
+        if score_rows is None:
+            product = queries @ self.embeddings.index_select(0, torch.from_numpy(rows)).T   # [Q, U]
+        else:
+            product = score_rows(queries, torch.from_numpy(union_leaves))
+        where = np.zeros(len(self.offsets), dtype=np.int64)          # node -> its first column in the union
+        where[union] = np.cumsum(union_lengths) - union_lengths
+        _, lengths = _node_ranges(self.offsets, chosen)
+        columns = block_positions(np.where(chosen >= 0, where[np.maximum(chosen, 0)], 0), lengths)
+        padding = columns < 0
+        columns[padding] = 0
+        scores = product.gather(1, torch.from_numpy(columns)).masked_fill_(torch.from_numpy(padding), -math.inf)
+        leaves = union_leaves[columns]
+        leaves[padding] = -1
+        return scores, torch.from_numpy(leaves)
 
     def topk(self, queries: torch.Tensor, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k leaves among those under `nodes` [Q, k_nodes], per query: (scores [Q, k], leaves

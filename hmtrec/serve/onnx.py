@@ -7,6 +7,8 @@
     items.onnx       query [Q, D + 1], candidate_ids [Q, C] int64 (-1: padding)
                        -> logits [Q, C] (-inf at padding): the item head on the candidates only
     items_full.onnx  query [Q, D + 1] -> logits [Q, n_items]: the item head on the whole catalogue
+    items_rows.onnx  query [Q, D + 1], item_ids [U] int64 -> logits [Q, U]: the item head on items
+                       shared by the batch (the union of its candidates, on large catalogues)
     manifest.json    levels, sizes, opset, and the parity measured against PyTorch at export
 
 The chain is encoder -> coarse heads -> candidate choice -> item head. The candidate choice (top
@@ -34,6 +36,7 @@ ONNX_DIR = "onnx"
 MANIFEST = "manifest.json"
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
+LEGACY_DENSE_ITEMS = 200_000
 
 
 class _Encoder(nn.Module):
@@ -57,6 +60,15 @@ class _Items(nn.Module):
         rows = self.item_rows[candidate_ids.clamp(min=0)]                  # [Q, C, D + 1]
         logits = torch.einsum("qd,qcd->qc", query, rows)
         return torch.where(candidate_ids >= 0, logits, torch.full_like(logits, float("-inf")))
+
+
+class _ItemRows(nn.Module):
+    def __init__(self, item_rows: torch.Tensor):
+        super().__init__()
+        self.register_buffer("item_rows", item_rows.clone())
+
+    def forward(self, query: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        return query @ self.item_rows.index_select(0, item_ids).T
 
 
 class _ItemsFull(nn.Module):
@@ -118,6 +130,9 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
              "logits": {0: "queries", 1: "candidates"}})
     _export(_ItemsFull(scorer.item_rows), (query,), out / "items_full.onnx", ["query"], ["logits"],
             {"query": {0: "queries"}, "logits": {0: "queries"}})
+    _export(_ItemRows(scorer.item_rows), (query, ids[0][ids[0] >= 0]), out / "items_rows.onnx",
+            ["query", "item_ids"], ["logits"],
+            {"query": {0: "queries"}, "item_ids": {0: "items"}, "logits": {0: "queries", 1: "items"}})
     manifest = {"model": label or artefact.main, "levels": scorer.coarse_levels, "item_level": artefact.taxonomy.leaf_level,
                 "n_items": artefact.taxonomy.n_leaves, "max_len": max_len, "opset": OPSET,
                 "query_dim": int(scorer.item_rows.shape[1]), "export_seconds": time.perf_counter() - started}
@@ -131,25 +146,40 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
 
 
 def parity(reference: HeadScorer, other: "OnnxScorer", histories: list[np.ndarray], taxonomy) -> float:
-    """Largest |difference| of every output (coarse logits, full and candidate item logits)."""
+    """Largest |difference| of every output (coarse logits, full and candidate item logits; the
+    candidates every way on both sides: the full product's columns, the chosen nodes' rows
+    (items_rows.onnx), each candidate's row (items.onnx))."""
     from hmtrec.serve.scoring import pad_histories
 
     batch = pad_histories(histories, reference.max_len)
     worst = 0.0
-    for options in ({}, {"top": 2}, {"fraction": 0.05}):
-        a, b = reference.score(batch, **options), other.score(batch, **options)
-        for level in a.levels:
-            worst = max(worst, float((a.levels[level] - b.levels[level]).abs().max()))
-        if a.candidate_scores is not None:
-            # the same candidates (same coarse logits up to float noise), maybe in another order
-            for row in range(batch.shape[0]):
-                ids_a, ids_b = a.candidate_ids[row], b.candidate_ids[row]
-                keep_a, keep_b = ids_a >= 0, ids_b >= 0
-                order_a, order_b = torch.argsort(ids_a[keep_a]), torch.argsort(ids_b[keep_b])
-                if not torch.equal(ids_a[keep_a][order_a], ids_b[keep_b][order_b]):
-                    return float("inf")
-                worst = max(worst, float((a.candidate_scores[row][keep_a][order_a]
-                                          - b.candidate_scores[row][keep_b][order_b]).abs().max()))
+    paths = reference.candidate_path, other.candidate_path
+    ways = [("auto", "auto")] + [(mine, theirs) for mine in ("dense", "union")
+                                 for theirs in ("dense", "union", "gather") if other.rows_session or theirs != "union"]
+    try:
+        for options in ({}, {"top": 2}, {"fraction": 0.05}):
+            for reference.candidate_path, other.candidate_path in ways[:1] if not options else ways:
+                worst = max(worst, _largest_difference(reference.score(batch, **options),
+                                                       other.score(batch, **options), batch.shape[0]))
+    finally:
+        reference.candidate_path, other.candidate_path = paths
+    return worst
+
+
+def _largest_difference(a: Scores, b: Scores, n_rows: int) -> float:
+    worst = 0.0
+    for level in a.levels:
+        worst = max(worst, float((a.levels[level] - b.levels[level]).abs().max()))
+    if a.candidate_scores is not None:
+        # the same candidates (same coarse logits up to float noise), maybe in another order
+        for row in range(n_rows):
+            ids_a, ids_b = a.candidate_ids[row], b.candidate_ids[row]
+            keep_a, keep_b = ids_a >= 0, ids_b >= 0
+            order_a, order_b = torch.argsort(ids_a[keep_a]), torch.argsort(ids_b[keep_b])
+            if not torch.equal(ids_a[keep_a][order_a], ids_b[keep_b][order_b]):
+                return float("inf")
+            worst = max(worst, float((a.candidate_scores[row][keep_a][order_a]
+                                      - b.candidate_scores[row][keep_b][order_b]).abs().max()))
     return worst
 
 
@@ -162,9 +192,12 @@ class OnnxScorer(HeadScorer):
         self.__dict__.update({k: v for k, v in reference.__dict__.items() if k != "blocks"})
         self.blocks = {}
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # idle pool threads would spin on the cores the server's event loop needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(name):
             path = Path(folder) / name
@@ -179,6 +212,8 @@ class OnnxScorer(HeadScorer):
         self.encoder_session = session("encoder.onnx")
         self.items_session = session("items.onnx")
         self.full_session = session("items_full.onnx")
+        # exports before items_rows.onnx existed score large catalogues' candidates through items.onnx
+        self.rows_session = session("items_rows.onnx") if (Path(folder) / "items_rows.onnx").exists() else None
         self.manifest = manifest
 
     @classmethod
@@ -189,6 +224,9 @@ class OnnxScorer(HeadScorer):
         if manifest["n_items"] != artefact.taxonomy.n_leaves:
             raise ArtefactError(folder / MANIFEST, "was exported for another catalogue", "export it again")
         return cls(folder, manifest, reference, threads)
+
+    def _score_rows(self, query: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.rows_session.run(None, {"query": query.numpy(), "item_ids": item_ids.numpy()})[0])
 
     def query(self, histories: torch.Tensor):
         outputs = self.encoder_session.run(None, {"histories": histories.numpy()})
@@ -206,16 +244,19 @@ class OnnxScorer(HeadScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        ids = _leaf_index(self.taxonomy, level, nodes)
-        logits = self.items_session.run(None, {"query": query.numpy(), "candidate_ids": ids.numpy()})[0]
+        # the ways of HeadScorer.score, each product run by ONNX Runtime (an export without
+        # items_rows.onnx: the full product up to LEGACY_DENSE_ITEMS items, else items.onnx)
+        if self.rows_session is None and self.candidate_path == "auto":
+            self.candidate_path = "dense" if self.taxonomy.n_leaves <= LEGACY_DENSE_ITEMS else "gather"
+        if self.dense_for(level, nodes):
+            ids = candidate_leaf_index(self.taxonomy, level, nodes)
+            full = self.full_session.run(None, {"query": query.numpy()})[0]
+            logits = self.gather_candidates(torch.from_numpy(full), ids)
+        elif self.rows_session is not None and self.candidate_path != "gather":
+            logits, ids = self.node_blocks(level).union_scores(query, nodes, score_rows=self._score_rows)
+        else:
+            ids = candidate_leaf_index(self.taxonomy, level, nodes)
+            logits = torch.from_numpy(self.items_session.run(None, {"query": query.numpy(),
+                                                                    "candidate_ids": ids.numpy()})[0])
         share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
-        return Scores(coarse, leaf, torch.from_numpy(logits), ids, level, share)
-
-
-def _leaf_index(taxonomy, level: str, nodes: torch.Tensor) -> torch.Tensor:
-    """nodes [Q, k] (-1: padding) -> the leaves under each row's nodes [Q, C], padded with -1."""
-    rows = [taxonomy.leaves_under(row[row >= 0], level) for row in nodes.numpy()]
-    out = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return torch.from_numpy(out)
+        return Scores(coarse, leaf, logits, ids, level, share)

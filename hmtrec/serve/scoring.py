@@ -12,6 +12,12 @@ so a request with candidates scores a few percent of the catalogue. The leaf vec
 embeddings + metadata projections) do not change after training: they are computed once at load.
 The item head's bias is folded into the leaf vectors (query [h, 1] against rows [w, b]), so full
 and candidate scoring are both plain dot products.
+
+Candidates are scored one of two ways, chosen per batch, with the same candidates in the same
+order: the rows of every node the batch chose are copied side by side once (`NodeBlocks`, rows
+grouped by node) and multiplied with all its queries, each row then picking its own columns; or,
+when those nodes hold over half of the catalogue (many different queries in a batch), one product
+over the whole catalogue and a gather of each row's candidate columns, which is then cheaper.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.serve.candidates import NodeBlocks, adaptive_node_mask, top_nodes
+from hmtrec.serve.candidates import NodeBlocks, adaptive_nodes, candidate_leaf_index, top_nodes
+
+DENSE_SHARE = 0.5   # above this share of the catalogue under a batch's chosen nodes, the full product wins
 
 
 @dataclass
@@ -76,6 +84,7 @@ class HeadScorer(HistoryScorer):
 
     def __init__(self, model, taxonomy: Taxonomy, max_len: int):
         super().__init__(model, taxonomy, max_len)
+        self.candidate_path = "auto"        # or "dense" / "union": one way for every batch (tests, parity)
         heads = model.heads
         with torch.no_grad():
             self.leaf_table = model.leaf_vectors().detach().float().contiguous()     # [N, D] input vectors
@@ -111,14 +120,9 @@ class HeadScorer(HistoryScorer):
         score until their leaves reach `fraction` of the catalogue."""
         if top is not None:
             return top_nodes(level_logits, top)
-        mask = adaptive_node_mask(level_logits, self.leaf_counts[level], fraction)
-        width = int(mask.sum(1).max())
-        order = torch.sort(level_logits.masked_fill(~mask, -math.inf), dim=1, descending=True, stable=True).indices
-        chosen = order[:, :width]
-        taken = torch.gather(mask, 1, chosen)
-        return torch.where(taken, chosen, torch.full_like(chosen, -1))
+        return adaptive_nodes(level_logits, self.leaf_counts[level], fraction)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, histories: torch.Tensor, *, level: str | None = None, top: int | None = None,
               fraction: float | None = None) -> Scores:
         """Full scores, or (with `top` or `fraction`) candidates under nodes of `level` (default: the
@@ -131,11 +135,31 @@ class HeadScorer(HistoryScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        if level not in self.blocks:
-            self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
-        scores, ids = self.blocks[level].scores(query, nodes)
+        if self.dense_for(level, nodes):
+            ids = candidate_leaf_index(self.taxonomy, level, nodes)
+            scores = self.gather_candidates(query @ self.item_rows.T, ids)
+        else:
+            scores, ids = self.node_blocks(level).union_scores(query, nodes)
         share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
         return Scores(coarse, leaf, scores, ids, level, share)
+
+    def node_blocks(self, level: str) -> NodeBlocks:
+        if level not in self.blocks:
+            self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
+        return self.blocks[level]
+
+    def dense_for(self, level: str, nodes: torch.Tensor) -> bool:
+        """Score these candidates through the full product? When the nodes chosen by the batch hold
+        over `DENSE_SHARE` of the catalogue (copying their rows would cost more than it saves)."""
+        if self.candidate_path != "auto":
+            return self.candidate_path == "dense"
+        return self.node_blocks(level).union_size(nodes) > DENSE_SHARE * self.taxonomy.n_leaves
+
+    @staticmethod
+    def gather_candidates(full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Full item scores [Q, N] -> the candidates' scores [Q, C] (-inf at padding, id -1)."""
+        picked = full.gather(1, ids.clamp(min=0))
+        return picked.masked_fill_(ids < 0, -math.inf)
 
 
 def scorer_for(model, taxonomy: Taxonomy, max_len: int) -> HistoryScorer:
