@@ -326,45 +326,53 @@ class _Preparer:
 
     # ---- writing the arrays --------------------------------------------------------------------
     def write_split(self, split: str, new_index: np.ndarray, has_time: bool) -> dict:
-        from numpy.lib.format import open_memmap
-
-        n_events = self.scalar(f"SELECT count(*) FROM split_events WHERE split = '{split}'")
-        lengths_table = self.con.sql(f"""SELECT seq, count(*) AS n FROM split_events WHERE split = '{split}'
-                                         GROUP BY seq, seq_order ORDER BY seq_order""").to_arrow_table()
-        lengths = lengths_table.column("n").to_numpy().astype(np.int64)
-        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-        np.save(self.out_dir / f"{split}.offsets.npy", offsets)
-        pq.write_table(pa.table({"sequence": lengths_table.column("seq")}), self.out_dir / f"{split}.sequences.parquet")
-        del lengths_table
-        shape = (int(n_events),)
-        leaves = open_memmap(self.out_dir / f"{split}.leaves.npy", mode="w+", dtype=np.int64, shape=shape)
-        times = open_memmap(self.out_dir / f"{split}.times.npy", mode="w+", dtype=np.float64, shape=shape) \
-            if has_time else None
-        events = open_memmap(self.out_dir / f"{split}.events.npy", mode="w+", dtype=np.int64, shape=shape) \
-            if self.event_names else None
+        """The split's arrays, written in record batches of `batch_rows` through plain file writes:
+        neither a whole column nor the pages of a mapped output file are held in memory, so what
+        Python holds here does not grow with the log."""
+        n_events = int(self.scalar(f"SELECT count(*) FROM split_events WHERE split = '{split}'"))
+        n_sequences = int(self.scalar(f"SELECT count(DISTINCT seq_order) FROM split_events WHERE split = '{split}'"))
+        batch_rows = self.settings.batch_rows
+        # per sequence, in order: its original id (sequences.parquet), its end (offsets) and its
+        # first event (not a target)
+        lengths = self.con.sql(f"""SELECT seq, count(*) AS n FROM split_events WHERE split = '{split}'
+                                   GROUP BY seq, seq_order ORDER BY seq_order""").to_arrow_reader(batch_rows)
+        end, targets_written = 0, 0
+        with _NpyWriter(self.out_dir / f"{split}.offsets.npy", np.int64, n_sequences + 1) as offsets, \
+                _NpyWriter(self.out_dir / f"{split}.targets.npy", np.bool_, n_events) as targets, \
+                pq.ParquetWriter(self.out_dir / f"{split}.sequences.parquet",
+                                 pa.schema([("sequence", pa.string())])) as sequence_ids:
+            offsets.write(np.zeros(1, dtype=np.int64))
+            for batch in lengths:
+                if batch.num_rows == 0:
+                    continue
+                counts = batch.column(1).to_numpy().astype(np.int64)
+                ends = end + np.cumsum(counts)
+                offsets.write(ends)
+                sequence_ids.write_table(pa.table({"sequence": batch.column(0)}))
+                # every event but each sequence's first, in pieces of <= batch_rows events
+                starts = np.r_[end, ends[:-1]]
+                for piece_start in range(int(end), int(ends[-1]), batch_rows):
+                    piece_end = min(piece_start + batch_rows, int(ends[-1]))
+                    mask = np.ones(piece_end - piece_start, dtype=np.bool_)
+                    inside = starts[(starts >= piece_start) & (starts < piece_end)]
+                    mask[inside - piece_start] = False
+                    targets.write(mask)
+                targets_written += int(counts.sum() - (counts > 0).sum())
+                end = int(ends[-1])
+        if end != n_events:
+            raise DataError(f"internal: wrote {end} of {n_events} events of split {split}", file=str(self.out_dir))
         event_column = ", event" if self.event_names else ""
         reader = self.con.sql(f"""SELECT leaf, time{event_column} FROM split_events WHERE split = '{split}'
-                                  ORDER BY seq_order, time, row""").to_arrow_reader(self.settings.batch_rows)
-        at = 0
-        for batch in reader:
-            n = batch.num_rows
-            leaves[at:at + n] = new_index[batch.column(0).to_numpy()]
-            if times is not None:
-                times[at:at + n] = batch.column(1).to_numpy()
-            if events is not None:
-                events[at:at + n] = batch.column(2).to_numpy()
-            at += n
-        if at != n_events:
-            raise DataError(f"internal: wrote {at} of {n_events} events of split {split}", file=str(self.out_dir))
-        for array in (leaves, times, events):
-            if array is not None:
-                array.flush()
-        del leaves, times, events
-        targets = open_memmap(self.out_dir / f"{split}.targets.npy", mode="w+", dtype=bool, shape=shape)
-        targets[:] = True
-        targets[offsets[:-1][lengths > 0]] = False
-        targets.flush()
-        return {"sequences": int(len(lengths)), "events": int(n_events), "targets": int(n_events - (lengths > 0).sum())}
+                                  ORDER BY seq_order, time, row""").to_arrow_reader(batch_rows)
+        with _NpyWriter(self.out_dir / f"{split}.leaves.npy", np.int64, n_events) as leaves, \
+                _NpyWriter(self.out_dir / f"{split}.times.npy", np.float64, n_events, enabled=has_time) as times, \
+                _NpyWriter(self.out_dir / f"{split}.events.npy", np.int64, n_events,
+                           enabled=bool(self.event_names)) as events:
+            for batch in reader:
+                leaves.write(new_index[batch.column(0).to_numpy()])
+                times.write(batch.column(1).to_numpy())
+                events.write(batch.column(2).to_numpy() if self.event_names else None)
+        return {"sequences": n_sequences, "events": n_events, "targets": targets_written}
 
     def close(self) -> None:
         self.con.close()
@@ -372,6 +380,38 @@ class _Preparer:
 
         if self.settings.temp_dir is None:
             shutil.rmtree(self.spill, ignore_errors=True)
+
+
+class _NpyWriter:
+    """A 1-D .npy file of known length written piece by piece with ordinary writes (the page cache,
+    not this process, holds what was written); it checks on closing that exactly `length` items came."""
+
+    def __init__(self, path: Path, dtype, length: int, enabled: bool = True):
+        self.path, self.dtype, self.length, self.enabled, self.written = path, np.dtype(dtype), int(length), enabled, 0
+        self.file = None
+
+    def __enter__(self) -> "_NpyWriter":
+        if self.enabled:
+            from numpy.lib import format as npy
+
+            self.file = open(self.path, "wb")
+            npy.write_array_header_1_0(self.file, {"descr": npy.dtype_to_descr(self.dtype), "fortran_order": False,
+                                                   "shape": (self.length,)})
+        return self
+
+    def write(self, values) -> None:
+        if self.file is None:
+            return
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        values.tofile(self.file)
+        self.written += len(values)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.file is None:
+            return
+        self.file.close()
+        if kind is None and self.written != self.length:
+            raise DataError(f"internal: wrote {self.written} of {self.length} values", file=str(self.path))
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
