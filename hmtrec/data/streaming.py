@@ -46,7 +46,7 @@ from hmtrec.data.schema import build_catalogue, read_table
 from hmtrec.data.sequences import Dataset, SequenceData
 from hmtrec.data.splits import SECONDS_PER_DAY
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.data.validation import offender_error
+from hmtrec.data.validation import DEFAULT_VALIDATION, implausible_times_error, offender_error
 from hmtrec.errors import ConfigError, DataError
 
 MANIFEST = "prepared.json"
@@ -88,6 +88,9 @@ class _Preparer:
         if settings.threads:
             self.con.execute(f"SET threads={int(settings.threads)}")
         self.reports: list[FilterReport] = []
+        self.notes: list[str] = []
+        self.integer_times: bool | None = None
+        self.implausible_dropped = 0
 
     def sql(self, query: str, *params):
         return self.con.execute(query, list(params) if params else None)
@@ -183,17 +186,56 @@ class _Preparer:
                 raise offender_error(f"item {str(values[positions[0]])!r} has no taxonomy node (it is not in the item "
                                      f"table; {distinct:,} distinct unknown item(s); generic.unknown_items: drop "
                                      "removes their rows)", positions, values, file=file, column=c.item)
+        if c.time is not None and self.time_format != "order":
+            self._check_plausible_times(file)   # after the item check, in the reader's order
         if self.generic.unknown_items == "drop":
             raw_sequences, raw_items = self.sql("SELECT count(DISTINCT seq), count(DISTINCT item) FROM raw").fetchall()[0]
         self.sql("DROP TABLE raw")
         self.sql("CREATE TEMP TABLE events AS SELECT * FROM parsed WHERE leaf IS NOT NULL")
         if self.generic.unknown_items == "drop":  # the generic reader's report
             rows, sequences, items = self._counts("events")
-            report = FilterReport("items not in the item table", self.n_rows, self.n_rows - rows,
+            report = FilterReport("items not in the item table", self.n_rows,
+                                  self.n_rows - rows - self.implausible_dropped,
                                   raw_sequences - sequences, raw_items - items)
             logger.info("%s", report)
             self.reports.append(report)
         self.sql("DROP TABLE parsed")
+
+    def _check_plausible_times(self, file: str) -> None:
+        """The readers' plausibility rule (`validation.check_times`): every time within
+        data.validation.time_min .. time_max, else one error naming the rows (or, with
+        `implausible_times: drop`, the rows are dropped and counted in the notes)."""
+        settings = self.cfg.validation or DEFAULT_VALIDATION
+        low, high = settings.seconds_range()
+        outside = f"p.time < {low!r} OR p.time > {high!r}"
+        if settings.implausible_times == "drop":
+            # counted among the listed items only, as the reader counts them (unknown ones are dropped anyway)
+            dropped = self.scalar(f"SELECT count(*) FROM parsed p WHERE ({outside}) AND p.leaf IS NOT NULL")
+            self.implausible_dropped = int(dropped)
+            if dropped:
+                self.sql(f"DELETE FROM parsed p WHERE {outside}")
+                self.notes.append(f"{file}: dropped {dropped:,} event(s) with implausible times "
+                                  f"(data.validation.implausible_times: drop)")
+            return
+        found = self.sql(f"SELECT p.row, r.t, p.time FROM parsed p JOIN raw r ON p.row = r.row WHERE {outside} "
+                         f"ORDER BY p.row").fetchall()
+        if not found:
+            return
+        positions = [int(row) - 1 for row, _, _ in found]
+        values = dict(zip(positions, (self._as_read(value) for _, value, _ in found)))
+        raise implausible_times_error(positions, np.array([t for _, _, t in found]), values, file=file,
+                                      column=self.columns.time, settings=settings,
+                                      unit_hint="milliseconds" if self.time_format == "epoch_ms" else "seconds")
+
+    def _as_read(self, value: str):
+        """A time column's text as the in-memory reader's CSV parser holds it: numbers as int (a
+        column of integers) or float, dates as text; so that messages quote it alike."""
+        if self.time_format not in ("epoch", "epoch_ms"):
+            return value
+        if self.integer_times is None:
+            self.integer_times = bool(self.scalar(
+                "SELECT coalesce(bool_and(regexp_full_match(trim(t), '[+-]?[0-9]+')), true) FROM raw"))
+        return int(value) if self.integer_times else float(value)
 
     def _offenders(self, query: str) -> tuple[list[int], dict[int, object]] | None:
         """Every offending row of `query` (SELECT row, value ... ORDER BY row) as the in-memory
@@ -209,6 +251,17 @@ class _Preparer:
         if found is not None:
             raise offender_error(what, found[0], file=file, column=column)
 
+    def _epoch_reads_as_milliseconds(self) -> bool:
+        """`validation.detect_milliseconds` on the median of the column (only when every value is a
+        number, as the reader decides after its parse check)."""
+        settings = self.cfg.validation or DEFAULT_VALIDATION
+        low, high = settings.seconds_range()
+        unparsable, median = self.sql("SELECT count(*) FILTER (WHERE TRY_CAST(t AS DOUBLE) IS NULL), "
+                                      "median(TRY_CAST(t AS DOUBLE)) FROM raw").fetchall()[0]
+        if unparsable or median is None:
+            return False
+        return not (low <= median <= high) and low <= median / 1000.0 <= high
+
     def _time_expression(self, file: str) -> str:
         c = self.columns
         if c.time is None:
@@ -219,6 +272,10 @@ class _Preparer:
             numeric_share = self.scalar("SELECT avg(CASE WHEN TRY_CAST(t AS DOUBLE) IS NULL THEN 0 ELSE 1 END) "
                                         "FROM raw WHERE t IS NOT NULL")
             time_format = "epoch" if (numeric_share or 0) > 0.5 else "iso"
+            if time_format == "epoch" and self._epoch_reads_as_milliseconds():
+                time_format = "epoch_ms"
+                self.notes.append(f"{file}, column {c.time!r}: epoch values read as milliseconds (as seconds "
+                                  f"they are implausible; set time_format to say so)")
         self.time_format = time_format
         if time_format in ("epoch", "order"):
             return "TRY_CAST(r.t AS DOUBLE)"
@@ -537,6 +594,7 @@ def prepare(cfg, out_dir: str | Path, settings: PrepareSettings | None = None) -
         "has_time": columns.time is not None,
         "event_names": preparer.event_names,
         "reports": [report.to_dict() for report in preparer.reports],
+        "notes": preparer.notes,
         "protocol": "session_time",
         "protocol_description": description,
         "filters": {"min_sequence_length": min_length, "min_item_support": min_support, "mode": mode},
@@ -600,7 +658,8 @@ def load_prepared(cfg):
     info = {"source": "prepared", "prepared_from": str(folder), "protocol": manifest["protocol"],
             "protocol_description": manifest["protocol_description"], "filters": manifest["filters"],
             "events_after_filters": manifest["events_after_filters"], "cutoffs": manifest["cutoffs"],
-            "notes": [f"prepared by `hmtrec prepare` ({manifest['engine']}) from {sorted(manifest['files'])}"],
+            "notes": [*manifest.get("notes", []),
+                      f"prepared by `hmtrec prepare` ({manifest['engine']}) from {sorted(manifest['files'])}"],
             "n_items": taxonomy.n_leaves, "levels": manifest["levels"], "counts": manifest["counts"],
             "seconds": round(time.perf_counter() - started, 3)}
     logger.info("loaded prepared %s from %s in %.1fs: %s", manifest["name"], folder, info["seconds"], info["counts"])
