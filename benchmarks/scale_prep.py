@@ -263,6 +263,19 @@ def command_run(args) -> None:
         log, shards = work / f"log-{events}", work / f"shards-{events}"
         config = work / f"prep-{events}.yaml"
         config.write_text(PREP_CONFIG.format(log=log, batch=args.batch_size, negatives=args.negatives))
+        if args.stage == "prepare" and row.get("memory_mb", args.memory_mb) != args.memory_mb:
+            # the same log under another memory limit: measured beside the main row, shards discarded
+            other = work / f"shards-{events}-{args.memory_mb}mb"
+            shutil.rmtree(other, ignore_errors=True)
+            prep = measured_rss(["hmtrec.cli", "prepare", str(config), "-o", str(other), "--memory-mb",
+                                 str(args.memory_mb), "--threads", "2"],
+                                work / f"prepare-{events}-{args.memory_mb}mb.log", env)
+            row.setdefault("prepare_at", {})[str(args.memory_mb)] = prep
+            rows[key] = row
+            _save_row(results_file, rows, key)
+            print(key, "prepare at", args.memory_mb, prep, flush=True)
+            shutil.rmtree(other, ignore_errors=True)
+            continue
         if args.stage in ("prepare", "all") and ("prepare" not in row or args.force
                                                   or not (shards / "prepared.json").exists()):
             shutil.rmtree(shards, ignore_errors=True)
@@ -277,7 +290,7 @@ def command_run(args) -> None:
                    "train_sequences": manifest["counts"]["train"]["sequences"],
                    "items_kept": manifest["n_items"], "prepare": prep}
             rows[key] = row
-            results_file.write_text(json.dumps(rows, indent=1))
+            _save_row(results_file, rows, key)
             print(key, "prepare", prep, flush=True)
         if args.stage in ("train", "all"):
             if not (shards / "prepared.json").exists():
@@ -299,7 +312,7 @@ def command_run(args) -> None:
                               "item_recall20": metrics["full"][list(metrics["full"])[-1]]["Recall@20"],
                               "subcategory_recall20": metrics["full"]["subcategory"]["Recall@20"]}
                 rows[key] = row
-                results_file.write_text(json.dumps(rows, indent=1))
+                _save_row(results_file, rows, key)
                 print(key, label, row[label], flush=True)
                 if not args.keep:
                     shutil.rmtree(run, ignore_errors=True)
@@ -308,6 +321,14 @@ def command_run(args) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
     if args.report:
         report_run(rows, args)
+
+
+def _save_row(results_file: Path, rows: dict, key: str) -> None:
+    """Write one size's row into run.json as it is on disk now (another size's run may have written)."""
+    on_disk = json.loads(results_file.read_text()) if results_file.exists() else {}
+    on_disk[key] = rows[key]
+    rows.update(on_disk)
+    results_file.write_text(json.dumps(on_disk, indent=1))
 
 
 def _count_steps(run: Path) -> int:
@@ -352,6 +373,21 @@ def report_run(rows: dict, args) -> None:
                      f"{epoch(r, 'epoch_seconds', ',.0f')} | "
                      f"{format(r['epoch']['seconds'], ',.0f') if 'epoch' in r else 'not run'} | "
                      f"{rss(r['epoch']) if 'epoch' in r else 'not run'} | {epoch(r, 'item_recall20', '.4f')} |")
+    others = sorted({int(m) for r in rows.values() for m in r.get("prepare_at", {})})
+    if others:
+        lines += ["", f"`hmtrec prepare` alone on the same logs under other `--memory-mb` settings (DuckDB's "
+                      f"memory_limit; command: `python benchmarks/scale_prep.py run --events ... --work {args.work} "
+                      f"--stage prepare --memory-mb M`):", "",
+                  "| events | --memory-mb | prepare s | peak RSS MB (anon / file) |", "|---:|---:|---:|---|"]
+        for key in sorted(rows, key=int):
+            r = rows[key]
+            if "prepare" in r and "peak_anon_mb" in r["prepare"]:
+                lines.append(f"| {r['events']:,} | {r['memory_mb']:,} | {r['prepare']['seconds']:.0f} | "
+                             f"{rss(r['prepare'])} |")
+            for memory in others:
+                if str(memory) in r.get("prepare_at", {}):
+                    entry = r["prepare_at"][str(memory)]
+                    lines.append(f"| {r['events']:,} | {memory:,} | {entry['seconds']:.0f} | {rss(entry)} |")
     events = " ".join(sorted(rows, key=int))
     update_section("scale-prepare", "\n".join(lines), title="Streaming preparation and one epoch: 1M to 50M events",
                    command=f"python benchmarks/scale_prep.py run --events {events} --work {args.work} "
