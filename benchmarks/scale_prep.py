@@ -4,11 +4,12 @@ of `hmtrec prepare` plus one training epoch on the prepared shards.
 
     python benchmarks/scale_prep.py generate --events 10000000 --out /tmp/scale-logs/10m
     python benchmarks/scale_prep.py engines --log /tmp/scale-logs/10m
-    python benchmarks/scale_prep.py run --events 1000000 10000000 50000000 --work /tmp/scale-logs --report
+    python benchmarks/scale_prep.py run --events 1000000 10000000 50000000 --work /tmp/scale-logs --epoch --keep --report
     python benchmarks/scale_prep.py ddp          # torchrun with 2 gloo processes vs one process
 
 Every measured step runs in its own child process; its peak RSS is the child's ru_maxrss (wait4).
-Generated logs are deleted after each size unless --keep.
+Generated logs, shards and runs are deleted after each size unless --keep; --stage prepare|train
+splits the two.
 """
 
 from __future__ import annotations
@@ -212,14 +213,42 @@ data:
     items: items.csv
     columns: {{sequence: session_id, item: item_id, time: timestamp}}
     item_columns: {{item: item_id, levels: [category, subcategory]}}
-# A levels-only HierSRec (category and subcategory heads; the item ids are inputs): an exact 1M-way
-# item softmax over 40M targets is days of CPU, and the data path is what is measured. The run trains
-# --steps batches of the epoch (train.epoch_fraction), with the whole epoch's batch plan built.
-model: {{name: hiersrec, dim: 32, layers: 1, heads: 1, id_dim: 32, level_dim: 16, text: none,
-         head_levels: [category, subcategory], dropout: 0.1}}
-train: {{epochs: 1, batch_size: 1024, max_len: 20, threads: 2, monitor: null, precision: bf16}}
-eval: {{ks: [20], candidate_fraction: null, batch_size: 4096, segments: []}}
+# HierSRec with every head; the item head trains with the sampled softmax (the batch's target items
+# plus --negatives uniform ones, log-Q corrected), so a step costs [M, ~M + K] item logits, not [M, 1M].
+model: {{name: hiersrec, dim: 32, layers: 1, heads: 1, id_dim: 32, level_dim: 16, text: none, dropout: 0.1,
+         item_loss: sampled, uniform_negatives: {negatives}}}
+train: {{epochs: 1, batch_size: {batch}, max_len: 20, threads: 2, monitor: null, precision: bf16}}
+eval: {{ks: [20], candidate_fraction: null, batch_size: 512, segments: []}}
 """
+
+# Run a command (python -m MODULE ARGS) in this interpreter with a thread sampling /proc/self/status,
+# so that a child's peak resident memory splits into anonymous memory (what it allocated) and
+# file-backed pages (memory-mapped shards it touched, which the kernel can drop again).
+RSS_WRAPPER = """
+import atexit, json, runpy, sys, threading, time
+out, module, sys.argv = sys.argv[1], sys.argv[2], [sys.argv[2], *sys.argv[3:]]
+peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+def sample():
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in peak:
+            peak[key] = max(peak[key], int(value.split()[0]))
+def watch():
+    while True:
+        sample(); time.sleep(0.2)
+threading.Thread(target=watch, daemon=True).start()
+atexit.register(lambda: (sample(), open(out, "w").write(json.dumps({k: v / 1024 for k, v in peak.items()}))))
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def measured_rss(module_args: list[str], log_file: Path, env: dict) -> dict:
+    """`measured` for `python -m ...`, plus the peaks of anonymous and file-backed RSS (MB)."""
+    rss_file = Path(f"{log_file}.rss.json")
+    rss_file.unlink(missing_ok=True)
+    result = measured([sys.executable, "-c", RSS_WRAPPER, str(rss_file), *module_args], log_file, env)
+    rss = json.loads(rss_file.read_text())
+    return {**result, "peak_anon_mb": round(rss["RssAnon"], 1), "peak_file_mb": round(rss["RssFile"], 1)}
 
 
 def command_run(args) -> None:
@@ -230,39 +259,76 @@ def command_run(args) -> None:
     env = {"PYTHONPATH": str(REPO), "HMTREC_PROGRESS": "0"}
     for events in args.events:
         key = str(events)
-        if key in rows and not args.force:
-            print("reusing", rows[key], flush=True)
-            continue
-        log, shards, run = work / f"log-{events}", work / f"shards-{events}", work / f"run-{events}"
-        for folder in (shards, run):
-            shutil.rmtree(folder, ignore_errors=True)
-        if not (log / "log.json").exists():
-            generate(events, log)
-        info = json.loads((log / "log.json").read_text())
+        row = rows.get(key, {})
+        log, shards = work / f"log-{events}", work / f"shards-{events}"
         config = work / f"prep-{events}.yaml"
-        config.write_text(PREP_CONFIG.format(log=log))
-        prep = measured([sys.executable, "-m", "hmtrec.cli", "prepare", str(config), "-o", str(shards),
-                         "--memory-mb", str(args.memory_mb), "--threads", "2"], work / f"prepare-{events}.log", env)
-        manifest = json.loads((shards / "prepared.json").read_text())
-        # every window holds <= 21 events and these sessions are short, so windows ~ training sequences
-        fraction = min(1.0, args.steps * 1024 / manifest["counts"]["train"]["sequences"])
-        train = measured([sys.executable, "-m", "hmtrec.cli", "train", "-c", str(config), "--set", "data.source=prepared",
-                          "--set", f"data.path={shards}", "--set", f"train.epoch_fraction={fraction:.8f}",
-                          "-o", str(run)], work / f"train-{events}.log", env)
-        metrics = json.loads((run / "metrics.json").read_text())["models"]["hiersrec"]
-        rows[key] = {"events": info["events"], "log_gb": round(info["bytes"] / 1e9, 2),
-                     "train_events": manifest["counts"]["train"]["events"],
-                     "items_kept": manifest["n_items"], "prepare": prep, "train": train,
-                     "epoch_seconds": round(metrics["training"]["epoch_seconds"], 1),
-                     "epoch_fraction": fraction, "train_windows": _count_steps(run),
-                     "subcategory_recall20": metrics["full"]["subcategory"]["Recall@20"]}
-        results_file.write_text(json.dumps(rows, indent=1))
-        print(rows[key], flush=True)
+        config.write_text(PREP_CONFIG.format(log=log, batch=args.batch_size, negatives=args.negatives))
+        if args.stage == "prepare" and row.get("memory_mb", args.memory_mb) != args.memory_mb:
+            # the same log under another memory limit: measured beside the main row, shards discarded
+            other = work / f"shards-{events}-{args.memory_mb}mb"
+            shutil.rmtree(other, ignore_errors=True)
+            prep = measured_rss(["hmtrec.cli", "prepare", str(config), "-o", str(other), "--memory-mb",
+                                 str(args.memory_mb), "--threads", "2"],
+                                work / f"prepare-{events}-{args.memory_mb}mb.log", env)
+            row.setdefault("prepare_at", {})[str(args.memory_mb)] = prep
+            rows[key] = row
+            _save_row(results_file, rows, key)
+            print(key, "prepare at", args.memory_mb, prep, flush=True)
+            shutil.rmtree(other, ignore_errors=True)
+            continue
+        if args.stage in ("prepare", "all") and ("prepare" not in row or args.force
+                                                  or not (shards / "prepared.json").exists()):
+            shutil.rmtree(shards, ignore_errors=True)
+            if not (log / "log.json").exists():
+                generate(events, log)
+            info = json.loads((log / "log.json").read_text())
+            prep = measured_rss(["hmtrec.cli", "prepare", str(config), "-o", str(shards), "--memory-mb",
+                                 str(args.memory_mb), "--threads", "2"], work / f"prepare-{events}.log", env)
+            manifest = json.loads((shards / "prepared.json").read_text())
+            row = {"events": info["events"], "log_gb": round(info["bytes"] / 1e9, 2), "memory_mb": args.memory_mb,
+                   "train_events": manifest["counts"]["train"]["events"],
+                   "train_sequences": manifest["counts"]["train"]["sequences"],
+                   "items_kept": manifest["n_items"], "prepare": prep}
+            rows[key] = row
+            _save_row(results_file, rows, key)
+            print(key, "prepare", prep, flush=True)
+        if args.stage in ("train", "all"):
+            if not (shards / "prepared.json").exists():
+                raise SystemExit(f"no shards for {events} events in {shards}: run --stage prepare first")
+            runs = ([("steps", args.steps)] if args.steps else []) + ([("epoch", None)] if args.epoch else [])
+            for label, steps in runs:
+                run = work / f"run-{events}-{label}"
+                shutil.rmtree(run, ignore_errors=True)
+                # windows hold <= 21 events and these sessions are short, so windows ~ training sequences
+                fraction = 1.0 if steps is None else min(1.0, steps * args.batch_size / row["train_sequences"])
+                train = measured_rss(["hmtrec.cli", "train", "-c", str(config), "--set", "data.source=prepared",
+                                      "--set", f"data.path={shards}", "--set", f"train.epoch_fraction={fraction:.8f}",
+                                      "-o", str(run)], work / f"train-{events}-{label}.log", env)
+                metrics = json.loads((run / "metrics.json").read_text())["models"]["hiersrec"]
+                batches = _count_steps(run)
+                row[label] = {**train, "epoch_fraction": fraction, "batches": batches,
+                              "epoch_seconds": round(metrics["training"]["epoch_seconds"], 1),
+                              "seconds_per_batch": round(metrics["training"]["epoch_seconds"] / max(batches, 1), 3),
+                              "item_recall20": metrics["full"][list(metrics["full"])[-1]]["Recall@20"],
+                              "subcategory_recall20": metrics["full"]["subcategory"]["Recall@20"]}
+                rows[key] = row
+                _save_row(results_file, rows, key)
+                print(key, label, row[label], flush=True)
+                if not args.keep:
+                    shutil.rmtree(run, ignore_errors=True)
         if not args.keep:
-            for folder in (log, shards, run):
+            for folder in (log, shards):
                 shutil.rmtree(folder, ignore_errors=True)
     if args.report:
         report_run(rows, args)
+
+
+def _save_row(results_file: Path, rows: dict, key: str) -> None:
+    """Write one size's row into run.json as it is on disk now (another size's run may have written)."""
+    on_disk = json.loads(results_file.read_text()) if results_file.exists() else {}
+    on_disk[key] = rows[key]
+    rows.update(on_disk)
+    results_file.write_text(json.dumps(on_disk, indent=1))
 
 
 def _count_steps(run: Path) -> int:
@@ -275,28 +341,58 @@ def _count_steps(run: Path) -> int:
 def report_run(rows: dict, args) -> None:
     from hmtrec.bench.report import update_section
 
+    def rss(entry: dict) -> str:
+        return f"{entry['peak_rss_mb']:,.0f} ({entry['peak_anon_mb']:,.0f} / {entry['peak_file_mb']:,.0f})"
+
+    def epoch(row: dict, field: str, fmt: str) -> str:
+        return format(row["epoch"][field], fmt) if "epoch" in row else "not run"
+
     lines = [f"Synthetic logs over 1,000,000 items (20 categories > 1,000 subcategories; sessions of mean length 5 "
              f"over 30 days; CSV), `hmtrec prepare --memory-mb {args.memory_mb} --threads 2` (DuckDB), then "
-             f"`hmtrec train` on the memory-mapped shards (levels-only HierSRec, dim 32, batch 1024, bf16, 2 "
-             f"threads; test and valid = the sessions ending in the last 0.02 + 0.02 days, so that evaluation "
-             f"stays small): the whole epoch's batch plan is built, then {args.steps} of its batches are trained "
-             f"(`train.epoch_fraction`; a full epoch of 40M targets does not fit this shared 2-core machine's "
-             f"time), and the model is evaluated on the test split. Peak RSS is each child process's "
-             f"ru_maxrss (it includes the pages of the memory-mapped shards it touched). Machine: {machine()}; "
-             f"wall times on a machine shared with six other jobs are upper bounds.", "",
-             "| events | CSV GB | prepare s | prepare peak RSS MB | train events kept | items kept | "
-             "batches trained | s per batch | train run s (load, train, test) | train peak RSS MB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"`hmtrec train` on the memory-mapped shards: HierSRec with every head (category, subcategory, "
+             f"item; dim 32, 1 layer, no text), the item head trained with the sampled softmax (`model.item_loss: "
+             f"sampled`, the batch's target items plus {args.negatives:,} uniform negatives, log-Q corrected), batch "
+             f"{args.batch_size}, bf16, 2 threads; test and valid = the sessions ending in the last 0.02 + 0.02 "
+             f"days, so that evaluation (over the whole catalogue) stays small. Each size: seconds per batch "
+             f"measured on the first {args.steps} batches (`train.epoch_fraction`), then one whole epoch. "
+             "Peak RSS is the child process's ru_maxrss; in brackets the peaks of its anonymous memory and of "
+             "its file-backed pages (/proc/self/status RssAnon / RssFile, sampled every 0.2 s), which for "
+             "training are mostly the memory-mapped shards' pages it touched (the kernel may drop them again). "
+             f"Machine: {machine()}; wall times on a machine shared with other jobs are upper bounds.", "",
+             "| events | CSV GB | prepare s | prepare peak RSS MB (anon / file) | train events kept | items kept | "
+             "s per batch | batches per epoch | epoch s | epoch run s (load, train, test) | "
+             "epoch peak RSS MB (anon / file) | test item Recall@20 |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for key in sorted(rows, key=int):
         r = rows[key]
-        lines.append(f"| {r['events']:,} | {r['log_gb']:.2f} | {r['prepare']['seconds']:.0f} | "
-                     f"{r['prepare']['peak_rss_mb']:,.0f} | {r['train_events']:,} | {r['items_kept']:,} | "
-                     f"{r['train_windows']:,} | {r['epoch_seconds'] / max(r['train_windows'], 1):.2f} | "
-                     f"{r['train']['seconds']:.0f} | {r['train']['peak_rss_mb']:,.0f} |")
+        if "prepare" not in r or "peak_anon_mb" not in r["prepare"]:
+            continue
+        per_batch = f"{r['steps']['seconds_per_batch']:.2f}" if "steps" in r else "not run"
+        lines.append(f"| {r['events']:,} | {r['log_gb']:.2f} | {r['prepare']['seconds']:.0f} | {rss(r['prepare'])} | "
+                     f"{r['train_events']:,} | {r['items_kept']:,} | {per_batch} | {epoch(r, 'batches', ',')} | "
+                     f"{epoch(r, 'epoch_seconds', ',.0f')} | "
+                     f"{format(r['epoch']['seconds'], ',.0f') if 'epoch' in r else 'not run'} | "
+                     f"{rss(r['epoch']) if 'epoch' in r else 'not run'} | {epoch(r, 'item_recall20', '.4f')} |")
+    others = sorted({int(m) for r in rows.values() for m in r.get("prepare_at", {})})
+    if others:
+        lines += ["", f"`hmtrec prepare` alone on the same logs under other `--memory-mb` settings (DuckDB's "
+                      f"memory_limit; command: `python benchmarks/scale_prep.py run --events ... --work {args.work} "
+                      f"--stage prepare --memory-mb M`):", "",
+                  "| events | --memory-mb | prepare s | peak RSS MB (anon / file) |", "|---:|---:|---:|---|"]
+        for key in sorted(rows, key=int):
+            r = rows[key]
+            if "prepare" in r and "peak_anon_mb" in r["prepare"]:
+                lines.append(f"| {r['events']:,} | {r['memory_mb']:,} | {r['prepare']['seconds']:.0f} | "
+                             f"{rss(r['prepare'])} |")
+            for memory in others:
+                if str(memory) in r.get("prepare_at", {}):
+                    entry = r["prepare_at"][str(memory)]
+                    lines.append(f"| {r['events']:,} | {memory:,} | {entry['seconds']:.0f} | {rss(entry)} |")
     events = " ".join(sorted(rows, key=int))
     update_section("scale-prepare", "\n".join(lines), title="Streaming preparation and one epoch: 1M to 50M events",
                    command=f"python benchmarks/scale_prep.py run --events {events} --work {args.work} "
-                           f"--memory-mb {args.memory_mb} --steps {args.steps} --report")
+                           f"--memory-mb {args.memory_mb} --steps {args.steps} --batch-size {args.batch_size} "
+                           f"--negatives {args.negatives} --epoch --keep --report")
 
 
 DDP_CONFIG = {
@@ -368,9 +464,13 @@ def main() -> None:
     run.add_argument("--events", type=int, nargs="+", required=True)
     run.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
     run.add_argument("--memory-mb", type=int, default=2048)
-    run.add_argument("--steps", type=int, default=20, help="training batches measured per size")
+    run.add_argument("--steps", type=int, default=20, help="training batches timed per size (0: none)")
+    run.add_argument("--epoch", action="store_true", help="then train one whole epoch")
+    run.add_argument("--batch-size", type=int, default=1024)
+    run.add_argument("--negatives", type=int, default=256, help="uniform negatives of the sampled item loss")
+    run.add_argument("--stage", choices=["prepare", "train", "all"], default="all")
     run.add_argument("--keep", action="store_true", help="keep the logs, shards and runs")
-    run.add_argument("--force", action="store_true", help="measure again sizes already in run.json")
+    run.add_argument("--force", action="store_true", help="prepare again sizes already in run.json")
     run.add_argument("--report", action="store_true")
     ddp = sub.add_parser("ddp")
     ddp.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))

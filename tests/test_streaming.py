@@ -154,3 +154,37 @@ def test_training_streams_from_prepared_shards(tmp_path):
     assert metrics["models"]["sasrec"]["full"]["sub"]["Recall@5"] >= 0
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert data["source"] == "prepared" and data["filters_applied"]
+
+
+def test_implausible_times_fail_drop_and_read_as_milliseconds_like_the_reader(tmp_path):
+    folder = write_log(tmp_path / "log", unknown=True)
+    log = pd.read_csv(folder / "log.csv", dtype=str)
+    broken = log.copy()
+    broken.loc[[10, 20], "ts"] = ["32503680000", "1600000000000"]     # the year 3000; milliseconds
+    broken.to_csv(folder / "log.csv", index=False)
+    cfg = data_config(folder, unknown_items="drop")
+    with pytest.raises(DataError) as memory_error:
+        load_data(cfg)
+    with pytest.raises(DataError) as streamed_error:
+        prepare(cfg, tmp_path / "shards-error", PrepareSettings(memory_mb=256, threads=1))
+    assert "implausible timestamp 32503680000.0 = 3000-01-01" in str(streamed_error.value)
+    assert str(streamed_error.value) == str(memory_error.value)
+    assert streamed_error.value.row == 11
+    # implausible_times: drop removes them, counted in the notes, and the splits stay the reader's
+    cfg = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"implausible_times": "drop"})})
+    memory = load_data(cfg)
+    prepare(cfg, tmp_path / "shards-drop", PrepareSettings(memory_mb=256, threads=1))
+    streamed = load_data(DataConfig(source="prepared", path=str(tmp_path / "shards-drop")))
+    assert_same(memory, streamed)
+    note = "dropped 2 event(s) with implausible times"
+    assert any(note in n for n in memory.info["notes"]) and any(note in n for n in streamed.info["notes"])
+    # a log written in milliseconds is read as milliseconds by both (time_format: auto), with a note
+    in_ms = log.copy()
+    in_ms["ts"] = (in_ms["ts"].astype(float) * 1000).round().astype("int64").astype(str)
+    in_ms.to_csv(folder / "log.csv", index=False)
+    cfg = data_config(folder, unknown_items="drop")
+    memory = load_data(cfg)
+    prepare(cfg, tmp_path / "shards-ms", PrepareSettings(memory_mb=256, threads=1))
+    streamed = load_data(DataConfig(source="prepared", path=str(tmp_path / "shards-ms")))
+    assert_same(memory, streamed)
+    assert any("read as milliseconds" in n for n in streamed.info["notes"])

@@ -46,7 +46,7 @@ from hmtrec.data.schema import build_catalogue, read_table
 from hmtrec.data.sequences import Dataset, SequenceData
 from hmtrec.data.splits import SECONDS_PER_DAY
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.data.validation import offender_error
+from hmtrec.data.validation import DEFAULT_VALIDATION, implausible_times_error, offender_error
 from hmtrec.errors import ConfigError, DataError
 
 MANIFEST = "prepared.json"
@@ -88,6 +88,9 @@ class _Preparer:
         if settings.threads:
             self.con.execute(f"SET threads={int(settings.threads)}")
         self.reports: list[FilterReport] = []
+        self.notes: list[str] = []
+        self.integer_times: bool | None = None
+        self.implausible_dropped = 0
 
     def sql(self, query: str, *params):
         return self.con.execute(query, list(params) if params else None)
@@ -183,17 +186,56 @@ class _Preparer:
                 raise offender_error(f"item {str(values[positions[0]])!r} has no taxonomy node (it is not in the item "
                                      f"table; {distinct:,} distinct unknown item(s); generic.unknown_items: drop "
                                      "removes their rows)", positions, values, file=file, column=c.item)
+        if c.time is not None and self.time_format != "order":
+            self._check_plausible_times(file)   # after the item check, in the reader's order
         if self.generic.unknown_items == "drop":
             raw_sequences, raw_items = self.sql("SELECT count(DISTINCT seq), count(DISTINCT item) FROM raw").fetchall()[0]
         self.sql("DROP TABLE raw")
         self.sql("CREATE TEMP TABLE events AS SELECT * FROM parsed WHERE leaf IS NOT NULL")
         if self.generic.unknown_items == "drop":  # the generic reader's report
             rows, sequences, items = self._counts("events")
-            report = FilterReport("items not in the item table", self.n_rows, self.n_rows - rows,
+            report = FilterReport("items not in the item table", self.n_rows,
+                                  self.n_rows - rows - self.implausible_dropped,
                                   raw_sequences - sequences, raw_items - items)
             logger.info("%s", report)
             self.reports.append(report)
         self.sql("DROP TABLE parsed")
+
+    def _check_plausible_times(self, file: str) -> None:
+        """The readers' plausibility rule (`validation.check_times`): every time within
+        data.validation.time_min .. time_max, else one error naming the rows (or, with
+        `implausible_times: drop`, the rows are dropped and counted in the notes)."""
+        settings = self.cfg.validation or DEFAULT_VALIDATION
+        low, high = settings.seconds_range()
+        outside = f"p.time < {low!r} OR p.time > {high!r}"
+        if settings.implausible_times == "drop":
+            # counted among the listed items only, as the reader counts them (unknown ones are dropped anyway)
+            dropped = self.scalar(f"SELECT count(*) FROM parsed p WHERE ({outside}) AND p.leaf IS NOT NULL")
+            self.implausible_dropped = int(dropped)
+            if dropped:
+                self.sql(f"DELETE FROM parsed p WHERE {outside}")
+                self.notes.append(f"{file}: dropped {dropped:,} event(s) with implausible times "
+                                  f"(data.validation.implausible_times: drop)")
+            return
+        found = self.sql(f"SELECT p.row, r.t, p.time FROM parsed p JOIN raw r ON p.row = r.row WHERE {outside} "
+                         f"ORDER BY p.row").fetchall()
+        if not found:
+            return
+        positions = [int(row) - 1 for row, _, _ in found]
+        values = dict(zip(positions, (self._as_read(value) for _, value, _ in found)))
+        raise implausible_times_error(positions, np.array([t for _, _, t in found]), values, file=file,
+                                      column=self.columns.time, settings=settings,
+                                      unit_hint="milliseconds" if self.time_format == "epoch_ms" else "seconds")
+
+    def _as_read(self, value: str):
+        """A time column's text as the in-memory reader's CSV parser holds it: numbers as int (a
+        column of integers) or float, dates as text; so that messages quote it alike."""
+        if self.time_format not in ("epoch", "epoch_ms"):
+            return value
+        if self.integer_times is None:
+            self.integer_times = bool(self.scalar(
+                "SELECT coalesce(bool_and(regexp_full_match(trim(t), '[+-]?[0-9]+')), true) FROM raw"))
+        return int(value) if self.integer_times else float(value)
 
     def _offenders(self, query: str) -> tuple[list[int], dict[int, object]] | None:
         """Every offending row of `query` (SELECT row, value ... ORDER BY row) as the in-memory
@@ -209,6 +251,17 @@ class _Preparer:
         if found is not None:
             raise offender_error(what, found[0], file=file, column=column)
 
+    def _epoch_reads_as_milliseconds(self) -> bool:
+        """`validation.detect_milliseconds` on the median of the column (only when every value is a
+        number, as the reader decides after its parse check)."""
+        settings = self.cfg.validation or DEFAULT_VALIDATION
+        low, high = settings.seconds_range()
+        unparsable, median = self.sql("SELECT count(*) FILTER (WHERE TRY_CAST(t AS DOUBLE) IS NULL), "
+                                      "median(TRY_CAST(t AS DOUBLE)) FROM raw").fetchall()[0]
+        if unparsable or median is None:
+            return False
+        return not (low <= median <= high) and low <= median / 1000.0 <= high
+
     def _time_expression(self, file: str) -> str:
         c = self.columns
         if c.time is None:
@@ -219,6 +272,10 @@ class _Preparer:
             numeric_share = self.scalar("SELECT avg(CASE WHEN TRY_CAST(t AS DOUBLE) IS NULL THEN 0 ELSE 1 END) "
                                         "FROM raw WHERE t IS NOT NULL")
             time_format = "epoch" if (numeric_share or 0) > 0.5 else "iso"
+            if time_format == "epoch" and self._epoch_reads_as_milliseconds():
+                time_format = "epoch_ms"
+                self.notes.append(f"{file}, column {c.time!r}: epoch values read as milliseconds (as seconds "
+                                  f"they are implausible; set time_format to say so)")
         self.time_format = time_format
         if time_format in ("epoch", "order"):
             return "TRY_CAST(r.t AS DOUBLE)"
@@ -326,45 +383,53 @@ class _Preparer:
 
     # ---- writing the arrays --------------------------------------------------------------------
     def write_split(self, split: str, new_index: np.ndarray, has_time: bool) -> dict:
-        from numpy.lib.format import open_memmap
-
-        n_events = self.scalar(f"SELECT count(*) FROM split_events WHERE split = '{split}'")
-        lengths_table = self.con.sql(f"""SELECT seq, count(*) AS n FROM split_events WHERE split = '{split}'
-                                         GROUP BY seq, seq_order ORDER BY seq_order""").to_arrow_table()
-        lengths = lengths_table.column("n").to_numpy().astype(np.int64)
-        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-        np.save(self.out_dir / f"{split}.offsets.npy", offsets)
-        pq.write_table(pa.table({"sequence": lengths_table.column("seq")}), self.out_dir / f"{split}.sequences.parquet")
-        del lengths_table
-        shape = (int(n_events),)
-        leaves = open_memmap(self.out_dir / f"{split}.leaves.npy", mode="w+", dtype=np.int64, shape=shape)
-        times = open_memmap(self.out_dir / f"{split}.times.npy", mode="w+", dtype=np.float64, shape=shape) \
-            if has_time else None
-        events = open_memmap(self.out_dir / f"{split}.events.npy", mode="w+", dtype=np.int64, shape=shape) \
-            if self.event_names else None
+        """The split's arrays, written in record batches of `batch_rows` through plain file writes:
+        neither a whole column nor the pages of a mapped output file are held in memory, so what
+        Python holds here does not grow with the log."""
+        n_events = int(self.scalar(f"SELECT count(*) FROM split_events WHERE split = '{split}'"))
+        n_sequences = int(self.scalar(f"SELECT count(DISTINCT seq_order) FROM split_events WHERE split = '{split}'"))
+        batch_rows = self.settings.batch_rows
+        # per sequence, in order: its original id (sequences.parquet), its end (offsets) and its
+        # first event (not a target)
+        lengths = self.con.sql(f"""SELECT seq, count(*) AS n FROM split_events WHERE split = '{split}'
+                                   GROUP BY seq, seq_order ORDER BY seq_order""").to_arrow_reader(batch_rows)
+        end, targets_written = 0, 0
+        with _NpyWriter(self.out_dir / f"{split}.offsets.npy", np.int64, n_sequences + 1) as offsets, \
+                _NpyWriter(self.out_dir / f"{split}.targets.npy", np.bool_, n_events) as targets, \
+                pq.ParquetWriter(self.out_dir / f"{split}.sequences.parquet",
+                                 pa.schema([("sequence", pa.string())])) as sequence_ids:
+            offsets.write(np.zeros(1, dtype=np.int64))
+            for batch in lengths:
+                if batch.num_rows == 0:
+                    continue
+                counts = batch.column(1).to_numpy().astype(np.int64)
+                ends = end + np.cumsum(counts)
+                offsets.write(ends)
+                sequence_ids.write_table(pa.table({"sequence": batch.column(0)}))
+                # every event but each sequence's first, in pieces of <= batch_rows events
+                starts = np.r_[end, ends[:-1]]
+                for piece_start in range(int(end), int(ends[-1]), batch_rows):
+                    piece_end = min(piece_start + batch_rows, int(ends[-1]))
+                    mask = np.ones(piece_end - piece_start, dtype=np.bool_)
+                    inside = starts[(starts >= piece_start) & (starts < piece_end)]
+                    mask[inside - piece_start] = False
+                    targets.write(mask)
+                targets_written += int(counts.sum() - (counts > 0).sum())
+                end = int(ends[-1])
+        if end != n_events:
+            raise DataError(f"internal: wrote {end} of {n_events} events of split {split}", file=str(self.out_dir))
         event_column = ", event" if self.event_names else ""
         reader = self.con.sql(f"""SELECT leaf, time{event_column} FROM split_events WHERE split = '{split}'
-                                  ORDER BY seq_order, time, row""").to_arrow_reader(self.settings.batch_rows)
-        at = 0
-        for batch in reader:
-            n = batch.num_rows
-            leaves[at:at + n] = new_index[batch.column(0).to_numpy()]
-            if times is not None:
-                times[at:at + n] = batch.column(1).to_numpy()
-            if events is not None:
-                events[at:at + n] = batch.column(2).to_numpy()
-            at += n
-        if at != n_events:
-            raise DataError(f"internal: wrote {at} of {n_events} events of split {split}", file=str(self.out_dir))
-        for array in (leaves, times, events):
-            if array is not None:
-                array.flush()
-        del leaves, times, events
-        targets = open_memmap(self.out_dir / f"{split}.targets.npy", mode="w+", dtype=bool, shape=shape)
-        targets[:] = True
-        targets[offsets[:-1][lengths > 0]] = False
-        targets.flush()
-        return {"sequences": int(len(lengths)), "events": int(n_events), "targets": int(n_events - (lengths > 0).sum())}
+                                  ORDER BY seq_order, time, row""").to_arrow_reader(batch_rows)
+        with _NpyWriter(self.out_dir / f"{split}.leaves.npy", np.int64, n_events) as leaves, \
+                _NpyWriter(self.out_dir / f"{split}.times.npy", np.float64, n_events, enabled=has_time) as times, \
+                _NpyWriter(self.out_dir / f"{split}.events.npy", np.int64, n_events,
+                           enabled=bool(self.event_names)) as events:
+            for batch in reader:
+                leaves.write(new_index[batch.column(0).to_numpy()])
+                times.write(batch.column(1).to_numpy())
+                events.write(batch.column(2).to_numpy() if self.event_names else None)
+        return {"sequences": n_sequences, "events": n_events, "targets": targets_written}
 
     def close(self) -> None:
         self.con.close()
@@ -372,6 +437,38 @@ class _Preparer:
 
         if self.settings.temp_dir is None:
             shutil.rmtree(self.spill, ignore_errors=True)
+
+
+class _NpyWriter:
+    """A 1-D .npy file of known length written piece by piece with ordinary writes (the page cache,
+    not this process, holds what was written); it checks on closing that exactly `length` items came."""
+
+    def __init__(self, path: Path, dtype, length: int, enabled: bool = True):
+        self.path, self.dtype, self.length, self.enabled, self.written = path, np.dtype(dtype), int(length), enabled, 0
+        self.file = None
+
+    def __enter__(self) -> "_NpyWriter":
+        if self.enabled:
+            from numpy.lib import format as npy
+
+            self.file = open(self.path, "wb")
+            npy.write_array_header_1_0(self.file, {"descr": npy.dtype_to_descr(self.dtype), "fortran_order": False,
+                                                   "shape": (self.length,)})
+        return self
+
+    def write(self, values) -> None:
+        if self.file is None:
+            return
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        values.tofile(self.file)
+        self.written += len(values)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.file is None:
+            return
+        self.file.close()
+        if kind is None and self.written != self.length:
+            raise DataError(f"internal: wrote {self.written} of {self.length} values", file=str(self.path))
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
@@ -497,6 +594,7 @@ def prepare(cfg, out_dir: str | Path, settings: PrepareSettings | None = None) -
         "has_time": columns.time is not None,
         "event_names": preparer.event_names,
         "reports": [report.to_dict() for report in preparer.reports],
+        "notes": preparer.notes,
         "protocol": "session_time",
         "protocol_description": description,
         "filters": {"min_sequence_length": min_length, "min_item_support": min_support, "mode": mode},
@@ -560,7 +658,8 @@ def load_prepared(cfg):
     info = {"source": "prepared", "prepared_from": str(folder), "protocol": manifest["protocol"],
             "protocol_description": manifest["protocol_description"], "filters": manifest["filters"],
             "events_after_filters": manifest["events_after_filters"], "cutoffs": manifest["cutoffs"],
-            "notes": [f"prepared by `hmtrec prepare` ({manifest['engine']}) from {sorted(manifest['files'])}"],
+            "notes": [*manifest.get("notes", []),
+                      f"prepared by `hmtrec prepare` ({manifest['engine']}) from {sorted(manifest['files'])}"],
             "n_items": taxonomy.n_leaves, "levels": manifest["levels"], "counts": manifest["counts"],
             "seconds": round(time.perf_counter() - started, 3)}
     logger.info("loaded prepared %s from %s in %.1fs: %s", manifest["name"], folder, info["seconds"], info["counts"])

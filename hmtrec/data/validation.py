@@ -258,23 +258,35 @@ def check_times(seconds: np.ndarray, raw: pd.Series, *, file: str, column: str,
     settings = settings or DEFAULT_VALIDATION
     low, high = settings.seconds_range()
     bad = (seconds < low) | (seconds > high)
-    if not bad.any():
+    if not bad.any() or settings.implausible_times == "drop":
         return ~bad
     positions = np.flatnonzero(bad)
-    as_ms = seconds[positions] / 1000.0
+    raise implausible_times_error(positions, seconds[positions], raw.to_numpy(dtype=object), file=file,
+                                  column=column, settings=settings, unit_hint=unit_hint,
+                                  first_line=first_line_of(raw))
+
+
+def implausible_times_error(positions: Sequence[int], seconds: np.ndarray, values, *, file: str, column: str,
+                            settings: ValidationConfig | None, unit_hint: str = "seconds",
+                            first_line: int | None = 2) -> DataError:
+    """The error naming implausible times: 0-based `positions`, their times in `seconds` (aligned
+    with `positions`) and the raw `values` (indexed by position). Shared by the in-memory readers
+    (`check_times`) and streaming preparation, so both word it alike."""
+    settings = settings or DEFAULT_VALIDATION
+    low, high = settings.seconds_range()
+    seconds = np.asarray(seconds, dtype=np.float64)
+    as_ms = seconds / 1000.0
     hint = ""
     if unit_hint == "seconds" and ((as_ms >= low) & (as_ms <= high)).any():
         hint = " (some look like milliseconds: set time_format: epoch_ms, or fix those rows)"
-    if settings.implausible_times == "drop":
-        return ~bad
     try:
-        when = f" = {datetime.fromtimestamp(float(seconds[positions[0]]), tz=timezone.utc):%Y-%m-%d}"
+        when = f" = {datetime.fromtimestamp(float(seconds[0]), tz=timezone.utc):%Y-%m-%d}"
     except (OverflowError, OSError, ValueError):
         when = ""
-    raise offender_error(
-        f"implausible timestamp {scalar(raw.iloc[positions[0]])!r}{when}: outside {settings.time_min} .. "
+    return offender_error(
+        f"implausible timestamp {scalar(values[positions[0]])!r}{when}: outside {settings.time_min} .. "
         f"{settings.time_max} (data.validation.time_min / time_max; implausible_times: drop removes them)"
-        f"{hint}", positions, raw.to_numpy(dtype=object), file=file, column=column, first_line=first_line_of(raw))
+        f"{hint}", positions, values, file=file, column=column, first_line=first_line)
 
 
 def detect_milliseconds(values: np.ndarray, settings: ValidationConfig | None) -> bool:

@@ -189,6 +189,31 @@ class HierarchicalHeads(nn.Module):
         target_logit = leaf_logits.gather(1, leaf_targets[:, None]).squeeze(1).float()
         return coarse_nll + within.gather(1, target_parent[:, None]).squeeze(1) - target_logit
 
+    def sampled_leaf_row_nll(self, logits: dict[str, torch.Tensor], leaf_query: torch.Tensor,
+                             leaf_targets: torch.Tensor, candidates: torch.Tensor, target_column: torch.Tensor,
+                             log_q: torch.Tensor, candidate_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """`leaf_row_nll` under the sampled softmax (`losses.sample_item_candidates`): the leaf
+        logits of the candidates only, lowered by their log-Q correction. Factorised: the coarse
+        head's exact -log p(c) plus -log p(item | c) over the candidates under the target's parent c
+        (the target is always one of them). `candidate_vectors`: the candidates' leaf vectors, for a
+        tied leaf head. logits: the coarse heads'; leaf_query [M, D] -> [M] float32."""
+        if self.tied_leaf_head:
+            weight, bias = candidate_vectors, self.leaf_bias[candidates]
+        else:
+            head = self.heads[self.taxonomy.leaf_level]
+            weight, bias = head.weight[candidates], head.bias[candidates]
+        leaf_logits = self._leaf_logits(leaf_query, weight, bias)
+        leaf_logits = leaf_logits - log_q.to(leaf_logits.dtype)
+        if not self.factorized:
+            return softmax_cross_entropy_rows(leaf_logits, target_column)
+        parent_level = self.levels[-2]
+        level = self.taxonomy.level_index(parent_level)
+        target_parent = self.leaf_ancestors[leaf_targets, level]
+        other_parent = self.leaf_ancestors[candidates, level][None, :] != target_parent[:, None]
+        within = leaf_logits.masked_fill(other_parent, float("-inf"))
+        return softmax_cross_entropy_rows(logits[parent_level], target_parent) + \
+            softmax_cross_entropy_rows(within, target_column)
+
     def sibling_term(self, leaf_logits: torch.Tensor, leaf_targets: torch.Tensor) -> torch.Tensor:
         """Per row [M]: ε · (s_target - mean logit of the target's siblings); 0 without siblings."""
         parent = self.sibling_parent
@@ -243,7 +268,7 @@ class HierarchicalHeads(nn.Module):
         term. `leaf_nll` [M], when given, is the leaf term per row in place of the leaf head's own
         (a model that mixes the leaf head with another distribution, as the copy mechanism does)."""
         targets = self.targets(leaf_targets)
-        total = logits[self.levels[0]].new_zeros((), dtype=torch.float32)
+        total = leaf_targets.new_zeros((), dtype=torch.float32)
         parts: dict[str, float] = {}
         leaf = self.taxonomy.leaf_level
         for level in self.levels:

@@ -19,6 +19,13 @@ Session-model techniques, each a switch (docs/hiersrec.md has the measured effec
 `exclude_seen` (history items rank last, for data without repeats).
 Hierarchy-to-item switches: `factorized` (p(item) = p(category) · p(item | category)) and
 `sibling_smoothing` (a little target mass on the item's siblings); both in `heads.py`.
+
+Large catalogues: `item_loss: sampled` trains the item head with the sampled softmax of
+`losses.sample_item_candidates` (the batch's target items plus `uniform_negatives`, log-Q
+corrected): a step builds leaf vectors only for its candidates and input items and scores
+[M, candidates], never the whole leaf table. With `factorized` the coarse head stays exact and
+p(item | category) is the sampled softmax over the candidates under the target's category.
+Prediction always scores the whole catalogue.
 """
 
 from __future__ import annotations
@@ -41,13 +48,14 @@ from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender, query_batch, target_positions
 from hmtrec.models.sequence.encoder import CausalTransformer
 from hmtrec.models.sequence.heads import HierarchicalHeads
+from hmtrec.models.sequence.losses import SampledLossParams, sample_item_candidates
 from hmtrec.models.sequence.prefixes import target_prefixes
 from hmtrec.models.sequence.readout import AttentionReadout, RepeatExplore
 from hmtrec.models.sequence.text import build_text_encoder
 from hmtrec.train.run_dir import get_logger
 
 
-class HierSRecParams(StrictModel):
+class HierSRecParams(SampledLossParams):
     dim: int = Field(64, ge=8, description="Transformer width.")
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1, description="Attention heads; must divide dim.")
@@ -144,6 +152,18 @@ class LeafVectors(nn.Module):
             parts.append(self.text.table())
         return self.project(torch.cat(parts, dim=1))
 
+    def rows(self, leaves: torch.Tensor) -> torch.Tensor:
+        """forward()[leaves] [len(leaves), dim], computed for those leaves only (the text table
+        excepted, which its encoders build whole)."""
+        parts = []
+        if self.item_ids is not None:
+            parts.append(self.item_ids(leaves))
+        for level, embedding in enumerate(self.levels):
+            parts.append(embedding(self.ancestors[leaves, level]))
+        if self.text is not None:
+            parts.append(self.text.table()[leaves])
+        return self.project(torch.cat(parts, dim=1))
+
 
 class HierSRec(SequenceRecommender):
     def __init__(self, taxonomy: Taxonomy, params: HierSRecParams, *, max_len: int,
@@ -172,6 +192,12 @@ class HierSRec(SequenceRecommender):
         if params.factorized and len(head_levels) < 2:
             raise ConfigError("key 'model.factorized': needs a coarse head to factorise the item scores "
                               f"through; model.head_levels is {head_levels}")
+        if params.item_loss == "sampled" and not has_item_head:
+            raise ConfigError("key 'model.item_loss': 'sampled' trains the item head; model.head_levels has none")
+        if params.item_loss == "sampled" and (params.sibling_smoothing or params.consistency_weight):
+            raise ConfigError("key 'model.item_loss': 'sampled' scores only the sampled items, while "
+                              "'model.sibling_smoothing' and 'model.consistency_weight' read the whole item "
+                              "distribution; use item_loss: full with them")
         self.encoder = CausalTransformer(params.dim, params.layers, params.heads, params.dropout, max_len)
         self.readout = None
         if params.readout == "attention":
@@ -247,13 +273,42 @@ class HierSRec(SequenceRecommender):
         return scores
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, targets, copied = self._forward(batch)
-        if copied is None:
-            return self.heads.loss(logits, targets)
-        leaf_nll = RepeatExplore.row_nll(self.heads.leaf_row_nll(logits, targets), *copied, targets)
+        if self.params.item_loss == "sampled":
+            logits, targets, copied, leaf_nll = self._sampled_forward(batch)
+        else:
+            logits, targets, copied = self._forward(batch)
+            if copied is None:
+                return self.heads.loss(logits, targets)
+            leaf_nll = self.heads.leaf_row_nll(logits, targets)
+        if copied is not None:
+            leaf_nll = RepeatExplore.row_nll(leaf_nll, *copied, targets)
         total, parts = self.heads.loss(logits, targets, leaf_nll=leaf_nll)
+        if copied is None:
+            return total, parts
         parts["repeat_share"] = float(copied[2][:, 0].detach().exp().mean())
         return total, parts
+
+    def _sampled_forward(self, batch: dict[str, torch.Tensor]):
+        """`_forward` for `item_loss: sampled`: leaf vectors of the candidates and the input items
+        only. -> (coarse logits, leaf targets [M], the copy mechanism's outputs or None, the item
+        head's sampled -log p(target) per row [M])."""
+        inputs = batch["inputs"]
+        targets = batch["targets"][target_positions(batch)]
+        candidates, target_column, log_q = sample_item_candidates(targets, self.taxonomy.n_leaves,
+                                                                  self.params.uniform_negatives)
+        valid = inputs != PAD
+        leaves, local = torch.unique(torch.cat([candidates, inputs[valid]]), return_inverse=True)
+        vectors = self.item_dropout(self.leaf_vectors.rows(leaves))
+        local_inputs = torch.full_like(inputs, PAD)
+        local_inputs[valid] = local[len(candidates):]
+        session, hidden, valid, at = self._encode({**batch, "inputs": local_inputs}, vectors)
+        copied = None
+        if self.repeat_explore is not None:
+            copied = self.repeat_explore(hidden, inputs, valid, at)
+        logits, leaf_query = self.heads.coarse_and_leaf_query(session)
+        leaf_nll = self.heads.sampled_leaf_row_nll(logits, leaf_query, targets, candidates, target_column, log_q,
+                                                   vectors[local[:len(candidates)]])
+        return logits, targets, copied, leaf_nll
 
 
 def exclude_history(leaf_scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

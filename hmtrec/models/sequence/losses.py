@@ -71,20 +71,17 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smo
     return _SoftmaxCrossEntropy.apply(logits, targets, float(label_smoothing), consume_logits)
 
 
-def sampled_softmax_cross_entropy(hidden: torch.Tensor, item_weight: torch.Tensor, item_bias: torch.Tensor | None,
-                                  targets: torch.Tensor, *, uniform_negatives: int = 0,
-                                  label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of each row's target against a shared candidate set: the distinct target items
-    of the batch (in-batch negatives) plus `uniform_negatives` items drawn uniformly with replacement
-    (torch's global generator, which the Trainer seeds per epoch, so runs resume identically).
+def sample_item_candidates(targets: torch.Tensor, n_items: int, uniform_negatives: int = 0
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled softmax's shared candidate set for targets [M] over a catalogue of n_items:
+    the batch's distinct target items (in-batch negatives) plus `uniform_negatives` items drawn
+    uniformly with replacement (torch's global generator, which the Trainer seeds per epoch, so runs
+    resume identically). -> (candidates [C], each row's target column [M], the log-Q correction [C]).
 
     Log-Q correction (Bengio & Senécal 2008; Yi et al., RecSys 2019): each candidate's logit is
     lowered by the log of how often it is expected among the candidates, M·p̂(j) + K/N, with p̂(j) the
     item's share of this batch's targets, so popular items, which are negatives far more often than
-    a full softmax would make them, are not pushed down too hard. Equal to the full softmax when
-    every item is a candidate and the correction is the same for all.
-    hidden [M, D], item_weight [N, D], item_bias [N] or None, targets [M] -> scalar."""
-    n_items = item_weight.shape[0]
+    a full softmax would make them, are not pushed down too hard."""
     candidates, target_column, counts = torch.unique(targets, return_inverse=True, return_counts=True)
     expected = counts.to(torch.float32)
     if uniform_negatives > 0:
@@ -92,21 +89,37 @@ def sampled_softmax_cross_entropy(hidden: torch.Tensor, item_weight: torch.Tenso
         extra = drawn[~torch.isin(drawn, candidates)].unique()
         candidates = torch.cat([candidates, extra])
         expected = torch.cat([expected, expected.new_zeros(len(extra))]) + uniform_negatives / n_items
+    return candidates, target_column, expected.log()
+
+
+def sampled_softmax_cross_entropy(hidden: torch.Tensor, item_weight: torch.Tensor, item_bias: torch.Tensor | None,
+                                  targets: torch.Tensor, *, uniform_negatives: int = 0,
+                                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of each row's target against a shared candidate set (`sample_item_candidates`:
+    in-batch targets plus uniform negatives, log-Q corrected). Equal to the full softmax when every
+    item is a candidate and the correction is the same for all.
+    hidden [M, D], item_weight [N, D], item_bias [N] or None, targets [M] -> scalar."""
+    candidates, target_column, log_q = sample_item_candidates(targets, item_weight.shape[0], uniform_negatives)
     logits = hidden @ item_weight[candidates].T
     if item_bias is not None:
         logits = logits + item_bias[candidates]
-    logits = logits - expected.log().to(logits.dtype)
+    logits = logits - log_q.to(logits.dtype)
     return softmax_cross_entropy(logits, target_column, label_smoothing, consume_logits=True)
 
 
-class ItemLossParams(StrictModel):
-    """The item-loss switch a model's parameters inherit (SASRec, GRU4Rec)."""
+class SampledLossParams(StrictModel):
+    """The item-loss switch of a model's parameters (HierSRec; SASRec and GRU4Rec through ItemLossParams)."""
 
     item_loss: Literal["full", "sampled"] = Field(
         "full", description="full: exact softmax over every item; sampled: softmax over the batch's target "
                             "items plus `uniform_negatives`, with log-Q correction (cheaper for large catalogues)")
     uniform_negatives: int = Field(0, ge=0, description="sampled loss: items drawn uniformly per batch beside "
                                                          "the in-batch negatives")
+
+
+class ItemLossParams(SampledLossParams):
+    """The item-loss switches a model's parameters inherit (SASRec, GRU4Rec)."""
+
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of the target mass spread "
                                                                      "uniformly over the classes")
 
