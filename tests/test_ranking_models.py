@@ -177,3 +177,23 @@ def test_embedding_l2_adds_the_mean_squared_norm_of_the_looked_up_embeddings():
     norm = regularised.embedding.field_embeddings(batch).pow(2).sum((1, 2)).mean()
     assert regularised.loss(batch)[0].item() == pytest.approx(plain.loss(batch)[0].item() + 0.5 * norm.item(),
                                                               rel=1e-5)
+
+
+def test_embedding_weight_decay_adds_lambda_times_each_row_to_its_gradient_even_for_rows_not_looked_up():
+    plain, rows = build("mmoe", linear=True)
+    decayed, _ = build("mmoe", linear=True, embedding_weight_decay=0.1)
+    batch = rows.batch(slice(0, 4))
+    with torch.no_grad():
+        plain.linear.weight.weight.normal_()
+    decayed.load_state_dict(plain.state_dict())
+    plain.train()
+    decayed.train()
+    plain.loss(batch)[0].backward()
+    decayed.loss(batch)[0].backward()
+    for get in (lambda m: m.embedding.table.weight, lambda m: m.linear.weight.weight):
+        extra = get(decayed).grad - get(plain).grad
+        assert torch.allclose(extra, 0.1 * get(decayed).detach(), atol=1e-6)
+    looked_up = (batch["categorical"] + decayed.embedding.offsets[:batch["categorical"].shape[1]]).unique()
+    untouched = torch.ones(decayed.embedding.table.num_embeddings, dtype=torch.bool)
+    untouched[looked_up] = False
+    assert untouched.any() and decayed.embedding.table.weight.grad[untouched].abs().sum() > 0

@@ -38,6 +38,12 @@ class RankingParams(StrictModel):
     # norm, summed over fields), added to the loss: the embedding regulariser of torch-rechub / FuxiCTR, which keeps
     # rare ids (seen a few times) near the "no information" origin instead of fitting their noise
     embedding_l2: float = Field(0.0, ge=0)
+    # weight decay on every embedding row (and `linear` term) at every step, as Adam's coupled
+    # `weight_decay` does in torch-rechub / Scenario-Wise-Rec (there on all parameters): λ/2 · the
+    # squared norm of the whole tables is added to the loss, so each row's gradient gains λ · row.
+    # Unlike `embedding_l2` it also reaches rows the batch does not look up, and Adam's scaling makes
+    # it pull rows that data rarely touches (rare users, zips) towards the "no information" origin
+    embedding_weight_decay: float = Field(0.0, ge=0)
     # a first-order ("wide") term per task: one learned scalar per id of every categorical column,
     # summed into the task's logit (logistic regression on ids, as in Wide & Deep / DeepFM). It
     # carries the item and user effects directly, so the network does not have to learn them
@@ -114,6 +120,11 @@ class RankingModel(nn.Module):
             if self.linear is not None:
                 penalty = penalty + self.linear.weight(batch["categorical"] + self.linear.offsets).pow(2).sum((1, 2)).mean()
             total = total + self.params.embedding_l2 * penalty
+        if self.params.embedding_weight_decay > 0:
+            tables = [self.embedding.table.weight, *(e.weight for e in self.embedding.multi.values())]
+            if self.linear is not None:
+                tables.append(self.linear.weight.weight)
+            total = total + 0.5 * self.params.embedding_weight_decay * sum(t.pow(2).sum() for t in tables)
         return total, {name: losses[i].detach() for i, name in enumerate(self.task_names)}
 
     @torch.no_grad()
