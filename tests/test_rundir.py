@@ -274,7 +274,9 @@ app(sys.argv[1:])
 def test_kill_9_then_resume_is_bit_identical(kind, tmp_path, request):
     if kind == "sequence":
         config = tmp_path / "c.yaml"
-        config.write_text(yaml.safe_dump(SEQUENCE))
+        # precision fixed: `auto` times a probe in each of the two runs, and on a busy machine the
+        # straight and the killed run could choose differently (a resumed run keeps its own choice)
+        config.write_text(yaml.safe_dump({**SEQUENCE, "train": {**SEQUENCE["train"], "precision": "fp32"}}))
         overrides = []
     elif kind == "geo":   # the shared Foursquare sample, two epochs
         config = REPO / "configs" / "geo" / "foursquare-nyc.yaml"
