@@ -43,6 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 CLIENTS = (1, 8, 32)
 MODES = {"full": {}, "candidates 5%": {"candidate_fraction": 0.05}}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+# how the two run directories of the published figures are made (before this script runs)
+RUN_DIRS = """*Run directories* (made before the command above, RUNS being their folder; each then
+`hmtrec export RUN_DIR --format onnx`):
+`hmtrec train -c configs/diginetica.yaml --set train.epoch_fraction=0.15 --set model.repeat_explore=false \
+--set "baselines=[]" --set "eval.segments=[]" -o RUNS/diginetica` (HierSRec dim 64, 2 layers, cascade,
+15% of one epoch, 824 s; test item R@20 0.252, MRR@20 0.062: a small model for latency, not for accuracy; its
+export about 1 minute) and `hmtrec train -c benchmarks/serve_synthetic_1m.yaml -o RUNS/synthetic-1m`
+(1,000,000 items under 50 > 2,000 categories, the same architecture, untrained: `train.epochs: 0`, latency only;
+1:47 to build, its export 2-4 minutes)."""
 
 # wrk: the bodies replayed in turn, the request bound, and the percentiles printed at the end
 WRK_SCRIPT = r"""
@@ -282,7 +291,7 @@ def main() -> None:
             f"shared: load average {load_before[0]:.1f} at the start, {load[0]:.1f} at the end (other jobs "
             f"inflate latency; 'server CPU ms/request' is the server's own CPU time per answered request). "
             f"'candidates 5%': items under the best categories until they cover 5% of the catalogue.\n\n"
-            + markdown_table(rows, float_format="{:.2f}"))
+            + RUN_DIRS + "\n\n" + markdown_table(rows, float_format="{:.2f}"))
     title = "Serving: latency and throughput of `hmtrec serve`"
     update_section(args.section, body, title=title if args.section == "serve-load" else f"{title} ({args.section})",
                    command="python " + " ".join(sys.argv))

@@ -18,9 +18,9 @@ def register(app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder (default RUN_DIR/onnx)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Which of the run's models."),
     ):
-        """Write encoder.onnx, items.onnx, items_full.onnx and manifest.json, checked against PyTorch
-        (the largest difference is printed and kept in the manifest); `hmtrec serve --backend onnx`
-        then runs them on ONNX Runtime."""
+        """Write encoder.onnx, items.onnx, items_full.onnx, items_rows.onnx and manifest.json, checked
+        against PyTorch (the largest difference is printed and kept in the manifest); `hmtrec serve
+        --backend onnx` then runs them on ONNX Runtime."""
         from hmtrec.errors import HmtrecError
 
         if format != "onnx":

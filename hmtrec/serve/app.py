@@ -233,6 +233,7 @@ class Batcher:
     batches: int = 0
     scored: int = 0
     executor: ThreadPoolExecutor | None = None    # the one scoring thread
+    draining: asyncio.Task | None = None
 
     async def submit(self, options: tuple, history: list[str], k: int) -> dict:
         loop = asyncio.get_running_loop()
@@ -241,7 +242,8 @@ class Batcher:
         if not self.busy:
             self.busy = True
             # started on the next turn of the loop: requests read in this turn join the first batch
-            loop.create_task(self._drain())
+            # (the reference keeps the task alive: the loop holds tasks only weakly)
+            self.draining = loop.create_task(self._drain())
         return await pending.future
 
     def _take(self) -> list[_Pending]:
