@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -308,6 +309,7 @@ def command_run(args) -> None:
                 batches = _count_steps(run)
                 row[label] = {**train, "epoch_fraction": fraction, "batches": batches,
                               "epoch_seconds": round(metrics["training"]["epoch_seconds"], 1),
+                              "epoch_cpu_seconds": round(metrics["training"]["history"][0]["epoch_cpu_seconds"], 1),
                               "seconds_per_batch": round(metrics["training"]["epoch_seconds"] / max(batches, 1), 3),
                               "item_recall20": metrics["full"][list(metrics["full"])[-1]]["Recall@20"],
                               "subcategory_recall20": metrics["full"]["subcategory"]["Recall@20"]}
@@ -347,32 +349,57 @@ def report_run(rows: dict, args) -> None:
     def epoch(row: dict, field: str, fmt: str) -> str:
         return format(row["epoch"][field], fmt) if "epoch" in row else "not run"
 
+    def cpu_per_batch(row: dict, label: str) -> float | None:
+        entry = row.get(label, {})
+        if "epoch_cpu_seconds" not in entry:   # rows measured before it was recorded: the kept run's log
+            metrics = Path(args.work) / f"run-{row['events']}-{label}" / "metrics.json"
+            if not metrics.exists():
+                return None
+            history = json.loads(metrics.read_text())["models"]["hiersrec"]["training"]["history"]
+            entry["epoch_cpu_seconds"] = history[0]["epoch_cpu_seconds"]
+        return entry["epoch_cpu_seconds"] / max(entry["batches"], 1)
+
     lines = [f"Synthetic logs over 1,000,000 items (20 categories > 1,000 subcategories; sessions of mean length 5 "
              f"over 30 days; CSV), `hmtrec prepare --memory-mb {args.memory_mb} --threads 2` (DuckDB), then "
              f"`hmtrec train` on the memory-mapped shards: HierSRec with every head (category, subcategory, "
              f"item; dim 32, 1 layer, no text), the item head trained with the sampled softmax (`model.item_loss: "
              f"sampled`, the batch's target items plus {args.negatives:,} uniform negatives, log-Q corrected), batch "
-             f"{args.batch_size}, bf16, 2 threads; test and valid = the sessions ending in the last 0.02 + 0.02 "
-             f"days, so that evaluation (over the whole catalogue) stays small. Each size: seconds per batch "
-             f"measured on the first {args.steps} batches (`train.epoch_fraction`), then one whole epoch. "
+             f"{args.batch_size} windows, bf16, 2 threads; test and valid = the sessions ending in the last 0.02 + "
+             f"0.02 days, so that evaluation (over the whole catalogue) stays small. Each size: the first "
+             f"{args.steps} batches of the epoch (`train.epoch_fraction`; the whole epoch's batch plan is built), "
+             "then, where this machine's time allowed, one whole epoch. Seconds per batch: the training loop's "
+             "process CPU seconds (both threads) per batch, and in brackets wall seconds, which on this machine "
+             "shared with other jobs (load average 8-10 during these runs) are 4-6 times the CPU seconds. "
              "Peak RSS is the child process's ru_maxrss; in brackets the peaks of its anonymous memory and of "
              "its file-backed pages (/proc/self/status RssAnon / RssFile, sampled every 0.2 s), which for "
              "training are mostly the memory-mapped shards' pages it touched (the kernel may drop them again). "
-             f"Machine: {machine()}; wall times on a machine shared with other jobs are upper bounds.", "",
+             f"Machine: {machine()}.", "",
              "| events | CSV GB | prepare s | prepare peak RSS MB (anon / file) | train events kept | items kept | "
-             "s per batch | batches per epoch | epoch s | epoch run s (load, train, test) | "
-             "epoch peak RSS MB (anon / file) | test item Recall@20 |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             f"batches per epoch | CPU s per batch (wall) | first {args.steps} batches + test: run s, peak RSS MB "
+             "(anon / file) | whole epoch: epoch s, peak RSS MB (anon / file) | test item Recall@20 after the "
+             "epoch |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|"]
     for key in sorted(rows, key=int):
         r = rows[key]
         if "prepare" not in r or "peak_anon_mb" not in r["prepare"]:
             continue
-        per_batch = f"{r['steps']['seconds_per_batch']:.2f}" if "steps" in r else "not run"
+        batches = f"{r['epoch']['batches']:,}" if "epoch" in r else \
+            f"≈{math.ceil(r['train_sequences'] / args.batch_size):,}"
+        label = "epoch" if "epoch" in r else "steps"
+        cpu = cpu_per_batch(r, label) if label in r else None
+        per_batch = "not run" if label not in r else \
+            f"{cpu:.2f} ({r[label]['seconds_per_batch']:.1f})" if cpu is not None else f"({r[label]['seconds_per_batch']:.1f})"
+        steps = f"{r['steps']['seconds']:,.0f} s, {rss(r['steps'])}" if "steps" in r else "not run"
+        if "epoch" in r:
+            epoch_cell = f"{r['epoch']['epoch_seconds']:,.0f} s, {rss(r['epoch'])}"
+            recall = f"{r['epoch']['item_recall20']:.4f}"
+        else:
+            hours = (cpu or 0) * math.ceil(r["train_sequences"] / args.batch_size) / 3600
+            epoch_cell = f"not run (≈{hours:.1f} CPU hours at that rate)" if cpu else "not run"
+            recall = "n/a"
         lines.append(f"| {r['events']:,} | {r['log_gb']:.2f} | {r['prepare']['seconds']:.0f} | {rss(r['prepare'])} | "
-                     f"{r['train_events']:,} | {r['items_kept']:,} | {per_batch} | {epoch(r, 'batches', ',')} | "
-                     f"{epoch(r, 'epoch_seconds', ',.0f')} | "
-                     f"{format(r['epoch']['seconds'], ',.0f') if 'epoch' in r else 'not run'} | "
-                     f"{rss(r['epoch']) if 'epoch' in r else 'not run'} | {epoch(r, 'item_recall20', '.4f')} |")
+                     f"{r['train_events']:,} | {r['items_kept']:,} | {batches} | {per_batch} | {steps} | "
+                     f"{epoch_cell} | {recall} |")
     others = sorted({int(m) for r in rows.values() for m in r.get("prepare_at", {})})
     if others:
         lines += ["", f"`hmtrec prepare` alone on the same logs under other `--memory-mb` settings (DuckDB's "

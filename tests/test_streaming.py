@@ -188,3 +188,20 @@ def test_implausible_times_fail_drop_and_read_as_milliseconds_like_the_reader(tm
     streamed = load_data(DataConfig(source="prepared", path=str(tmp_path / "shards-ms")))
     assert_same(memory, streamed)
     assert any("read as milliseconds" in n for n in streamed.info["notes"])
+
+
+@pytest.mark.parametrize("values", [[1, 2, 3], [1, 5, 6, 9], [2, 4], [4, 4, 4, 4], [7], [1, 3, 5, 7, 100, 200]])
+def test_the_median_test_of_the_milliseconds_rule_matches_numpy(tmp_path, values):
+    """Prepare decides `detect_milliseconds` without DuckDB's median (which holds the column in memory)."""
+    import duckdb
+
+    from hmtrec.data.streaming import _Preparer
+
+    preparer = _Preparer.__new__(_Preparer)
+    preparer.con = duckdb.connect()
+    preparer.settings = PrepareSettings()
+    preparer.con.execute("CREATE TABLE raw AS SELECT CAST(v AS VARCHAR) AS t FROM unnest(?) AS u(v)", [values])
+    median = float(np.median(values))
+    for bound in sorted({*values, median, median - 0.5, median + 0.5, min(values) - 1, max(values) + 1}):
+        assert preparer._median_beyond("TRY_CAST(t AS DOUBLE)", len(values), bound, below=True) == (median <= bound)
+        assert preparer._median_beyond("TRY_CAST(t AS DOUBLE)", len(values), bound, below=False) == (median >= bound)

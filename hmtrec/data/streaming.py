@@ -93,7 +93,14 @@ class _Preparer:
         self.implausible_dropped = 0
 
     def sql(self, query: str, *params):
-        return self.con.execute(query, list(params) if params else None)
+        import duckdb
+
+        try:
+            return self.con.execute(query, list(params) if params else None)
+        except duckdb.OutOfMemoryException as error:
+            raise ConfigError(f"--memory-mb {self.settings.memory_mb}: DuckDB ran out of memory "
+                              f"({_first_line(error)}); give it more (--memory-mb) or fewer threads "
+                              f"(--threads)") from None
 
     def scalar(self, query: str, *params):
         return self.sql(query, *params).fetchall()[0][0]  # fetch all: DuckDB wants results finished
@@ -252,15 +259,42 @@ class _Preparer:
             raise offender_error(what, found[0], file=file, column=column)
 
     def _epoch_reads_as_milliseconds(self) -> bool:
-        """`validation.detect_milliseconds` on the median of the column (only when every value is a
-        number, as the reader decides after its parse check)."""
+        """`validation.detect_milliseconds` (the median read as seconds is implausible, read as
+        milliseconds plausible), decided with counts, minima and maxima only: DuckDB's median holds
+        the whole column in memory, past any memory limit."""
         settings = self.cfg.validation or DEFAULT_VALIDATION
         low, high = settings.seconds_range()
-        unparsable, median = self.sql("SELECT count(*) FILTER (WHERE TRY_CAST(t AS DOUBLE) IS NULL), "
-                                      "median(TRY_CAST(t AS DOUBLE)) FROM raw").fetchall()[0]
-        if unparsable or median is None:
+        value = "TRY_CAST(t AS DOUBLE)"
+        if self.scalar(f"SELECT count(*) FROM raw WHERE {value} IS NULL"):
+            return False   # the parse check names those rows
+        n = self.scalar("SELECT count(*) FROM raw")
+        if n == 0:
             return False
-        return not (low <= median <= high) and low <= median / 1000.0 <= high
+
+        def median_at_least(bound: float) -> bool:
+            return self._median_beyond(value, n, bound, below=False)
+
+        def median_at_most(bound: float) -> bool:
+            return self._median_beyond(value, n, bound, below=True)
+
+        as_seconds = median_at_least(low) and median_at_most(high)
+        as_milliseconds = median_at_least(1000.0 * low) and median_at_most(1000.0 * high)
+        return not as_seconds and as_milliseconds
+
+    def _median_beyond(self, value: str, n: int, bound: float, below: bool) -> bool:
+        """Is np.median of `value` over `raw` (n rows, none null) <= bound (below) or >= bound?"""
+        outside = f"{value} > {bound!r}" if below else f"{value} < {bound!r}"
+        count = self.scalar(f"SELECT count(*) FROM raw WHERE {outside}")
+        half = n // 2
+        if n % 2:
+            return count <= half
+        if count != half:
+            return count < half
+        # the two middle values straddle the bound: their mean decides
+        inner, outer = self.sql(f"SELECT {'max' if below else 'min'}({value}) FILTER (WHERE NOT ({outside})), "
+                                f"{'min' if below else 'max'}({value}) FILTER (WHERE {outside}) FROM raw").fetchall()[0]
+        middle = (inner + outer) / 2
+        return middle <= bound if below else middle >= bound
 
     def _time_expression(self, file: str) -> str:
         c = self.columns
