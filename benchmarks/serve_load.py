@@ -88,16 +88,24 @@ def pinned(command: list[str], cpus: str | None) -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process (all its threads) and of its living child processes (the workers
+    of `hmtrec serve --workers N`)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:                       # a process that ended meanwhile
+            continue
+        if stat.parent.name == str(pid) or int(fields[1]) == pid:   # fields[1]: the parent's pid
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(run_dir: Path, backend: str, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HMTREC_PROGRESS": "0", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "hmtrec.cli", "serve", str(run_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--backend", backend, "--threads", str(args.threads),
+               "--port", str(port), "--backend", backend, "--threads", str(args.threads), "--workers", str(args.workers),
                "--batch-wait-ms", str(args.batch_wait_ms), "--unknown", "ignore"]
     process = subprocess.Popen(pinned(command, args.server_cpus), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -255,6 +263,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000, help="most requests per (setting, clients)")
     parser.add_argument("--seconds", type=float, default=8.0, help="longest time per (setting, clients)")
     parser.add_argument("--threads", type=int, default=1, help="scoring threads of the server")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes (hmtrec serve --workers)")
     parser.add_argument("--batch-wait-ms", type=float, default=0.0)
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator (auto: wrk when installed)")
@@ -284,8 +293,8 @@ def main() -> None:
               else "raw asyncio HTTP/1.1 streams in the harness process")
     pins = (f"; taskset: server on CPU {args.server_cpus or 'any'}, clients on CPU {args.client_cpus or 'any'}"
             if args.server_cpus or args.client_cpus else "")
-    body = (f"Closed-loop clients (no think time) on loopback against one `hmtrec serve` process (uvicorn, one "
-            f"worker, `--threads {args.threads}` for scoring, `--batch-wait-ms {args.batch_wait_ms:g}`), load from "
+    body = (f"Closed-loop clients (no think time) on loopback against `hmtrec serve` (uvicorn, "
+            f"`--workers {args.workers}`, `--threads {args.threads}` for scoring, `--batch-wait-ms {args.batch_wait_ms:g}`), load from "
             f"{client}{pins}; POST /recommend with k=20, histories of 1-20 random catalogue items; at most "
             f"{args.requests} requests or {args.seconds:.0f} s per row, after a warm-up. Machine: {machine()}, "
             f"shared: load average {load_before[0]:.1f} at the start, {load[0]:.1f} at the end (other jobs "

@@ -344,3 +344,35 @@ def test_serve_listens_on_loopback_only_by_default(sequence_run, items):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_several_worker_processes_share_the_port_and_answer_alike(sequence_run, items):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HMTREC_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    body = {"history": items[:4], "k": 5}
+    expected = TestClient(create_app(sequence_run.path)).post("/recommend", json=body).json()
+    server = subprocess.Popen([sys.executable, "-m", "hmtrec.cli", "serve", str(sequence_run.path), "--port",
+                               str(port), "--workers", "2", "--threads", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        workers = [int(line.split()[0]) for line in subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(server.pid)], capture_output=True, text=True).stdout.split()
+            if line.strip()]
+        assert len(workers) >= 2          # the two workers (uvicorn may add a resource tracker)
+        for _ in range(6):                # fresh connections: the kernel hands them to either worker
+            answer = httpx.post(f"http://127.0.0.1:{port}/recommend", json=body, timeout=30)
+            assert answer.status_code == 200
+            assert [item["id"] for item in answer.json()["items"]] == [item["id"] for item in expected["items"]]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

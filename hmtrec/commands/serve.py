@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                               help="torch / ONNX Runtime threads of the scoring thread "
                                                    "(default: all cores; 1 leaves the others to the HTTP loop)."),
+        workers: int = typer.Option(1, "--workers", min=1,
+                                    help="Server processes sharing the port, each with its own copy of the model "
+                                         "(on a machine with several cores, one per core with --threads 1)."),
     ):
         """Serve POST /recommend (sequence runs) or POST /rank (ranking runs), GET /health and GET /model;
         the OpenAPI schema is at /openapi.json and the interactive docs at /docs."""
@@ -47,6 +50,13 @@ def register(app: typer.Typer) -> None:
         settings = ServeSettings(api_key=api_key or None, backend=backend, max_k=max_k, max_history=max_history,
                                  max_rows=max_rows, max_body_bytes=max_body_bytes, unknown=unknown,
                                  batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads)
-        service = create_app(run_dir, settings)
-        uvicorn.run(service, host=host, port=port, log_level=os.environ.get("HMTREC_SERVE_LOG", "warning"),
-                    access_log=False)
+        log_level = os.environ.get("HMTREC_SERVE_LOG", "warning")
+        if workers == 1:
+            uvicorn.run(create_app(run_dir, settings), host=host, port=port, log_level=log_level, access_log=False)
+            return
+        from hmtrec.serve.app import WORKER_ENV, servable_run, worker_environment
+
+        servable_run(run_dir)          # a run that cannot be served fails here, before any worker starts
+        os.environ[WORKER_ENV] = worker_environment(run_dir, settings)
+        uvicorn.run("hmtrec.serve.app:worker_app", factory=True, workers=workers, host=host, port=port,
+                    log_level=log_level, access_log=False)

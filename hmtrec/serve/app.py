@@ -26,10 +26,12 @@ schema, /docs and the other endpoints.
 
 import asyncio
 import hmac
+import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -372,14 +374,36 @@ def fast_json_route(model: type[BaseModel], answer, settings: ServeSettings):
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
 # and the request bodies are classes made per server (its limits are in their schema)
+def servable_run(run_dir: str | Path) -> tuple[RunDir, dict]:
+    """The run directory and its run info, if `hmtrec serve` can serve it (finished, sequence or
+    ranking); otherwise a one-line error."""
+    run = RunDir(run_dir)
+    info = run.require_done("`hmtrec serve`")
+    if info["kind"] not in ("sequence", "ranking"):
+        raise HmtrecError(f"{run.path} holds a {info['kind']!r} run; `hmtrec serve` serves sequence and ranking runs")
+    return run, info
+
+
+# `hmtrec serve --workers N`: uvicorn starts each worker process from an import string, so the run
+# directory and the settings reach the workers through this environment variable.
+WORKER_ENV = "HMTREC_SERVE_WORKER"
+
+
+def worker_environment(run_dir: str | Path, settings: ServeSettings) -> str:
+    return json.dumps({"run_dir": str(Path(run_dir).resolve()), "settings": asdict(settings)})
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (uvicorn's factory for `--workers`)."""
+    described = json.loads(os.environ[WORKER_ENV])
+    return create_app(described["run_dir"], ServeSettings(**described["settings"]))
+
+
 def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The service for one finished run directory (sequence: /recommend, ranking: /rank)."""
     settings = settings or ServeSettings()
-    run = RunDir(run_dir)
-    info = run.require_done("`hmtrec serve`")
+    run, info = servable_run(run_dir)
     kind = info["kind"]
-    if kind not in ("sequence", "ranking"):
-        raise HmtrecError(f"{run.path} holds a {kind!r} run; `hmtrec serve` serves sequence and ranking runs")
     _set_threads(settings.threads)
     started = time.time()
     state: dict[str, Any] = {}
