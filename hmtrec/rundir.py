@@ -109,9 +109,10 @@ def _with_current_defaults(saved: dict) -> dict:
     """A saved config as this version resolves it: a key added since, at its default, changes
     nothing the run did. A config this version no longer accepts is compared as it was saved."""
     from hmtrec.config import build_config
+    from hmtrec.models.registry import saved_config_as_trained
 
     try:
-        return build_config(saved).model_dump(mode="json")
+        return build_config(saved_config_as_trained(saved)).model_dump(mode="json")
     except Exception:  # noqa: BLE001 - an unreadable old config is compared key by key below
         return saved
 
@@ -468,6 +469,9 @@ class RunDir:
         if not isinstance(raw, dict):
             raise ArtefactError(self.config_path, "is not a config mapping",
                                 "the file is damaged: restore it or rerun `hmtrec train`")
+        from hmtrec.models.registry import saved_config_as_trained
+
+        raw = saved_config_as_trained(raw)
         for key, value in parse_overrides(overrides):
             _set_dotted(raw, key, value)
         return build_config(raw, str(self.config_path))

@@ -313,3 +313,21 @@ def test_kill_9_then_resume_is_bit_identical(kind, tmp_path, request):
         assert [h["loss"] for h in metrics[0]["history"]] == [h["loss"] for h in metrics[1]["history"]]
     else:
         assert metrics[0]["test"] == metrics[1]["test"]
+
+
+def test_a_run_saved_before_a_switch_existed_reads_as_it_was_trained(sequence_run, tmp_path):
+    run_dir, _ = sequence_run
+    assert RunDir(run_dir).read_config().model["repeat_explore"] is True      # today's default, saved
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.yaml", "run.json"):
+        (old / name).write_bytes((run_dir / name).read_bytes())
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    del saved["model"]["repeat_explore"]            # as written by a version without the switch
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert RunDir(old).read_config().model["repeat_explore"] is False
+    # and the same-run check compares it as trained: today's config (repeat_explore true) differs
+    with pytest.raises(ConfigError, match="repeat_explore"):
+        RunDir(old).check_same_run(sequence_config())
+    explicit = sequence_config(model={**SEQUENCE["model"], "repeat_explore": False})
+    RunDir(old).check_same_run(explicit)

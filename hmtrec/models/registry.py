@@ -77,3 +77,30 @@ def build_model(entry: ModelEntry, params: StrictModel, **context) -> Any:
         names = {parameter.name for parameter in parameters}
         context = {key: value for key, value in context.items() if key in names}
     return entry.builder(params, **context)
+
+
+def with_keys_added_since(section: Any) -> Any:
+    """A model mapping from a saved run's config, with every parameter added to that model since the
+    run was saved filled in as the run behaved (the params class's `behaviour_before_added`), so that
+    a changed default does not silently change what an old run directory means. Anything that is not
+    a known model's mapping is returned as it is (validation reports it)."""
+    if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+        return section
+    for family in MODELS:
+        _import_family(family)
+        entry = MODELS[family].get(section["name"])
+        if entry is not None:
+            added = getattr(entry.params, "behaviour_before_added", {})
+            return {**{key: value for key, value in added.items() if key not in section}, **section}
+    return section
+
+
+def saved_config_as_trained(raw: dict) -> dict:
+    """A saved run config (the mapping of config.yaml) with with_keys_added_since applied to its
+    model and to every baseline."""
+    raw = dict(raw)
+    if "model" in raw:
+        raw["model"] = with_keys_added_since(raw["model"])
+    if isinstance(raw.get("baselines"), list):
+        raw["baselines"] = [with_keys_added_since(spec) for spec in raw["baselines"]]
+    return raw

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -56,6 +56,10 @@ from hmtrec.train.run_dir import get_logger
 
 
 class HierSRecParams(SampledLossParams):
+    # a saved run's config without one of these keys was trained before the key existed, with the
+    # behaviour of this value (not today's default)
+    behaviour_before_added: ClassVar[dict[str, Any]] = {"repeat_explore": False}
+
     dim: int = Field(64, ge=8, description="Transformer width.")
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1, description="Attention heads; must divide dim.")
