@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 CLIENTS = (1, 8, 32)
 MODES = {"full": {}, "candidates 5%": {"candidate_fraction": 0.05}}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")

@@ -376,3 +376,16 @@ def test_several_worker_processes_share_the_port_and_answer_alike(sequence_run, 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_serving_process_freezes_what_it_loaded(sequence_run):
+    import gc
+
+    from hmtrec.serve.app import freeze_loaded
+
+    app = create_app(sequence_run.path)
+    assert gc.get_freeze_count() == 0          # create_app alone leaves the collector as it was
+    try:
+        assert freeze_loaded(app) is app and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

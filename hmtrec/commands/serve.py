@@ -52,7 +52,10 @@ def register(app: typer.Typer) -> None:
                                  batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads)
         log_level = os.environ.get("HMTREC_SERVE_LOG", "warning")
         if workers == 1:
-            uvicorn.run(create_app(run_dir, settings), host=host, port=port, log_level=log_level, access_log=False)
+            from hmtrec.serve.app import freeze_loaded
+
+            uvicorn.run(freeze_loaded(create_app(run_dir, settings)), host=host, port=port, log_level=log_level,
+                        access_log=False)
             return
         from hmtrec.serve.app import WORKER_ENV, servable_run, worker_environment
 
