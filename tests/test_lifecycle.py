@@ -6,9 +6,6 @@ evaluation keys, and a model of another family is refused before anything is tra
 import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -19,7 +16,7 @@ from hmtrec.models.families import GEO_ACTIONS, MULTI_TASK_ROWS, SEQUENCE_WINDOW
 from hmtrec.rundir import default_run_dir
 
 from test_ranking_pipeline import write_config as write_ranking_config
-from test_rundir import SEQUENCE
+from test_rundir import SEQUENCE, lock_held_elsewhere
 
 KINDS = ["sequence", "ranking", "geo"]
 GEO_QUICK = ["data.max_sequences=40", "examples.max_targets=200", "train.epochs=1", "eval.max_targets=100",
@@ -92,22 +89,11 @@ def test_a_config_of_another_kind_is_refused(trained, tmp_path):
 
 def test_one_process_at_a_time(trained):
     kind, folder, data_dir, run_dir, _ = trained
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, os, time
-        handle = os.open({str(run_dir / '.lock')!r}, os.O_RDWR)
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        print('locked', flush=True)
-        time.sleep(30)
-        """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(run_dir):
         with pytest.raises(HmtrecError, match="another hmtrec process"):
             lifecycle.get_kind(kind).train(small_config(kind, folder, data_dir), run_dir)
         with pytest.raises(HmtrecError, match="another hmtrec process"):
             lifecycle.get_kind(kind).evaluate(run_dir, [])
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_the_same_config_resumes_and_evaluate_reproduces_the_metrics(trained):

@@ -1,6 +1,7 @@
 """The run directory's guarantees (issue 16): one test per defect found by attacking it, plus the
 kill -9 resume of every kind staying bit-identical."""
 
+import contextlib
 import errno
 import json
 import os
@@ -137,23 +138,30 @@ def test_the_default_run_directory_is_named_from_the_config():
     assert default_run_dir(sequence_config(train={**SEQUENCE["train"], "lr": 0.01}), "configs/small.yaml") != first
 
 
-def test_one_process_at_a_time_per_run_directory(tmp_path):
+@contextlib.contextmanager
+def lock_held_elsewhere(run_dir: Path):
+    """Another process holding `run_dir`'s lock for the duration of the block."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import fcntl, os, sys, time
-        os.makedirs({str(tmp_path / 'run')!r}, exist_ok=True)
-        handle = os.open({str(tmp_path / 'run' / '.lock')!r}, os.O_RDWR | os.O_CREAT)
+        os.makedirs({str(run_dir)!r}, exist_ok=True)
+        handle = os.open({str(run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)
         fcntl.flock(handle, fcntl.LOCK_EX)
         print('locked', flush=True)
         time.sleep(30)
         """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(HmtrecError, match="another hmtrec process"):
-            RunDir.begin(tmp_path / "run", sequence_config(), models=["hiersrec"])
-        assert not (tmp_path / "run" / "run.json").exists()
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_one_process_at_a_time_per_run_directory(tmp_path):
+    with lock_held_elsewhere(tmp_path / "run"):
+        with pytest.raises(HmtrecError, match="another hmtrec process"):
+            RunDir.begin(tmp_path / "run", sequence_config(), models=["hiersrec"])
+        assert not (tmp_path / "run" / "run.json").exists()
     RunDir.begin(tmp_path / "run", sequence_config(), models=["hiersrec"]).close()   # free again
 
 

@@ -28,9 +28,9 @@ GEO_ACTIONS = "geo action streams"
 MULTI_TASK_ROWS = "multi-task rows"
 
 
-@runtime_checkable
-class SequenceWindowModel(Protocol):
-    """Trained on causal windows (when `trainable`), else fitted; scores the next event."""
+class _LevelModel(Protocol):
+    """What every model predicting on taxonomy levels has: trained (when `trainable`) or fitted,
+    log-probabilities per level."""
 
     batch_contracts: tuple[str, ...]
     trainable: bool
@@ -43,25 +43,18 @@ class SequenceWindowModel(Protocol):
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@runtime_checkable
+class SequenceWindowModel(_LevelModel, Protocol):
+    """Trained on causal windows (when `trainable`), else fitted; scores the next event."""
 
     def score_next(self, histories: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
 @runtime_checkable
-class GeoActionModel(Protocol):
+class GeoActionModel(_LevelModel, Protocol):
     """Trained on (or fitted to) action-stream examples; log-probabilities per level per example."""
-
-    batch_contracts: tuple[str, ...]
-    trainable: bool
-
-    @property
-    def levels(self) -> list[str]: ...
-
-    def fit(self, train) -> None: ...
-
-    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
 @runtime_checkable
