@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from hmtrec.bench.report import markdown_table, update_section  # noqa: E402
 from hmtrec.config import load_config  # noqa: E402
 from hmtrec.models.registry import validate_model_params  # noqa: E402
-from hmtrec.train.run_dir import read_json  # noqa: E402
+from hmtrec.rundir import read_json  # noqa: E402
 
 CONFIG = REPO / "configs" / "geo" / "foursquare-nyc.yaml"
 MAIN = {"multi-level": [], "single-level (cell)": ["model.levels=[cell]"]}

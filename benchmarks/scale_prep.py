@@ -335,7 +335,7 @@ def _save_row(results_file: Path, rows: dict, key: str) -> None:
 
 def _count_steps(run: Path) -> int:
     """Batches the epoch trained (the step counter of the run's last checkpoint)."""
-    from hmtrec.train.run_dir import load_tensors
+    from hmtrec.rundir import load_tensors
 
     return int(load_tensors(run / "checkpoint.pt")["state"]["step"])
 

@@ -411,6 +411,6 @@ def write_summary(spec: TuneSpec, study: optuna.Study, out_dir: Path) -> None:
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
                            "run_dir": best.user_attrs.get("run_dir")}
         dump_config(spec.trial_config(best.params), out_dir / "best.yaml")
-    from hmtrec.train.run_dir import write_json
+    from hmtrec.rundir import write_json
 
     write_json(out_dir / "tune.json", summary)

@@ -11,7 +11,7 @@ from hmtrec.config import load_config
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.pipelines import get_pipeline
 from hmtrec.serve.geo_suggest import GeoSuggester, parse_history
-from hmtrec.train.run_dir import read_json
+from hmtrec.rundir import read_json
 
 QUICK = ["data.max_sequences=60", "examples.max_targets=300", "train.epochs=1", "eval.max_targets=150",
          "train.valid_max_targets=150",

@@ -277,7 +277,7 @@ def test_pop_ranks_by_training_counts_at_every_level():
 # ---- MiniLM text option ---------------------------------------------------------------------
 def test_minilm_vectors_are_read_from_the_run_cache_and_frozen(tmp_path):
     from hmtrec.models.sequence.text import SENTENCE_EMBEDDINGS_FILE, _text_fingerprint
-    from hmtrec.train.run_dir import save_weights
+    from hmtrec.rundir import save_weights
 
     vectors = torch.randn(len(TEXTS), 384)
     save_weights(tmp_path / SENTENCE_EMBEDDINGS_FILE, {"embeddings": vectors})

@@ -11,7 +11,7 @@ import yaml
 from hmtrec.config import build_config, load_config
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.pipelines import get_pipeline
-from hmtrec.train.run_dir import load_tensors
+from hmtrec.rundir import load_tensors
 
 SMALL = {
     "kind": "sequence",

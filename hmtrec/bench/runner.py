@@ -23,7 +23,7 @@ from hmtrec.config import build_config
 from hmtrec.errors import ConfigError
 from hmtrec.models.registry import validate_model_params
 from hmtrec.progress import console
-from hmtrec.train.run_dir import read_json, write_json
+from hmtrec.rundir import read_json, write_json
 
 
 @dataclass

@@ -20,7 +20,7 @@ from hmtrec.calibrate.calibrators import CalibrationChain, build_chain
 from hmtrec.calibrate.scores import ScoreTable
 from hmtrec.config import StrictModel
 from hmtrec.errors import ConfigError, DataError
-from hmtrec.train.run_dir import get_logger, read_json, write_json
+from hmtrec.rundir import get_logger, read_json, write_json
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "hmtrec.calibration"

@@ -21,7 +21,7 @@ from hmtrec.calibrate.plots import reliability_diagram
 from hmtrec.calibrate.scores import ScoreTable
 from hmtrec.config import StrictModel
 from hmtrec.errors import ConfigError
-from hmtrec.train.run_dir import write_json
+from hmtrec.rundir import write_json
 
 RAW = "raw"
 METRIC_COLUMNS = ["rows", "positives", "base_rate", "mean_predicted", "ece", "brier", "ratio", "log_loss",

@@ -26,7 +26,7 @@ from hmtrec.calibrate.tuning import (MEMORY, TuningSettings, WeightRange, best_s
 from hmtrec.calibrate.utility import Constraints, Objective, Transform, UtilityEvaluator
 from hmtrec.config import StrictModel, dump_config, register_config
 from hmtrec.errors import ConfigError, DataError
-from hmtrec.train.run_dir import close_run_dir, get_logger, open_run_dir, write_json
+from hmtrec.rundir import close_run_dir, get_logger, open_run_dir, write_json
 
 VALID_PREDICTIONS = "predictions_valid.csv"
 TEST_PREDICTIONS = "predictions_test.csv"

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from hmtrec.config import StrictModel
 from hmtrec.data.sequences import PAD, SequenceData
 from hmtrec.errors import ConfigError, DataError
-from hmtrec.train.run_dir import get_logger
+from hmtrec.rundir import get_logger
 
 DAY_SECONDS = 86_400.0
 ACTIVE, DORMANT = 0, 1

@@ -28,7 +28,7 @@ import torch
 
 from hmtrec.config import StrictModel
 from hmtrec.errors import DataError
-from hmtrec.train.run_dir import get_logger, read_json, write_json
+from hmtrec.rundir import get_logger, read_json, write_json
 
 OOV = 0            # categorical: out-of-vocabulary index
 MULTI_PAD = 0      # multi-valued: padding index (ignored when pooling)

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from hmtrec.train.run_dir import LOGGER_NAME
+from hmtrec.rundir import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
 

@@ -33,7 +33,7 @@ from hmtrec.data.splits import (SplitFrames, given_split_valid_tail, leave_one_o
 from hmtrec.data.synthetic import SyntheticConfig
 from hmtrec.data.validation import ValidationConfig
 from hmtrec.errors import ConfigError
-from hmtrec.train.run_dir import LOGGER_NAME
+from hmtrec.rundir import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
 

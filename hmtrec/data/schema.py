@@ -33,7 +33,7 @@ from hmtrec.data.validation import (MAX_LISTED, ValidationConfig, check_containe
                                     check_conflicting_duplicates, detect_milliseconds, first_line_of, offender_error,
                                     read_bytes, scalar, warn)
 from hmtrec.errors import DataError
-from hmtrec.train.run_dir import LOGGER_NAME
+from hmtrec.rundir import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
 

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from hmtrec.config import StrictModel
 from hmtrec.errors import DataError
-from hmtrec.train.run_dir import LOGGER_NAME
+from hmtrec.rundir import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
 

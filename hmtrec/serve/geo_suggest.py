@@ -174,7 +174,7 @@ def parse_history(history: str) -> tuple[list[str], list[float], list[str] | Non
 
 
 def is_geo_run(run_dir: str | Path) -> bool:
-    from hmtrec.train.run_dir import read_json
+    from hmtrec.rundir import read_json
 
     path = Path(run_dir) / "run.json"
     return path.exists() and read_json(path).get("kind") == "geo"

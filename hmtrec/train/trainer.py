@@ -27,7 +27,7 @@ import torch
 from hmtrec.progress import end_epoch, epoch_summary, progress_bar
 from hmtrec.train.callbacks import notify_epoch_end
 from hmtrec.train.distributed import prepare_batches
-from hmtrec.train.run_dir import get_logger, load_tensors, save_tensors, save_weights
+from hmtrec.rundir import get_logger, load_tensors, save_tensors, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best.safetensors"
@@ -316,7 +316,7 @@ class Trainer:
         horizon = self._schedule_horizon(steps_per_epoch)
         best_state = None
         if self.run_dir is not None and (self.run_dir / BEST_WEIGHTS).exists() and self.state.epoch > 0:
-            from hmtrec.train.run_dir import load_weights
+            from hmtrec.rundir import load_weights
             best_state = load_weights(self.run_dir / BEST_WEIGHTS)
         batches, steps_per_epoch = prepare_batches(self, batches, steps_per_epoch)  # DDP, loader workers
         with progress_bar() as bar:

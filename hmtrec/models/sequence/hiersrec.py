@@ -52,7 +52,7 @@ from hmtrec.models.sequence.losses import SampledLossParams, sample_item_candida
 from hmtrec.models.sequence.prefixes import target_prefixes
 from hmtrec.models.sequence.readout import AttentionReadout, RepeatExplore
 from hmtrec.models.sequence.text import build_text_encoder
-from hmtrec.train.run_dir import get_logger
+from hmtrec.rundir import get_logger
 
 
 class HierSRecParams(SampledLossParams):

@@ -32,7 +32,7 @@ from hmtrec.evaluate.metrics import beats_target, metrics_from_ranks, ranks_from
 from hmtrec.models.registry import build_model, register_model, validate_model_params
 from hmtrec.models.sequence.base import SequenceRecommender
 from hmtrec.models.sequence.sknn import SessionKNN, VSKNNParams
-from hmtrec.train.run_dir import get_logger
+from hmtrec.rundir import get_logger
 
 # validation rows scored at once while choosing w: [rows, n_leaves] float32, a few kept per weight
 _TUNE_CELLS = 2**24

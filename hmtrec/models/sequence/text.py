@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hmtrec.errors import ConfigError
-from hmtrec.train.run_dir import get_logger, load_weights, save_weights
+from hmtrec.rundir import get_logger, load_weights, save_weights
 
 TOKEN_PATTERN = r"\w+"
 SENTENCE_EMBEDDINGS_FILE = "text_embeddings.safetensors"
