@@ -403,8 +403,8 @@ def worker_app() -> FastAPI:
 def freeze_loaded(app: FastAPI) -> FastAPI:
     """For a process that only serves `app`: everything loaded so far (model, tables, modules) lives
     as long as the server, so it is moved out of the collector's generations and a full collection
-    no longer walks it in the middle of answering (that made p99 at 32 clients 5-7x p50 on the
-    Diginetica model; docs/serving.md). Not done by create_app: a process that makes several apps
+    no longer walks it in the middle of answering (the long tail at 32 clients; docs/serving.md).
+    Not done by create_app: a process that makes several apps
     (tests, notebooks) keeps collecting them normally."""
     gc.collect()
     gc.freeze()
