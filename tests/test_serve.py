@@ -80,12 +80,14 @@ def test_recommend_matches_the_python_api(client, sequence_run, items):
 
 
 def test_health_and_model(client, sequence_run):
-    assert client.get("/health").json()["status"] == "ok"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["pid"] == os.getpid()
     model = client.get("/model").json()
     taxonomy = sequence_run.artefact().taxonomy
     assert model["kind"] == "sequence" and model["n_items"] == taxonomy.n_leaves
     assert model["models"] == ["hiersrec", "pop"] and model["limits"]["max_k"] == 50
     assert model["levels"] == {name: taxonomy.n_nodes(name) for name in ("L1", "L2", "item")}
+    assert model["query_stage"] == {"hiersrec": "traced", "pop": "eager"}   # --trace is the default
     assert "/recommend" in client.get("/openapi.json").json()["paths"]
 
 
@@ -346,36 +348,64 @@ def test_serve_listens_on_loopback_only_by_default(sequence_run, items):
         server.wait(timeout=30)
 
 
-def test_several_worker_processes_share_the_port_and_answer_alike(sequence_run, items):
+def test_worker_processes_share_the_port_evenly_and_answer_alike(sequence_run, items):
+    """`--workers 2`: each new connection goes to the worker holding the fewest (8 open connections:
+    4 each, where uvicorn's accept race put most on one), both answer as the Python API, and a
+    worker killed with SIGKILL is started again while the other keeps serving."""
+    import signal
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "HMTREC_PROGRESS": "0", "PYTHONPATH": str(REPO)}
     body = {"history": items[:4], "k": 5}
     expected = TestClient(create_app(sequence_run.path)).post("/recommend", json=body).json()
+    url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "hmtrec.cli", "serve", str(sequence_run.path), "--port",
                                str(port), "--workers", "2", "--threads", "1"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def open_connections(n: int) -> list[httpx.Client]:
+        clients, deadline = [], time.monotonic() + 120
+        while len(clients) < n:
+            client = httpx.Client(base_url=url, timeout=30)
             try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
+                client.get("/health")
+                clients.append(client)
             except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline
+                client.close()
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline
                 time.sleep(0.2)
-        workers = [int(line.split()[0]) for line in subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(server.pid)], capture_output=True, text=True).stdout.split()
-            if line.strip()]
-        assert len(workers) >= 2          # the two workers (uvicorn may add a resource tracker)
-        for _ in range(6):                # fresh connections: the kernel hands them to either worker
-            answer = httpx.post(f"http://127.0.0.1:{port}/recommend", json=body, timeout=30)
+        return clients
+
+    try:
+        clients = open_connections(8)               # kept open: each holds its worker's connection
+        pids = [client.get("/health").json()["pid"] for client in clients]
+        assert sorted(pids.count(pid) for pid in set(pids)) == [4, 4]
+        for client in clients:
+            answer = client.post("/recommend", json=body)
             assert answer.status_code == 200
             assert [item["id"] for item in answer.json()["items"]] == [item["id"] for item in expected["items"]]
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        survivors = [client for client, pid in zip(clients, pids) if pid != victim]
+        assert survivors[0].post("/recommend", json=body).status_code == 200   # the other worker serves on
+        for client in clients:
+            client.close()
+        deadline, seen = time.monotonic() + 120, set()
+        while len(seen - {victim}) < 2:             # the restarted worker takes new connections again
+            assert time.monotonic() < deadline and server.poll() is None
+            fresh = open_connections(2)
+            seen |= {client.get("/health").json()["pid"] for client in fresh}
+            for client in fresh:
+                client.close()
+            time.sleep(0.2)
+        assert victim not in seen
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=60)
+    assert server.returncode == 0
 
 
 def test_a_serving_process_freezes_what_it_loaded(sequence_run):
@@ -389,3 +419,33 @@ def test_a_serving_process_freezes_what_it_loaded(sequence_run):
         assert freeze_loaded(app) is app and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+
+def test_the_traced_query_stage_answers_as_the_eager_one(sequence_run, monkeypatch):
+    """The server's TorchScript trace of the query stage gives the eager model's coarse logits and
+    item query on batches of other shapes than the traced one; a trace that differs is not used."""
+    import numpy as np
+    import torch
+
+    from hmtrec.serve import scoring
+    from hmtrec.serve.scoring import HeadScorer, pad_histories
+
+    artefact = sequence_run.artefact()
+    model, max_len = artefact.scorer().model, artefact.config.eval_max_len
+    scorer = HeadScorer(model, artefact.taxonomy, max_len)
+    assert scorer.trace() and scorer.traced is not None
+    rng = np.random.default_rng(3)
+    for rows, longest in ((1, 2), (5, max_len), (11, 4)):
+        histories = pad_histories([rng.integers(0, artefact.taxonomy.n_leaves, size=rng.integers(1, longest + 1))
+                                   for _ in range(rows)], max_len)
+        with torch.inference_mode():
+            logits, query = scorer.query(histories)
+            *eager_logits, eager_query = scorer.stage(histories)
+        assert list(logits) == scorer.coarse_levels
+        for level, expected in zip(scorer.coarse_levels, eager_logits):
+            assert torch.allclose(logits[level], expected, atol=1e-5)
+        assert torch.allclose(query, eager_query, atol=1e-5)
+    monkeypatch.setattr(scoring, "TRACE_TOLERANCE", -1.0)     # no trace can match: the eager stage stays
+    untraced = HeadScorer(model, artefact.taxonomy, max_len)
+    assert not untraced.trace() and untraced.traced is None

@@ -31,9 +31,13 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                               help="torch / ONNX Runtime threads of the scoring thread "
                                                    "(default: all cores; 1 leaves the others to the HTTP loop)."),
+        trace: bool = typer.Option(True, "--trace/--no-trace",
+                                   help="torch backend: run the encoder as a frozen TorchScript trace (checked "
+                                        "against the eager model at start; eager if it differs)."),
         workers: int = typer.Option(1, "--workers", min=1,
-                                    help="Server processes sharing the port, each with its own copy of the model "
-                                         "(on a machine with several cores, one per core with --threads 1)."),
+                                    help="Server processes behind the port, each with its own copy of the model; "
+                                         "each new connection goes to the one holding the fewest (on a machine "
+                                         "with several cores, one per core with --threads 1)."),
     ):
         """Serve POST /recommend (sequence runs) or POST /rank (ranking runs), GET /health and GET /model;
         the OpenAPI schema is at /openapi.json and the interactive docs at /docs."""
@@ -49,7 +53,8 @@ def register(app: typer.Typer) -> None:
         check_bind(host, api_key)
         settings = ServeSettings(api_key=api_key or None, backend=backend, max_k=max_k, max_history=max_history,
                                  max_rows=max_rows, max_body_bytes=max_body_bytes, unknown=unknown,
-                                 batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads)
+                                 batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads,
+                                 trace=trace)
         log_level = os.environ.get("HMTREC_SERVE_LOG", "warning")
         if workers == 1:
             from hmtrec.serve.app import freeze_loaded
@@ -57,9 +62,10 @@ def register(app: typer.Typer) -> None:
             uvicorn.run(freeze_loaded(create_app(run_dir, settings)), host=host, port=port, log_level=log_level,
                         access_log=False)
             return
-        from hmtrec.serve.app import WORKER_ENV, servable_run, worker_environment
+        from hmtrec.serve.app import servable_run
+        from hmtrec.serve.workers import serve_workers, supported
 
+        if not supported():
+            raise HmtrecError("--workers above 1 needs Unix sockets that pass descriptors (not on this system)")
         servable_run(run_dir)          # a run that cannot be served fails here, before any worker starts
-        os.environ[WORKER_ENV] = worker_environment(run_dir, settings)
-        uvicorn.run("hmtrec.serve.app:worker_app", factory=True, workers=workers, host=host, port=port,
-                    log_level=log_level, access_log=False)
+        serve_workers(run_dir, settings, host, port, workers, log_level)

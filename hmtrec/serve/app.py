@@ -27,12 +27,11 @@ schema, /docs and the other endpoints.
 import asyncio
 import gc
 import hmac
-import json
 import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +60,7 @@ class ServeSettings:
     batch_size: int = 64              # most requests scored together
     batch_wait_ms: float = 0.0        # longest a busy scorer's next batch waits for more requests
     threads: int | None = None        # torch / ONNX Runtime threads of the scoring thread (None: all cores)
+    trace: bool = True                # torch backend: the query stage as a frozen TorchScript trace
 
 
 # ---- request and response bodies -----------------------------------------------------------------
@@ -145,6 +145,7 @@ class Health(BaseModel):
     kind: str
     backend: str
     uptime_seconds: float
+    pid: int = Field(description="the serving process (with --workers, the worker that holds this connection)")
 
 
 class BadInput(HmtrecError):
@@ -385,21 +386,6 @@ def servable_run(run_dir: str | Path) -> tuple[RunDir, dict]:
     return run, info
 
 
-# `hmtrec serve --workers N`: uvicorn starts each worker process from an import string, so the run
-# directory and the settings reach the workers through this environment variable.
-WORKER_ENV = "HMTREC_SERVE_WORKER"
-
-
-def worker_environment(run_dir: str | Path, settings: ServeSettings) -> str:
-    return json.dumps({"run_dir": str(Path(run_dir).resolve()), "settings": asdict(settings)})
-
-
-def worker_app() -> FastAPI:
-    """The app of one worker process (uvicorn's factory for `--workers`)."""
-    described = json.loads(os.environ[WORKER_ENV])
-    return freeze_loaded(create_app(described["run_dir"], ServeSettings(**described["settings"])))
-
-
 def freeze_loaded(app: FastAPI) -> FastAPI:
     """For a process that only serves `app`: everything loaded so far (model, tables, modules) lives
     as long as the server, so it is moved out of the collector's generations and a full collection
@@ -442,7 +428,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
-        return Health(status="ok", kind=kind, backend=settings.backend, uptime_seconds=time.time() - started)
+        return Health(status="ok", kind=kind, backend=settings.backend, uptime_seconds=time.time() - started,
+                      pid=os.getpid())
 
     @app.get("/model")
     async def model_info() -> dict:
@@ -534,6 +521,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
 def _load_sequence(run: RunDir, settings: ServeSettings) -> dict:
     from hmtrec.serve.artefact import SequenceArtefact, load_sequence_run
+    from hmtrec.serve.scoring import HeadScorer
 
     artefact: SequenceArtefact = load_sequence_run(run.path)
     if artefact.needs_fit:
@@ -545,7 +533,9 @@ def _load_sequence(run: RunDir, settings: ServeSettings) -> dict:
 
         artefact._scorers[artefact.main] = OnnxScorer.load(run.path, artefact, threads=settings.threads)
     for label in artefact.models:   # build every scorer (leaf vectors, blocks) before the first request
-        artefact.scorer(label)
+        scorer = artefact.scorer(label)
+        if settings.trace and settings.backend == "torch" and isinstance(scorer, HeadScorer):
+            scorer.trace()
     index = {str(label): i for i, label in enumerate(artefact.taxonomy.node_labels[-1])}
 
     def split_known(history: list[str]) -> tuple[list[str], list[str]]:
@@ -561,7 +551,10 @@ def _load_sequence(run: RunDir, settings: ServeSettings) -> dict:
         taxonomy = artefact.taxonomy
         return {"main": artefact.main, "levels": {name: taxonomy.n_nodes(name) for name in taxonomy.level_names},
                 "n_items": taxonomy.n_leaves, "max_len": artefact.config.eval_max_len,
-                "candidates": {label: artefact.scorer(label).supports_candidates for label in artefact.models}}
+                "candidates": {label: artefact.scorer(label).supports_candidates for label in artefact.models},
+                "query_stage": {label: "onnx" if settings.backend == "onnx" and label == artefact.main else
+                                "traced" if getattr(artefact.scorer(label), "traced", None) is not None else "eager"
+                                for label in artefact.models}}
 
     return {"artefact": artefact, "models": list(artefact.models), "split_known": split_known,
             "example_history": [str(label) for label in artefact.taxonomy.node_labels[-1][:3]],

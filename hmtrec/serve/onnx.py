@@ -39,18 +39,6 @@ PARITY_TOLERANCE = 1e-4
 LEGACY_DENSE_ITEMS = 200_000
 
 
-class _Encoder(nn.Module):
-    def __init__(self, scorer: HeadScorer):
-        super().__init__()
-        self.scorer = scorer
-        self.model = scorer.model  # registers the encoder and heads as submodules
-        self.register_buffer("leaf_table", scorer.leaf_table.clone())
-
-    def forward(self, histories: torch.Tensor):
-        logits, query = self.scorer.query(histories)
-        return (*[logits[level] for level in self.scorer.coarse_levels], query)
-
-
 class _Items(nn.Module):
     def __init__(self, item_rows: torch.Tensor):
         super().__init__()
@@ -119,7 +107,7 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
     histories = pad_histories(sample, max_len)
     names = [f"logits_{level}" for level in scorer.coarse_levels]
     started = time.perf_counter()
-    _export(_Encoder(scorer), (histories,), out / "encoder.onnx", ["histories"], [*names, "query"],
+    _export(scorer.stage, (histories,), out / "encoder.onnx", ["histories"], [*names, "query"],
             {"histories": {0: "queries", 1: "positions"}, **{n: {0: "queries"} for n in [*names, "query"]}})
     with torch.no_grad():
         _, query = scorer.query(histories)
