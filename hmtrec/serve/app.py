@@ -181,10 +181,13 @@ class Guard:
             if not hmac.compare_digest(given, key.encode()):
                 return await _problem(401, "", f"missing or wrong {API_KEY_HEADER} header")(scope, receive, send)
         limit = self.settings.max_body_bytes
-        too_large = _problem(413, "", f"request body over {limit} bytes")
+
+        def too_large() -> Response:   # built only when needed: this runs for every request
+            return _problem(413, "", f"request body over {limit} bytes")
+
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await too_large(scope, receive, send)
+            return await too_large()(scope, receive, send)
         if length is not None:
             return await self.app(scope, receive, send)
         received, started = 0, False
@@ -206,7 +209,7 @@ class Guard:
             await self.app(scope, counted, sending)
         except _TooLarge:
             if not started:
-                await too_large(scope, receive, send)
+                await too_large()(scope, receive, send)
 
 
 class _TooLarge(Exception):
