@@ -103,6 +103,8 @@ def serve_workers(run_dir: str | Path, settings, host: str, port: int, workers: 
         while not stopping:
             for key, _ in selector.select(timeout=0.5):
                 what, worker = key.data
+                if worker is not None and worker not in pool:
+                    continue             # an event of a worker replaced earlier in this round
                 if what == "accept":
                     _accept(listener, pool)
                 elif what == "channel":
