@@ -107,7 +107,7 @@ def start_server(run_dir: Path, backend: str, args) -> tuple[subprocess.Popen, s
     env = {**os.environ, "HMTREC_PROGRESS": "0", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "hmtrec.cli", "serve", str(run_dir), "--host", "127.0.0.1",
                "--port", str(port), "--backend", backend, "--threads", str(args.threads), "--workers", str(args.workers),
-               "--batch-wait-ms", str(args.batch_wait_ms), "--unknown", "ignore"]
+               "--batch-wait-ms", str(args.batch_wait_ms), "--unknown", "ignore", *args.server_arg]
     process = subprocess.Popen(pinned(command, args.server_cpus), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -191,12 +191,15 @@ def run_level(url: str, bodies: list[bytes], clients: int, max_requests: int, ma
         script.write_text(WRK_SCRIPT)
         env = {**os.environ, "SERVE_LOAD_BODIES": str(body_file), "SERVE_LOAD_REQUESTS": str(max_requests)}
         command = ["wrk", "-t1", f"-c{clients}", f"-d{max_seconds:.0f}s", "--timeout", "30s", "-s", str(script), url]
-        out = subprocess.run(pinned(command, args.client_cpus), env=env, capture_output=True, text=True,
-                             timeout=max_seconds + 60)
+        load = subprocess.Popen(pinned(command, args.client_cpus), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(min(1.0, max_seconds / 4))          # every connection is open by then
+        split = connections_per_process(int(url.rsplit(":", 1)[1]))
+        stdout, stderr = load.communicate(timeout=max_seconds + 60)
         found = re.search(r"SERVE_LOAD requests=(\d+) errors=(\d+) p50=([\d.]+) p95=([\d.]+) p99=([\d.]+) "
-                          r"mean=([\d.]+) seconds=([\d.]+)", out.stdout)
+                          r"mean=([\d.]+) seconds=([\d.]+)", stdout)
         if found is None:
-            raise SystemExit(f"wrk failed: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+            raise SystemExit(f"wrk failed: {stdout[-1000:]} {stderr[-1000:]}")
         n, errors = int(found[1]), int(found[2])
         if errors:
             raise SystemExit(f"wrk saw {errors} failed requests (non-2xx or socket errors) at {clients} clients")
@@ -205,10 +208,21 @@ def run_level(url: str, bodies: list[bytes], clients: int, max_requests: int, ma
             # stopped at the request bound, but wrk reports its whole -d time: in a closed loop with no
             # think time every connection is always busy, so the time taken is requests x mean / clients
             wall = n * mean / 1000 / clients
-        return {"requests": n, "p50 ms": p50, "p95 ms": p95, "p99 ms": p99, "wall": wall}
+        return {"requests": n, "p50 ms": p50, "p95 ms": p95, "p99 ms": p99, "wall": wall, "split": split}
     latencies, wall = asyncio.run(python_closed_loop(url, bodies, clients, max_requests, max_seconds))
     p50, p95, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 95, 99))
-    return {"requests": len(latencies), "p50 ms": p50, "p95 ms": p95, "p99 ms": p99, "wall": wall}
+    return {"requests": len(latencies), "p50 ms": p50, "p95 ms": p95, "p99 ms": p99, "wall": wall, "split": ""}
+
+
+def connections_per_process(port: int) -> str:
+    """How the open connections to `port` sit on the server's processes, busiest first ("16 / 16"),
+    from `ss` (empty where it is missing)."""
+    if shutil.which("ss") is None:
+        return ""
+    listing = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True).stdout
+    pids = re.findall(r"pid=(\d+)", listing)
+    return " / ".join(str(n) for n in sorted((pids.count(pid) for pid in set(pids)), reverse=True))
 
 
 def histories_for(run_dir: Path, n: int, seed: int = 0) -> list[list[str]]:
@@ -236,7 +250,8 @@ def measure(run_dir: Path, backend: str, args) -> list[dict]:
                                  "scoring": mode, "clients": clients, "requests": level["requests"],
                                  "p50 ms": level["p50 ms"], "p95 ms": level["p95 ms"], "p99 ms": level["p99 ms"],
                                  "requests/s": level["requests"] / level["wall"],
-                                 "server CPU ms/request": 1000 * used / max(1, level["requests"])})
+                                 "server CPU ms/request": 1000 * used / max(1, level["requests"]),
+                                 "connections per worker": level["split"]})
                     print(rows[-1], flush=True)
         batches = httpx.get(f"{url}/model", timeout=10).json().get("batches", {})
         print(f"{run_dir.name} {backend}: {batches}", flush=True)
@@ -271,6 +286,8 @@ def main() -> None:
     parser.add_argument("--server-cpus", help="taskset CPU list for the server (e.g. 0)")
     parser.add_argument("--client-cpus", help="taskset CPU list for wrk (e.g. 1)")
     parser.add_argument("--section", default="serve-load", help="section of docs/benchmarks.md to write")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="one more `hmtrec serve` argument (repeatable; e.g. --server-arg=--no-trace)")
     parser.add_argument("--quick", action="store_true", help="300 requests / 3 s per level; print only")
     args = parser.parse_args()
     if args.client == "auto":
@@ -295,12 +312,15 @@ def main() -> None:
     pins = (f"; taskset: server on CPU {args.server_cpus or 'any'}, clients on CPU {args.client_cpus or 'any'}"
             if args.server_cpus or args.client_cpus else "")
     body = (f"Closed-loop clients (no think time) on loopback against `hmtrec serve` (uvicorn, "
-            f"`--workers {args.workers}`, `--threads {args.threads}` for scoring, `--batch-wait-ms {args.batch_wait_ms:g}`), load from "
+            f"`--workers {args.workers}`, `--threads {args.threads}` for scoring, `--batch-wait-ms {args.batch_wait_ms:g}`"
+            f"{''.join(' `' + a + '`' for a in args.server_arg)}), load from "
             f"{client}{pins}; POST /recommend with k=20, histories of 1-20 random catalogue items; at most "
             f"{args.requests} requests or {args.seconds:.0f} s per row, after a warm-up. Machine: {machine()}, "
             f"shared: load average {load_before[0]:.1f} at the start, {load[0]:.1f} at the end (other jobs "
             f"inflate latency; 'server CPU ms/request' is the server's own CPU time per answered request). "
-            f"'candidates 5%': items under the best categories until they cover 5% of the catalogue.\n\n"
+            f"'candidates 5%': items under the best categories until they cover 5% of the catalogue. "
+            f"'connections per worker': how the clients' connections sat on the server processes one second "
+            f"into the row (`ss`), busiest first.\n\n"
             + RUN_DIRS + "\n\n" + markdown_table(rows, float_format="{:.2f}"))
     title = "Serving: latency and throughput of `hmtrec serve`"
     update_section(args.section, body, title=title if args.section == "serve-load" else f"{title} ({args.section})",
