@@ -209,6 +209,7 @@ data:
   source: generic
   path: {log}
   split: {{test_days: 0.02, valid_days: 0.02}}
+  keep_unused_items: true   # the whole 1M-item catalogue at every log size: the same model each time
   generic:
     interactions: interactions.csv
     items: items.csv
