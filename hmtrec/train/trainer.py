@@ -379,7 +379,10 @@ class Trainer:
                 # CPU seconds beside wall seconds: on a shared machine the wall clock counts the
                 # other processes too
                 record = {"epoch": epoch, "loss": loss_sum / max(n_steps, 1), "epoch_seconds": epoch_seconds,
-                          "epoch_cpu_seconds": time.process_time() - cpu_started, "lr": lr, **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()}}
+                          "epoch_cpu_seconds": time.process_time() - cpu_started, "lr": lr, **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()},
+                          # what the model and its optimizer hold, beside a run's peak RSS
+                          "model_bytes": tensor_bytes(self.model.parameters()),
+                          "optimizer_bytes": optimizer_state_bytes(self.optimizer)}
                 if self.validate is not None:
                     validation_started = time.perf_counter()
                     self.model.eval()
@@ -546,6 +549,17 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
             p.grad = torch.sparse_coo_tensor(p.grad.indices(), p.grad.values() * scale, p.grad.shape,
                                              is_coalesced=True, check_invariants=False)
     return total
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of an optimizer's state tensors (Adam's moments), over SparseDenseAdam's parts too."""
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    return sum(tensor_bytes(v for state in part.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+               for part in parts)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
