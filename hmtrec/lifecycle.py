@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 from pydantic import Field, field_validator
 
@@ -55,10 +55,6 @@ class TrainSettings(StrictModel):
     device: str = Field("cpu", description="cpu, cuda, cuda:1, mps or auto")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: every core this process "
                                                          "may use)")
-    sparse_updates: bool | Literal["auto"] = Field(
-        "auto", description="sparse gradients and lazy Adam (hmtrec.train.trainer.LazyAdam) for the item tables a model "
-                            "trains sparsely (HierSRec with item_loss: sampled): a step updates only the rows it "
-                            "used; auto: on where the model offers it, weight_decay is 0 and not under torchrun")
 
     @field_validator("device")
     @classmethod
@@ -77,7 +73,7 @@ class TrainSettings(StrictModel):
 
         shared = dict(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                       seed=self.seed, device=self.device, patience=self.patience,
-                      resume=getattr(self, "resume", True), sparse_updates=self.sparse_updates)
+                      resume=getattr(self, "resume", True))
         return TrainerSettings(**{**shared, **kind_specific})
 
 

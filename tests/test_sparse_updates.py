@@ -122,3 +122,12 @@ def test_auto_turns_sparse_updates_on_only_where_they_apply():
         resolve_sparse_updates(TrainerSettings(sparse_updates=True, weight_decay=0.1), sampled)
     with pytest.raises(ConfigError, match="train.sparse_updates.*item_loss: sampled"):
         resolve_sparse_updates(TrainerSettings(sparse_updates=True), full)
+
+
+def test_the_train_key_reaches_the_trainer():
+    from hmtrec.pipelines.sequence import TrainSection
+
+    assert TrainSection().trainer_settings().sparse_updates == "auto"
+    assert TrainSection(sparse_updates=False).trainer_settings().sparse_updates is False
+    with pytest.raises(ValueError):
+        TrainSection(sparse_updates="sometimes")
