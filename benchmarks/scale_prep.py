@@ -5,6 +5,7 @@ of `hmtrec prepare` plus one training epoch on the prepared shards.
     python benchmarks/scale_prep.py generate --events 10000000 --out /tmp/scale-logs/10m
     python benchmarks/scale_prep.py engines --log /tmp/scale-logs/10m
     python benchmarks/scale_prep.py run --events 1000000 10000000 50000000 --work /tmp/scale-logs --epoch --keep --report
+    python benchmarks/scale_prep.py steps --events 50000000 --work /tmp/scale-logs   # s per batch by setting
     python benchmarks/scale_prep.py ddp          # torchrun with 2 gloo processes vs one process
 
 Every measured step runs in its own child process; its peak RSS is the child's ru_maxrss (wait4).
@@ -209,6 +210,7 @@ data:
   source: generic
   path: {log}
   split: {{test_days: 0.02, valid_days: 0.02}}
+  keep_unused_items: true   # the whole 1M-item catalogue at every log size: the same model each time
   generic:
     interactions: interactions.csv
     items: items.csv
@@ -218,7 +220,7 @@ data:
 # plus --negatives uniform ones, log-Q corrected), so a step costs [M, ~M + K] item logits, not [M, 1M].
 model: {{name: hiersrec, dim: 32, layers: 1, heads: 1, id_dim: 32, level_dim: 16, text: none, dropout: 0.1,
          item_loss: sampled, uniform_negatives: {negatives}}}
-train: {{epochs: 1, batch_size: {batch}, max_len: 20, threads: 2, monitor: null, precision: bf16}}
+train: {{epochs: 1, batch_size: {batch}, max_len: 20, threads: {threads}, monitor: null, precision: {precision}}}
 eval: {{ks: [20], candidate_fraction: null, batch_size: 512, segments: []}}
 """
 
@@ -263,7 +265,8 @@ def command_run(args) -> None:
         row = rows.get(key, {})
         log, shards = work / f"log-{events}", work / f"shards-{events}"
         config = work / f"prep-{events}.yaml"
-        config.write_text(PREP_CONFIG.format(log=log, batch=args.batch_size, negatives=args.negatives))
+        config.write_text(PREP_CONFIG.format(log=log, batch=args.batch_size, negatives=args.negatives,
+                                             threads=args.threads, precision=args.precision))
         if args.stage == "prepare" and row.get("memory_mb", args.memory_mb) != args.memory_mb:
             # the same log under another memory limit: measured beside the main row, shards discarded
             other = work / f"shards-{events}-{args.memory_mb}mb"
@@ -307,7 +310,11 @@ def command_run(args) -> None:
                                       "-o", str(run)], work / f"train-{events}-{label}.log", env)
                 metrics = json.loads((run / "metrics.json").read_text())["models"]["hiersrec"]
                 batches = _count_steps(run)
+                history = metrics["training"]["history"][0]
                 row[label] = {**train, "epoch_fraction": fraction, "batches": batches,
+                              "threads": args.threads, "precision": args.precision,
+                              "model_mb": round(history["model_bytes"] / 2**20, 1),
+                              "optimizer_mb": round(history["optimizer_bytes"] / 2**20, 1),
                               "epoch_seconds": round(metrics["training"]["epoch_seconds"], 1),
                               "epoch_cpu_seconds": round(metrics["training"]["history"][0]["epoch_cpu_seconds"], 1),
                               "seconds_per_batch": round(metrics["training"]["epoch_seconds"] / max(batches, 1), 3),
@@ -346,60 +353,42 @@ def report_run(rows: dict, args) -> None:
     def rss(entry: dict) -> str:
         return f"{entry['peak_rss_mb']:,.0f} ({entry['peak_anon_mb']:,.0f} / {entry['peak_file_mb']:,.0f})"
 
-    def epoch(row: dict, field: str, fmt: str) -> str:
-        return format(row["epoch"][field], fmt) if "epoch" in row else "not run"
-
-    def cpu_per_batch(row: dict, label: str) -> float | None:
-        entry = row.get(label, {})
-        if "epoch_cpu_seconds" not in entry:   # rows measured before it was recorded: the kept run's log
-            metrics = Path(args.work) / f"run-{row['events']}-{label}" / "metrics.json"
-            if not metrics.exists():
-                return None
-            history = json.loads(metrics.read_text())["models"]["hiersrec"]["training"]["history"]
-            entry["epoch_cpu_seconds"] = history[0]["epoch_cpu_seconds"]
-        return entry["epoch_cpu_seconds"] / max(entry["batches"], 1)
-
     lines = [f"Synthetic logs over 1,000,000 items (20 categories > 1,000 subcategories; sessions of mean length 5 "
-             f"over 30 days; CSV), `hmtrec prepare --memory-mb {args.memory_mb} --threads 2` (DuckDB), then "
-             f"`hmtrec train` on the memory-mapped shards: HierSRec with every head (category, subcategory, "
-             f"item; dim 32, 1 layer, no text), the item head trained with the sampled softmax (`model.item_loss: "
-             f"sampled`, the batch's target items plus {args.negatives:,} uniform negatives, log-Q corrected), batch "
-             f"{args.batch_size} windows, bf16, 2 threads; test and valid = the sessions ending in the last 0.02 + "
-             f"0.02 days, so that evaluation (over the whole catalogue) stays small. Each size: the first "
-             f"{args.steps} batches of the epoch (`train.epoch_fraction`; the whole epoch's batch plan is built), "
-             "then, where this machine's time allowed, one whole epoch. Seconds per batch: the training loop's "
-             "process CPU seconds (both threads) per batch, and in brackets wall seconds, which on this machine "
-             "shared with other jobs (load average 8-10 during these runs) are 4-6 times the CPU seconds. "
-             "Peak RSS is the child process's ru_maxrss; in brackets the peaks of its anonymous memory and of "
-             "its file-backed pages (/proc/self/status RssAnon / RssFile, sampled every 0.2 s), which for "
-             "training are mostly the memory-mapped shards' pages it touched (the kernel may drop them again). "
-             f"Machine: {machine()}.", "",
+             f"over 30 days; CSV), `hmtrec prepare --memory-mb {args.memory_mb} --threads 2` (DuckDB) with "
+             f"`data.keep_unused_items: true`, so that every size trains the same model over the whole catalogue "
+             f"(items kept = 1,000,000) and memory growth is the log's, then `hmtrec train` on the memory-mapped "
+             f"shards: HierSRec with every head (category, subcategory, item; dim 32, 1 layer, no text), the item "
+             f"head trained with the sampled softmax (`model.item_loss: sampled`, the batch's target items plus "
+             f"{args.negatives:,} uniform negatives, log-Q corrected) and `train.sparse_updates: auto` (on: sparse "
+             f"gradients and lazy Adam for the item-id table), batch {args.batch_size} windows, "
+             f"{args.precision}, {args.threads} thread(s) (the `scale-step` section compares threads, precision and "
+             f"sparse updates); test and valid = the sessions ending in the last 0.02 + 0.02 days, so that "
+             "evaluation (over the whole catalogue) stays small. One whole epoch per size, then the test "
+             "evaluation. CPU s per batch: the training loop's process CPU seconds per batch, in brackets wall "
+             "seconds (this machine is shared with other jobs). Run s: the whole `hmtrec train` (loading, the "
+             "epoch's batch plan, the epoch, test evaluation, saving). Peak RSS is the child process's "
+             "ru_maxrss; in brackets the peaks of its anonymous memory and of its file-backed pages "
+             "(/proc/self/status RssAnon / RssFile, sampled every 0.2 s), which for training are mostly the "
+             "memory-mapped shards' pages it touched (the kernel may drop them again). Model + optimizer: the "
+             f"parameters' bytes and Adam's moments (both optimizers' state). Machine: {machine()}.", "",
              "| events | CSV GB | prepare s | prepare peak RSS MB (anon / file) | train events kept | items kept | "
-             f"batches per epoch | CPU s per batch (wall) | first {args.steps} batches + test: run s, peak RSS MB "
-             "(anon / file) | whole epoch: epoch s, peak RSS MB (anon / file) | test item Recall@20 after the "
-             "epoch |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|"]
+             "batches per epoch | CPU s per batch (wall) | epoch s | run s | train peak RSS MB (anon / file) | "
+             "model + optimizer MB | test item Recall@20 after the epoch |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for key in sorted(rows, key=int):
         r = rows[key]
         if "prepare" not in r or "peak_anon_mb" not in r["prepare"]:
             continue
-        batches = f"{r['epoch']['batches']:,}" if "epoch" in r else \
-            f"≈{math.ceil(r['train_sequences'] / args.batch_size):,}"
-        label = "epoch" if "epoch" in r else "steps"
-        cpu = cpu_per_batch(r, label) if label in r else None
-        per_batch = "not run" if label not in r else \
-            f"{cpu:.2f} ({r[label]['seconds_per_batch']:.1f})" if cpu is not None else f"({r[label]['seconds_per_batch']:.1f})"
-        steps = f"{r['steps']['seconds']:,.0f} s, {rss(r['steps'])}" if "steps" in r else "not run"
-        if "epoch" in r:
-            epoch_cell = f"{r['epoch']['epoch_seconds']:,.0f} s, {rss(r['epoch'])}"
-            recall = f"{r['epoch']['item_recall20']:.4f}"
-        else:
-            hours = (cpu or 0) * math.ceil(r["train_sequences"] / args.batch_size) / 3600
-            epoch_cell = f"not run (≈{hours:.1f} CPU hours at that rate)" if cpu else "not run"
-            recall = "n/a"
-        lines.append(f"| {r['events']:,} | {r['log_gb']:.2f} | {r['prepare']['seconds']:.0f} | {rss(r['prepare'])} | "
-                     f"{r['train_events']:,} | {r['items_kept']:,} | {batches} | {per_batch} | {steps} | "
-                     f"{epoch_cell} | {recall} |")
+        head = (f"| {r['events']:,} | {r['log_gb']:.2f} | {r['prepare']['seconds']:.0f} | {rss(r['prepare'])} | "
+                f"{r['train_events']:,} | {r['items_kept']:,} | ")
+        if "epoch" not in r:
+            lines.append(head + f"≈{math.ceil(r['train_sequences'] / args.batch_size):,} | not run | not run | "
+                                f"not run | not run | n/a | n/a |")
+            continue
+        e = r["epoch"]
+        lines.append(head + f"{e['batches']:,} | {e['epoch_cpu_seconds'] / e['batches']:.3f} "
+                            f"({e['seconds_per_batch']:.3f}) | {e['epoch_seconds']:,.0f} | {e['seconds']:,.0f} | "
+                            f"{rss(e)} | {e['model_mb']:,.0f} + {e['optimizer_mb']:,.0f} | {e['item_recall20']:.4f} |")
     others = sorted({int(m) for r in rows.values() for m in r.get("prepare_at", {})})
     if others:
         lines += ["", f"`hmtrec prepare` alone on the same logs under other `--memory-mb` settings (DuckDB's "
@@ -419,7 +408,74 @@ def report_run(rows: dict, args) -> None:
     update_section("scale-prepare", "\n".join(lines), title="Streaming preparation and one epoch: 1M to 50M events",
                    command=f"python benchmarks/scale_prep.py run --events {events} --work {args.work} "
                            f"--memory-mb {args.memory_mb} --steps {args.steps} --batch-size {args.batch_size} "
-                           f"--negatives {args.negatives} --epoch --keep --report")
+                           f"--negatives {args.negatives} --threads {args.threads} --precision {args.precision} "
+                           f"--epoch --keep --report")
+
+
+STEP_PROBE = """
+import json, sys, time
+from hmtrec.config import load_config
+from hmtrec.data.loading import load_data
+from hmtrec.lifecycle import set_threads
+from hmtrec.pipelines.sequence import build_sequence_model, training_batches
+from hmtrec.train.trainer import Trainer
+config, shards, batches, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+cfg = load_config(config, ["data.source=prepared", f"data.path={shards}", *overrides])
+set_threads(cfg.train.threads)
+prepared = load_data(cfg.data)
+model = build_sequence_model(cfg.model_specs()[0], prepared, cfg, None)
+fraction = batches * cfg.train.batch_size / prepared.train.n_sequences
+cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epoch_fraction": fraction})})
+make, steps = training_batches(model, prepared.train, cfg.train)
+trainer = Trainer(model, cfg.train.trainer_settings())
+state = trainer.fit(make, steps)
+record = state.history[0]
+print(json.dumps({"batches": state.step, "cpu_s": record["epoch_cpu_seconds"], "wall_s": record["epoch_seconds"],
+                  "sparse_updates": state.sparse_updates, "loss": record["loss"]}))
+"""
+
+
+def command_steps(args) -> None:
+    """CPU and wall seconds per training batch of the `run` model on prepared shards, for each
+    combination of train.threads, train.precision and train.sparse_updates (the real training loop,
+    `Trainer.fit`, over the first --batches batches of the epoch), each in its own process."""
+    from hmtrec.bench.report import update_section
+
+    work = Path(args.work)
+    config = work / f"prep-{args.events}.yaml"
+    shards = work / f"shards-{args.events}"
+    if not (shards / "prepared.json").exists() or not config.exists():
+        raise SystemExit(f"no prepared shards / config for {args.events} events in {work}: run `run --stage prepare`")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HMTREC_PROGRESS": "0"}
+    rows = []
+    for threads in args.threads:
+        for precision in args.precision:
+            for sparse in args.sparse_updates:
+                overrides = [f"train.threads={threads}", f"train.precision={precision}",
+                             f"train.sparse_updates={sparse}"]
+                output = subprocess.run([sys.executable, "-c", STEP_PROBE, str(config), str(shards), str(args.batches),
+                                         *overrides], env=env, capture_output=True, text=True)
+                if output.returncode != 0:
+                    raise SystemExit(f"step probe {overrides} failed:\n{output.stderr[-2000:]}")
+                result = json.loads(output.stdout.strip().splitlines()[-1])
+                rows.append({"threads": threads, "precision": precision, "sparse_updates": sparse, **result})
+                print(rows[-1], flush=True)
+    manifest = json.loads((shards / "prepared.json").read_text())
+    lines = [f"The `run` model (HierSRec, dim 32, 1 layer, sampled item softmax with the batch's targets plus "
+             f"{args.negatives} uniform negatives, batch {args.batch_size} windows) on the prepared "
+             f"{args.events:,}-event log ({manifest['n_items']:,} items): the first {args.batches} batches of the "
+             f"epoch through the training loop, each setting in its own process, one after the other. CPU s: "
+             f"process CPU seconds (all threads) per batch; wall s in brackets. Machine: {machine()}, load from "
+             f"other jobs during the runs; with 2 threads on a loaded 2-core machine the threads' waits for each "
+             f"other cost CPU time too.", "",
+             "| train.threads | train.precision | train.sparse_updates | CPU s per batch (wall) |", "|---:|---|---|---:|"]
+    for row in rows:
+        lines.append(f"| {row['threads']} | {row['precision']} | {row['sparse_updates']} | "
+                     f"{row['cpu_s'] / row['batches']:.3f} ({row['wall_s'] / row['batches']:.3f}) |")
+    update_section("scale-step", "\n".join(lines), title="One training batch at scale: threads, precision, sparse updates",
+                   command=f"python benchmarks/scale_prep.py steps --events {args.events} --work {args.work} "
+                           f"--batches {args.batches} --threads {' '.join(map(str, args.threads))} "
+                           f"--precision {' '.join(args.precision)} --sparse-updates {' '.join(args.sparse_updates)}")
 
 
 DDP_CONFIG = {
@@ -495,10 +551,21 @@ def main() -> None:
     run.add_argument("--epoch", action="store_true", help="then train one whole epoch")
     run.add_argument("--batch-size", type=int, default=1024)
     run.add_argument("--negatives", type=int, default=256, help="uniform negatives of the sampled item loss")
+    run.add_argument("--threads", type=int, default=1, help="train.threads (1: see the `steps` comparison)")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     run.add_argument("--stage", choices=["prepare", "train", "all"], default="all")
     run.add_argument("--keep", action="store_true", help="keep the logs, shards and runs")
     run.add_argument("--force", action="store_true", help="prepare again sizes already in run.json")
     run.add_argument("--report", action="store_true")
+    steps = sub.add_parser("steps", help="seconds per training batch by threads, precision and sparse updates")
+    steps.add_argument("--events", type=int, default=50_000_000)
+    steps.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
+    steps.add_argument("--batches", type=int, default=40)
+    steps.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    steps.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    steps.add_argument("--sparse-updates", nargs="+", default=["true", "false"])
+    steps.add_argument("--batch-size", type=int, default=1024, help="as given to `run` (for the text)")
+    steps.add_argument("--negatives", type=int, default=256, help="as given to `run` (for the text)")
     ddp = sub.add_parser("ddp")
     ddp.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
     args = parser.parse_args()
@@ -508,6 +575,8 @@ def main() -> None:
         command_engines(args)
     elif args.command == "run":
         command_run(args)
+    elif args.command == "steps":
+        command_steps(args)
     elif args.command == "ddp":
         command_ddp(args)
 

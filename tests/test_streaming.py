@@ -77,6 +77,16 @@ def test_streamed_shards_equal_the_in_memory_splits(tmp_path, mode, valid_days):
     assert any(r.rows_removed for r in streamed.reports)  # the filters did remove something here
 
 
+def test_keep_unused_items_keeps_the_whole_catalogue_like_the_reader(tmp_path):
+    folder = write_log(tmp_path / "log")
+    cfg = data_config(folder).model_copy(update={"keep_unused_items": True})
+    memory = load_data(cfg)
+    prepare(cfg, tmp_path / "shards", PrepareSettings(memory_mb=256, threads=1))
+    streamed = load_data(DataConfig(source="prepared", path=str(tmp_path / "shards"), keep_unused_items=True))
+    assert streamed.taxonomy.n_leaves == 120   # items the filters removed stay in the catalogue
+    assert_same(memory, streamed)
+
+
 def test_unknown_items_are_dropped_and_reported_like_the_reader(tmp_path):
     folder = write_log(tmp_path / "log", unknown=True)
     cfg = data_config(folder, unknown_items="drop")

@@ -141,7 +141,10 @@ def make_windows(data: SequenceData, max_len: int, *, only_with_targets: bool = 
     windows = Windows(starts.astype(np.int64), lengths.astype(np.int64))
     if only_with_targets:
         targets = data.targets()
-        cumulative = np.r_[0, np.cumsum(targets)]
+        # one cumulative count per event, written in place in the narrowest integer that holds it
+        # (at 50M events np.r_[0, np.cumsum(...)] held two int64 copies, ~0.8 GB)
+        cumulative = np.zeros(len(targets) + 1, dtype=np.int32 if len(targets) < 2**31 else np.int64)
+        np.cumsum(targets, out=cumulative[1:])
         # a window's targets are its events after the first (the first is context only)
         has = cumulative[windows.start + windows.length] - cumulative[windows.start + 1] > 0
         windows = Windows(windows.start[has], windows.length[has])

@@ -8,7 +8,7 @@ item table, which training holds in memory anyway) and copies each split, in bou
 batches, into memory-mapped arrays:
 
     DIR/prepared.json          manifest: data config, source files, filter reports, counts, protocol
-    DIR/taxonomy.json          the catalogue, restricted to the items that occur
+    DIR/taxonomy.json          the catalogue, restricted to the items that occur (whole with keep_unused_items)
     DIR/leaf_text.json         item texts (when the item table has text columns)
     DIR/<split>.leaves.npy     int64 leaf index per event, sequences contiguous, events in time order
     DIR/<split>.offsets.npy    int64 [n_sequences + 1]
@@ -555,10 +555,8 @@ def _check_supported(cfg) -> None:
     for key in ("max_sequences", "max_train_sequences"):
         if getattr(cfg, key) is not None:
             raise ConfigError(f"data.{key}: not supported by streaming preparation (it is for quick in-memory runs)")
-    for key, value in (("data.split.train_on_all", cfg.split.train_on_all), ("data.keep_unused_items",
-                                                                               cfg.keep_unused_items)):
-        if value:
-            raise ConfigError(f"{key}: not supported by streaming preparation")
+    if cfg.split.train_on_all:
+        raise ConfigError("data.split.train_on_all: not supported by streaming preparation")
 
 
 def _resolve(cfg, name: str) -> Path:
@@ -603,7 +601,7 @@ def prepare(cfg, out_dir: str | Path, settings: PrepareSettings | None = None) -
         used = preparer.sql("SELECT DISTINCT leaf FROM split_events ORDER BY leaf").fetchnumpy()["leaf"]
         used = np.asarray(used, dtype=np.int64)
         new_index = np.arange(taxonomy.n_leaves, dtype=np.int64)
-        if len(used) < taxonomy.n_leaves:
+        if len(used) < taxonomy.n_leaves and not cfg.keep_unused_items:
             before = taxonomy.n_leaves
             taxonomy, new_index = taxonomy.subset(used)
             if leaf_text is not None:

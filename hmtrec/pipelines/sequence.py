@@ -90,6 +90,10 @@ class TrainSection(TrainSettings):
     valid_max_sequences: int | None = Field(
         None, ge=1, description="validate on a fixed random subset of this many valid sequences (speed)")
     resume: bool = Field(True, description="continue from checkpoint.pt when the run directory has one")
+    sparse_updates: bool | Literal["auto"] = Field(
+        "auto", description="sparse gradients and lazy Adam (hmtrec.train.trainer.LazyAdam) for the item tables a "
+                            "model trains sparsely (HierSRec with item_loss: sampled): a step updates only the rows "
+                            "it used; auto: on where the model offers it, weight_decay is 0 and not under torchrun")
 
     @field_validator("monitor")
     @classmethod
@@ -105,7 +109,8 @@ class TrainSection(TrainSettings):
         return super().trainer_settings(
             monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode, precision=self.precision,
             lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction, lr_floor=self.lr_floor,
-            budget_minutes=self.budget_minutes, budget_clock=self.budget_clock, monitor_label=self.monitor)
+            budget_minutes=self.budget_minutes, budget_clock=self.budget_clock, monitor_label=self.monitor,
+            sparse_updates=self.sparse_updates)
 
 
 def _model_spec(section: Any, where: str) -> dict:

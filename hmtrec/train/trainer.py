@@ -160,6 +160,7 @@ class TrainState:
     precision: str | None = None    # what `auto` resolved to, kept so a resumed run uses the same
     precision_reason: str = ""
     total_steps: int | None = None  # the lr schedule's horizon, fixed at the first epoch
+    sparse_updates: bool | None = None  # what `sparse_updates` resolved to, kept so a resumed run uses the same
 
 
 @dataclass
@@ -183,6 +184,9 @@ class TrainerSettings:
     budget_clock: str = "wall"      # "wall": elapsed time; "cpu": process CPU time / torch threads, the
                                     # time an idle machine would need, unaffected by other processes
     monitor_label: str | None = None  # the monitored metric's name in progress lines (default: monitor)
+    sparse_updates: bool | str = False  # True, False or "auto": sparse gradients and lazy Adam for the
+                                        # tables the model's `enable_sparse_gradients` names (see
+                                        # resolve_sparse_updates)
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -203,6 +207,7 @@ class Trainer:
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.state = TrainState()
+        self._sparse_configured = False
         self.log = get_logger()
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -225,10 +230,31 @@ class Trainer:
             return False
         saved = load_tensors(path)
         self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainState(**saved["state"])
+        if self.state.sparse_updates is None:   # saved before the switch existed: trained dense
+            self.state.sparse_updates = False
+        self._configure_sparse_updates()
+        self.optimizer.load_state_dict(saved["optimizer"])
         self.log.info("resumed from %s after epoch %d", path, self.state.epoch)
         return True
+
+    # ---- sparse updates --------------------------------------------------------------------
+    def _configure_sparse_updates(self) -> None:
+        """Resolve `sparse_updates` once per run (a resumed run keeps its first choice) and, when on,
+        switch the model's item tables to sparse gradients with their own lazy Adam."""
+        if self._sparse_configured:
+            return
+        self._sparse_configured = True
+        if self.state.sparse_updates is None:
+            self.state.sparse_updates = resolve_sparse_updates(self.settings, self.model)
+        if not self.state.sparse_updates:
+            return
+        sparse = list(self.model.enable_sparse_gradients())
+        sparse_ids = {id(p) for p in sparse}
+        dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
+        self.optimizer = SparseDenseAdam(sparse, dense, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        self.log.info("sparse updates: %d item table(s) (%s parameters) step with lazy Adam",
+                      len(sparse), f"{sum(p.numel() for p in sparse):,}")
 
     # ---- loop ------------------------------------------------------------------------------
     def _improved(self, value: float) -> bool:
@@ -309,6 +335,7 @@ class Trainer:
         if settings.budget_clock not in ("wall", "cpu"):
             raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {settings.budget_clock!r}")
         self.try_resume()
+        self._configure_sparse_updates()
         if self.state.stopped_by_budget and (settings.budget_minutes is None
                                              or self._budget_spent() < settings.budget_minutes * 60):
             self.state.stopped_by_budget = False   # resumed with a larger budget: train on
@@ -338,7 +365,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if settings.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip)
+                        clip_gradients(self.model.parameters(), settings.grad_clip)
                     self.optimizer.step()
                     n_steps += 1
                     self.state.step += 1
@@ -352,7 +379,10 @@ class Trainer:
                 # CPU seconds beside wall seconds: on a shared machine the wall clock counts the
                 # other processes too
                 record = {"epoch": epoch, "loss": loss_sum / max(n_steps, 1), "epoch_seconds": epoch_seconds,
-                          "epoch_cpu_seconds": time.process_time() - cpu_started, "lr": lr, **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()}}
+                          "epoch_cpu_seconds": time.process_time() - cpu_started, "lr": lr, **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()},
+                          # what the model and its optimizer hold, beside a run's peak RSS
+                          "model_bytes": tensor_bytes(self.model.parameters()),
+                          "optimizer_bytes": optimizer_state_bytes(self.optimizer)}
                 if self.validate is not None:
                     validation_started = time.perf_counter()
                     self.model.eval()
@@ -395,6 +425,141 @@ class Trainer:
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return self.state
+
+
+def resolve_sparse_updates(settings: TrainerSettings, model: torch.nn.Module) -> bool:
+    """Whether a run trains the model's item tables with sparse gradients and lazy Adam. `auto`: where
+    the model offers it (`sparse_gradients_available`, e.g. HierSRec with item_loss: sampled), with no
+    weight decay (lazy Adam has none) and in one process (DDP would all-reduce sparse gradients)."""
+    from hmtrec.errors import ConfigError
+
+    value = settings.sparse_updates
+    if value not in (True, False, "auto"):
+        raise ConfigError(f"key 'train.sparse_updates': expected true, false or auto, got {value!r}")
+    if value is False:
+        return False
+    offered = getattr(model, "sparse_gradients_available", False)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    if value == "auto":
+        return bool(offered) and settings.weight_decay == 0 and not distributed
+    reason = ("the model trains no table sparsely (HierSRec with model.item_loss: sampled does)" if not offered
+              else "lazy Adam has no weight decay: set train.weight_decay: 0" if settings.weight_decay
+              else "not under torchrun (data-parallel training all-reduces dense gradients)" if distributed
+              else None)
+    if reason:
+        raise ConfigError(f"key 'train.sparse_updates': true needs {reason}")
+    return True
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """Adam for parameters with sparse gradients (embedding tables looked up with sparse=True): a
+    step updates only the rows in its gradient, each by exactly AdamW's update without weight decay
+    (the same moments, bias corrections and eps), with the step count shared by all rows. A row a
+    step does not touch keeps its weights and moments, where dense AdamW would move it on its
+    momentum. torch.optim.SparseAdam is not used: it adds eps before the bias correction, which for
+    small gradients is another update."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if not grad.is_sparse:
+                    raise RuntimeError("LazyAdam takes sparse gradients (an embedding looked up with sparse=True)")
+                grad = grad.coalesce()
+                rows, values = grad.indices()[0], grad.values()
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values,
+                                                                                            value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, exp_avg)
+                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+                denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+                updated = param.index_select(0, rows).addcdiv_(exp_avg, denominator,
+                                                               value=-group["lr"] / bias_correction1)
+                param.index_copy_(0, rows, updated)
+        return None
+
+
+class SparseDenseAdam:
+    """LazyAdam for the parameters with sparse gradients (a model's item tables) and AdamW for the
+    rest: on the first step, and on rows every step touches, the same as AdamW without weight
+    decay. Exposes what the Trainer uses of an optimizer."""
+
+    def __init__(self, sparse: list[torch.nn.Parameter], dense: list[torch.nn.Parameter], *, lr: float,
+                 weight_decay: float = 0.0):
+        if weight_decay:
+            raise ValueError("SparseDenseAdam: lazy Adam has no weight decay")
+        self.optimizers = [LazyAdam(sparse, lr=lr)]
+        if dense:
+            self.optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=0.0))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "optimizers" not in state or len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError("the checkpoint's optimizer state is not a sparse/dense pair (trained with other "
+                             "train.sparse_updates)")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (2-norm over all gradients), also over sparse gradients,
+    which torch's does not take: they are coalesced and their values count once each."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not any(p.grad.is_sparse for p in parameters):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    for p in parameters:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    total = torch.nn.utils.get_total_norm([p.grad.values() if p.grad.is_sparse else p.grad for p in parameters])
+    dense = [p for p in parameters if not p.grad.is_sparse]
+    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)    # the factor clip_grads_with_norm_ applies
+    for p in parameters:
+        if p.grad.is_sparse:
+            p.grad = torch.sparse_coo_tensor(p.grad.indices(), p.grad.values() * scale, p.grad.shape,
+                                             is_coalesced=True, check_invariants=False)
+    return total
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of an optimizer's state tensors (Adam's moments), over SparseDenseAdam's parts too."""
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    return sum(tensor_bytes(v for state in part.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+               for part in parts)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

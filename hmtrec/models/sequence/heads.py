@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmtrec.data.taxonomy import Taxonomy
-from hmtrec.models.sequence.losses import softmax_cross_entropy, softmax_cross_entropy_rows
+from hmtrec.models.sequence.losses import linear_cross_entropy_rows, softmax_cross_entropy, softmax_cross_entropy_rows
 
 Coupling = Literal["parallel", "cascade"]
 
@@ -71,6 +71,7 @@ class HierarchicalHeads(nn.Module):
         self.consistency_weight = float(consistency_weight)
         self.has_leaf_head = self.levels[-1] == taxonomy.leaf_level
         self.tied_leaf_head = tied_leaf_head and self.has_leaf_head
+        self.sparse_leaf_head = False   # an untied item head's sampled lookups give sparse gradients
         if (leaf_scale is not None or factorized or sibling_smoothing) and not self.has_leaf_head:
             raise ValueError("leaf_scale, factorized and sibling_smoothing need a leaf head")
         if factorized and len(self.levels) < 2:
@@ -201,11 +202,18 @@ class HierarchicalHeads(nn.Module):
             weight, bias = candidate_vectors, self.leaf_bias[candidates]
         else:
             head = self.heads[self.taxonomy.leaf_level]
-            weight, bias = head.weight[candidates], head.bias[candidates]
+            # a sparse-gradient lookup under train.sparse_updates (the same rows, another gradient layout)
+            weight = F.embedding(candidates, head.weight, sparse=True) if self.sparse_leaf_head \
+                else head.weight[candidates]
+            bias = head.bias[candidates]
+        if not self.factorized:
+            # the log-Q correction folded into the bias; the [M, C] logits are never held whole
+            if self.leaf_scale is not None:
+                leaf_query = F.normalize(leaf_query, dim=-1) * self.leaf_scale
+                weight = F.normalize(weight, dim=-1)
+            return linear_cross_entropy_rows(leaf_query, weight, bias - log_q.to(bias.dtype), target_column)
         leaf_logits = self._leaf_logits(leaf_query, weight, bias)
         leaf_logits = leaf_logits - log_q.to(leaf_logits.dtype)
-        if not self.factorized:
-            return softmax_cross_entropy_rows(leaf_logits, target_column)
         parent_level = self.levels[-2]
         level = self.taxonomy.level_index(parent_level)
         target_parent = self.leaf_ancestors[leaf_targets, level]

@@ -222,6 +222,30 @@ class HierSRec(SequenceRecommender):
         return list(self.heads.levels)
 
     @property
+    def sparse_gradients_available(self) -> bool:
+        """Whether training can give the item tables sparse gradients (`train.sparse_updates`): under
+        `item_loss: sampled` a step reads only its candidates' and inputs' rows of them."""
+        return self.params.item_loss == "sampled" and bool(self._sparse_tables())
+
+    def _sparse_tables(self) -> list[nn.Embedding | nn.Linear]:
+        tables = [self.leaf_vectors.item_ids] if self.leaf_vectors.item_ids is not None else []
+        if not self.heads.tied_leaf_head and self.heads.has_leaf_head:
+            tables.append(self.heads.heads[self.taxonomy.leaf_level])
+        return tables
+
+    def enable_sparse_gradients(self) -> list[nn.Parameter]:
+        """Make the sampled loss read the item-id table (and an untied item head's weights) through
+        sparse-gradient lookups; -> those [n_items, *] parameters, for a sparse optimizer. The loss is
+        unchanged; only its gradient's layout is."""
+        if not self.sparse_gradients_available:
+            raise ValueError("HierSRec: sparse gradients need item_loss: sampled and an item-id table or "
+                             "untied item head")
+        if self.leaf_vectors.item_ids is not None:
+            self.leaf_vectors.item_ids.sparse = True
+        self.heads.sparse_leaf_head = True
+        return [table.weight for table in self._sparse_tables()]
+
+    @property
     def max_len(self) -> int:
         return self.encoder.max_len
 

@@ -167,3 +167,70 @@ def softmax_cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> t
     """Cross-entropy of each row of logits [M, N] against class indices [M], float32 [M]
     (equal to F.cross_entropy(..., reduction="none"))."""
     return _RowSoftmaxCrossEntropy.apply(logits, targets)
+
+
+# rows of the [rows, C] logit blocks of `linear_cross_entropy_rows`: about 512K floats (2 MB), which
+# stay in cache between the matmul that writes them and the passes that read them
+_LINEAR_CE_BLOCK = 1 << 19
+
+
+class _LinearRowCrossEntropy(torch.autograd.Function):
+    """`softmax_cross_entropy_rows(query @ weight.T + bias, targets)` without the [M, C] logits in
+    memory: forward and backward walk blocks of rows, and backward recomputes each block's logits
+    (one matmul) rather than reading saved probabilities. On a sampled softmax (C in the thousands)
+    the full [M, C] passes, each through freshly allocated memory, cost more than the matmuls.
+    float32 throughout (under bf16 autocast too: at these widths bf16 only adds casts)."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor
+                ) -> torch.Tensor:
+        dtypes = (query.dtype, weight.dtype, bias.dtype)
+        query, weight, bias = query.float(), weight.float(), bias.float()
+        n_rows, n_classes = query.shape[0], weight.shape[0]
+        block = max(1, _LINEAR_CE_BLOCK // max(n_classes, 1))
+        log_sum_exp = query.new_empty(n_rows)
+        buffer = query.new_empty(min(block, n_rows), n_classes)
+        weight_t = weight.T
+        for first in range(0, n_rows, block):
+            rows = slice(first, min(first + block, n_rows))
+            logits = torch.addmm(bias, query[rows], weight_t, out=buffer[:rows.stop - first])
+            row_max = logits.amax(dim=1, keepdim=True)
+            sums = logits.sub_(row_max).exp_().sum(dim=1)
+            log_sum_exp[rows] = row_max.squeeze(1) + sums.log()
+        target_logits = (query * weight[targets]).sum(dim=1) + bias[targets]
+        ctx.save_for_backward(query, weight, bias, targets, log_sum_exp)
+        ctx.dtypes = dtypes
+        return log_sum_exp - target_logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        query, weight, bias, targets, log_sum_exp = ctx.saved_tensors
+        grad_output = grad_output.float()
+        n_rows, n_classes = query.shape[0], weight.shape[0]
+        block = max(1, _LINEAR_CE_BLOCK // max(n_classes, 1))
+        grad_query = torch.empty_like(query)
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = torch.zeros_like(bias)
+        buffer = query.new_empty(min(block, n_rows), n_classes)
+        weight_t = weight.T
+        for first in range(0, n_rows, block):
+            rows = slice(first, min(first + block, n_rows))
+            # d loss_i / d logits_i = g_i (softmax_i - onehot(target_i))
+            gradient = torch.addmm(bias, query[rows], weight_t, out=buffer[:rows.stop - first])
+            gradient.sub_(log_sum_exp[rows, None]).exp_().mul_(grad_output[rows, None])
+            gradient[torch.arange(rows.stop - first), targets[rows]] -= grad_output[rows]
+            torch.mm(gradient, weight, out=grad_query[rows])
+            grad_weight.addmm_(gradient.T, query[rows])
+            grad_bias.add_(gradient.sum(dim=0))
+        query_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        return grad_query.to(query_dtype), grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), None
+
+
+def linear_cross_entropy_rows(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per row [M] (float32) of the logits `query [M, D] @ weight [C, D].T + bias [C]`
+    against class indices [M], equal to `softmax_cross_entropy_rows(torch.addmm(bias, query, weight.T),
+    targets)` up to float rounding, computed in blocks of rows (`_LinearRowCrossEntropy`)."""
+    with torch.autocast(query.device.type, enabled=False):
+        return _LinearRowCrossEntropy.apply(query, weight, bias, targets)
