@@ -179,6 +179,8 @@ class GeoKind(RunKind):
             return build_model(config, taxonomy, data.event_types, {"name": label})
         model = build_model(config, taxonomy, data.event_types)
         set_coordinates(model, config.data, taxonomy)
+        if getattr(getattr(model, "params", None), "baseline_prior", False):
+            model.fit_prior(data.prepared.train)       # the reference's popularity, from training only
         return model
 
     def fit(self, label: str, model, run: RunDir, config: GeoRunConfig, data: GeoData, on_epoch_end) -> dict:
