@@ -350,3 +350,26 @@ def test_factorized_cells_are_the_region_times_the_cell_within_its_region():
     assert parts["consistency"] == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ConfigError, match="model.factorized_weight"):
         ActionTransformer(taxonomy, ActionTransformerParams(dim=8, levels=["cell"], factorized_weight=1.0), ["event"])
+
+
+def test_baseline_mix_is_a_third_component_beside_the_head_and_the_pointer():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=8, baseline_mix=True), ["event"]).eval()
+    assert not hasattr(model, "copy_gate")
+    with torch.no_grad():
+        model.prior_share_region.copy_(torch.tensor([0.5, 0.5]))
+        model.prior_share_cell.copy_(torch.tensor([0.4, 0.1, 0.1, 0.4]))
+        model.copy_query.weight.zero_()
+        model.copy_query.bias.zero_()                 # uniform attention: the copy is the plain visit share
+        model.mix_gate.weight.zero_()
+        # per level (region, cell) the gate logits of (head, copy, reference): weights 0, 1/4, 3/4
+        model.mix_gate.bias.copy_(torch.tensor([-60.0, 0.0, float(np.log(3.0))] * 2))
+    batch = {"a_leaves": torch.tensor([[0, 1, 6]]), "a_types": torch.zeros(1, 3, dtype=torch.long),
+             "a_age_days": torch.tensor([[0.0, 30.0, 60.0]]), "targets": torch.tensor([0])}
+    with torch.no_grad():
+        out = model.predict(batch)["cell"].exp()[0]
+    reference = torch.tensor([1.9, 0.1, 0.1, 0.65]) / 2.75   # as in the baseline-prior test
+    copy = torch.tensor([2 / 3, 0.0, 0.0, 1 / 3])
+    torch.testing.assert_close(out, 0.25 * copy + 0.75 * reference)
+    with pytest.raises(ConfigError, match="model.baseline_mix"):
+        ActionTransformer(taxonomy, ActionTransformerParams(dim=8, baseline_mix=True, copy_history=False), ["event"])

@@ -37,8 +37,12 @@ What else the model may read, each a switch (docs/geo.md has the ablations):
 - `baseline_prior`: the reference geo-history-pop's log-scores of the example (its own history's
   recency-weighted visits plus training popularity, `history_popularity_log_scores`, the same
   function the reference ranks by) added to every head's logits before the copy mix, times a
-  learned scale per level that starts at 1: the network starts at the reference and learns a
-  correction to it; needs the training log's node shares (`fit_prior`);
+  learned scale per level that starts at 1, the heads' weights starting at zero: the network
+  starts at the reference and learns a correction to it; needs the training log's node shares
+  (`fit_prior`);
+- `baseline_mix`: the same reference distribution as a third component of the copy mixture, p =
+  w1 · softmax(head) + w2 · copy + w3 · reference with per-level weights a softmax of the summary
+  state (in place of the copy gate g);
 - `factorized_weight` λ (two heads or more): each finer head's log-score becomes
   (1 - λ) · log_softmax(its own logits) + λ · (log p(parent) + log p(node | parent)), p(node |
   parent) the softmax of its logits over the parent's children only and p(parent) the coarser
@@ -100,6 +104,7 @@ class ActionTransformerParams(StrictModel):
     distance_bias: bool = False              # bias by distance from the last action's place to each node
     distance_km_edges: list[float] = Field(default_factory=lambda: [0.5, 1, 2, 4, 8, 16])
     baseline_prior: bool = False             # add the geo-history-pop log-scores (learned scale per level)
+    baseline_mix: bool = False               # mix geo-history-pop's distribution in beside the copy pointer
     factorized_weight: float = Field(0.0, ge=0, le=1)   # weight of log p(parent) + log p(node | parent)
 
     @field_validator("age_bucket_days", "distance_km_edges")
@@ -156,7 +161,8 @@ class ActionTransformer(SequenceRecommender):
         recency_edges = torch.tensor([*params.age_bucket_days, 2 * params.age_bucket_days[-1]])
         if params.copy_history:
             self.copy_query = nn.Linear(dim, dim)
-            self.copy_gate = nn.Linear(dim, len(self.head_levels))
+            if not params.baseline_mix:      # else the three-way mix_gate below
+                self.copy_gate = nn.Linear(dim, len(self.head_levels))
             if params.copy_recency:
                 self.copy_age_bias = nn.Parameter(-np.log(2.0) * recency_edges / 30.0)
         if params.history_counts:
@@ -164,12 +170,22 @@ class ActionTransformer(SequenceRecommender):
             self.count_scale = nn.Parameter(torch.ones(len(self.head_levels)))
             self.count_log_prior = nn.Parameter(torch.tensor(
                 [-np.log(taxonomy.n_nodes(level)) for level in self.head_levels], dtype=torch.float32))
-        if params.baseline_prior:
+        if params.baseline_mix and not params.copy_history:
+            raise ConfigError("key 'model.baseline_mix': mixes the reference in beside the copy pointer, "
+                              "which needs model.copy_history: true")
+        if params.baseline_prior or params.baseline_mix:
             # training popularity per head level, filled by fit_prior; saved with the weights
             for level in self.head_levels:
                 n_nodes = taxonomy.n_nodes(level)
                 self.register_buffer(self._share_key(level), torch.full((n_nodes,), 1.0 / n_nodes))
+        if params.baseline_mix:
+            # per level, softmax over (head, copy, reference) from the summary state
+            self.mix_gate = nn.Linear(dim, 3 * len(self.head_levels))
+        if params.baseline_prior:
             self.prior_scale = nn.Parameter(torch.ones(len(self.head_levels)))
+            for head in self.heads.heads.values():   # silent heads: the model starts at the reference
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
         if params.factorized_weight and len(self.head_levels) < 2:
             raise ConfigError("key 'model.factorized_weight': factorised scores need two head levels or more "
                               f"(model.levels is {self.head_levels})")
@@ -194,7 +210,7 @@ class ActionTransformer(SequenceRecommender):
         return f"prior_share_{level}"
 
     def fit_prior(self, train) -> None:
-        """Node shares of the training log's targets per head level, for `baseline_prior`."""
+        """Node shares of the training log's targets per head level, for `baseline_prior` / `baseline_mix`."""
         for level, share in popularity_shares(self.taxonomy, train, self.head_levels).items():
             getattr(self, self._share_key(level)).copy_(share)
 
@@ -312,12 +328,16 @@ class ActionTransformer(SequenceRecommender):
     def add_baseline_prior(self, logits: dict[str, torch.Tensor], leaves: torch.Tensor, ages: torch.Tensor
                            ) -> dict[str, torch.Tensor]:
         """logits[level] + scale_level · (geo-history-pop's log-score of every node of the level)."""
-        reference = HistoryPopularityParams()
-        shares = {level: getattr(self, self._share_key(level)) for level in self.head_levels}
-        prior = history_popularity_log_scores(self.taxonomy, self.leaf_ancestors, leaves, ages, shares,
-                                              reference.prior_weight, reference.half_life_days)
+        prior = self.reference_log_scores(leaves, ages)
         return {level: logits[level] + self.prior_scale[head] * prior[level]
                 for head, level in enumerate(self.head_levels)}
+
+    def reference_log_scores(self, leaves: torch.Tensor, ages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """geo-history-pop's log-probabilities (its default settings) of every head level's nodes."""
+        reference = HistoryPopularityParams()
+        shares = {level: getattr(self, self._share_key(level)) for level in self.head_levels}
+        return history_popularity_log_scores(self.taxonomy, self.leaf_ancestors, leaves, ages, shares,
+                                             reference.prior_weight, reference.half_life_days)
 
     def factorize(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Coarse to fine: each finer head's logits -> (1 - λ) · log_softmax(logits) + λ · (log p(parent)
@@ -385,12 +405,22 @@ class ActionTransformer(SequenceRecommender):
         if self.params.copy_recency:
             scores = scores + self.copy_age_bias[self.age_buckets(ages)]
         attention = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=1).nan_to_num(0.0)  # [B, L]
-        gate = torch.sigmoid(self.copy_gate(summary))                                                # [B, H]
+        if self.params.baseline_mix:
+            reference = self.reference_log_scores(leaves, ages)
+            weights = torch.softmax(self.mix_gate(summary).view(-1, len(self.head_levels), 3), dim=-1)  # [B, H, 3]
+        else:
+            gate = torch.sigmoid(self.copy_gate(summary))                                            # [B, H]
         mixed = {}
         for head, level in enumerate(self.head_levels):
             nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(level)]
             copy = attention.new_zeros(leaves.shape[0], self.taxonomy.n_nodes(level)).scatter_add_(1, nodes, attention)
-            probability = gate[:, head:head + 1] * torch.softmax(logits[level], dim=-1) + (1 - gate[:, head:head + 1]) * copy
+            if self.params.baseline_mix:
+                w = weights[:, head]
+                probability = w[:, :1] * torch.softmax(logits[level], dim=-1) + w[:, 1:2] * copy + \
+                    w[:, 2:] * reference[level].exp()
+            else:
+                probability = gate[:, head:head + 1] * torch.softmax(logits[level], dim=-1) + \
+                    (1 - gate[:, head:head + 1]) * copy
             mixed[level] = probability.clamp_min(1e-12).log()
         return mixed
 
