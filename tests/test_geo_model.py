@@ -285,3 +285,91 @@ def test_a_query_batch_scores_after_the_history_without_a_target():
             scored, asked = model.predict(streams.batch(active)), model.predict(query)
         for level in scored:
             torch.testing.assert_close(asked[level], scored[level])
+
+
+def test_baseline_prior_starts_as_the_reference_and_its_scale_sharpens_it():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    params = ActionTransformerParams(dim=8, copy_history=False, baseline_prior=True)
+    model = ActionTransformer(taxonomy, params, ["event"]).eval()
+    with torch.no_grad():
+        for head in model.heads.heads.values():       # heads silent: the prior alone decides
+            head.weight.zero_()
+            head.bias.zero_()
+        model.prior_share_region.copy_(torch.tensor([0.5, 0.5]))
+        model.prior_share_cell.copy_(torch.tensor([0.4, 0.1, 0.1, 0.4]))
+    batch = {"a_leaves": torch.tensor([[0, 1, 6]]), "a_types": torch.zeros(1, 3, dtype=torch.long),
+             "a_age_days": torch.tensor([[0.0, 30.0, 60.0]]), "targets": torch.tensor([0])}
+    with torch.no_grad():
+        out = model.predict(batch)
+    # half-life 30 days: weights 1, 0.5, 0.25; venues 0 and 1 lie in cell 0, venue 6 in cell 3; + 1 x share
+    cells = torch.tensor([1.9, 0.1, 0.1, 0.65])
+    torch.testing.assert_close(out["cell"].exp()[0], cells / cells.sum())
+    regions = torch.tensor([2.0, 0.75])
+    torch.testing.assert_close(out["region"].exp()[0], regions / regions.sum())
+    reference = HistoryPopularity(taxonomy, HistoryPopularityParams())
+    reference.shares = {"region": model.prior_share_region, "cell": model.prior_share_cell}
+    torch.testing.assert_close(out["cell"], reference.predict(batch)["cell"])
+    with torch.no_grad():
+        model.prior_scale.fill_(2.0)                  # the scale is an exponent on the reference's scores
+        sharper = model.predict(batch)["cell"].exp()[0]
+    torch.testing.assert_close(sharper, cells ** 2 / (cells ** 2).sum())
+
+
+def test_baseline_prior_shares_are_the_references_and_saved_with_the_weights():
+    taxonomy = geo_taxonomy()
+    log = destination_log(taxonomy, n_users=6, days=20)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=8, baseline_prior=True), ["event"])
+    model.fit_prior(log)
+    reference = HistoryPopularity(taxonomy, HistoryPopularityParams())
+    reference.fit(log)
+    for level in ("region", "cell"):
+        torch.testing.assert_close(getattr(model, f"prior_share_{level}"), reference.shares[level])
+        assert f"prior_share_{level}" in model.state_dict()
+    assert not hasattr(ActionTransformer(taxonomy, ActionTransformerParams(dim=8), ["event"]), "prior_scale")
+
+
+def test_factorized_cells_are_the_region_times_the_cell_within_its_region():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=8, factorized_weight=1.0), ["event"])
+    logits = {"region": torch.log(torch.tensor([[0.75, 0.25]])),
+              "cell": torch.tensor([[0.0, float(np.log(3.0)), 1.0, 1.0]])}   # cells 0-1 in region 0, 2-3 in 1
+    out = model.factorize(logits)
+    # p(cell | region 0) = 1/4, 3/4; p(cell | region 1) = 1/2, 1/2
+    factorised = torch.tensor([[0.75 / 4, 0.75 * 3 / 4, 0.25 / 2, 0.25 / 2]])
+    torch.testing.assert_close(out["cell"].exp(), factorised)
+    torch.testing.assert_close(out["region"], logits["region"])
+    model.params.factorized_weight = 0.5             # blended with the flat cell scores, in log space
+    flat = torch.log_softmax(logits["cell"], dim=-1)
+    torch.testing.assert_close(model.factorize(logits)["cell"], 0.5 * flat + 0.5 * factorised.log())
+    # λ = 1: the cells' mass in each region is the region head's, so the consistency term vanishes
+    torch.manual_seed(0)
+    log_taxonomy, batch = small_log_batch(n_users=4, max_targets=4)
+    full = ActionTransformer(log_taxonomy, ActionTransformerParams(dim=8, factorized_weight=1.0), ["event"])
+    with torch.no_grad():
+        _, parts = full.loss(batch)
+    assert parts["consistency"] == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ConfigError, match="model.factorized_weight"):
+        ActionTransformer(taxonomy, ActionTransformerParams(dim=8, levels=["cell"], factorized_weight=1.0), ["event"])
+
+
+def test_baseline_mix_is_a_third_component_beside_the_head_and_the_pointer():
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
+    model = ActionTransformer(taxonomy, ActionTransformerParams(dim=8, baseline_mix=True), ["event"]).eval()
+    assert not hasattr(model, "copy_gate")
+    with torch.no_grad():
+        model.prior_share_region.copy_(torch.tensor([0.5, 0.5]))
+        model.prior_share_cell.copy_(torch.tensor([0.4, 0.1, 0.1, 0.4]))
+        model.copy_query.weight.zero_()
+        model.copy_query.bias.zero_()                 # uniform attention: the copy is the plain visit share
+        model.mix_gate.weight.zero_()
+        # per level (region, cell) the gate logits of (head, copy, reference): weights 0, 1/4, 3/4
+        model.mix_gate.bias.copy_(torch.tensor([-60.0, 0.0, float(np.log(3.0))] * 2))
+    batch = {"a_leaves": torch.tensor([[0, 1, 6]]), "a_types": torch.zeros(1, 3, dtype=torch.long),
+             "a_age_days": torch.tensor([[0.0, 30.0, 60.0]]), "targets": torch.tensor([0])}
+    with torch.no_grad():
+        out = model.predict(batch)["cell"].exp()[0]
+    reference = torch.tensor([1.9, 0.1, 0.1, 0.65]) / 2.75   # as in the baseline-prior test
+    copy = torch.tensor([2 / 3, 0.0, 0.0, 1 / 3])
+    torch.testing.assert_close(out, 0.25 * copy + 0.75 * reference)
+    with pytest.raises(ConfigError, match="model.baseline_mix"):
+        ActionTransformer(taxonomy, ActionTransformerParams(dim=8, baseline_mix=True, copy_history=False), ["event"])

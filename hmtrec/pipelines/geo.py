@@ -179,6 +179,9 @@ class GeoKind(RunKind):
             return build_model(config, taxonomy, data.event_types, {"name": label})
         model = build_model(config, taxonomy, data.event_types)
         set_coordinates(model, config.data, taxonomy)
+        params = getattr(model, "params", None)
+        if getattr(params, "baseline_prior", False) or getattr(params, "baseline_mix", False):
+            model.fit_prior(data.prepared.train)       # the reference's popularity, from training only
         return model
 
     def fit(self, label: str, model, run: RunDir, config: GeoRunConfig, data: GeoData, on_epoch_end) -> dict:

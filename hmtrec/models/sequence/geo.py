@@ -33,7 +33,21 @@ What else the model may read, each a switch (docs/geo.md has the ablations):
   (left out for a batch without `user_hash`, e.g. an anonymous history in serving);
 - `distance_bias`: a learned bias by the distance between each candidate node's centre and the
   place of the most recent action (bucketed, and per age bucket of that action), added to the
-  final logits of every head; needs the leaves' coordinates (`set_leaf_coordinates`).
+  final logits of every head; needs the leaves' coordinates (`set_leaf_coordinates`);
+- `baseline_prior`: the reference geo-history-pop's log-scores of the example (its own history's
+  recency-weighted visits plus training popularity, `history_popularity_log_scores`, the same
+  function the reference ranks by) added to every head's logits before the copy mix, times a
+  learned scale per level that starts at 1, the heads' weights starting at zero: the network
+  starts at the reference and learns a correction to it; needs the training log's node shares
+  (`fit_prior`);
+- `baseline_mix`: the same reference distribution as a third component of the copy mixture, p =
+  w1 · softmax(head) + w2 · copy + w3 · reference with per-level weights a softmax of the summary
+  state (in place of the copy gate g);
+- `factorized_weight` λ (two heads or more): each finer head's log-score becomes
+  (1 - λ) · log_softmax(its own logits) + λ · (log p(parent) + log p(node | parent)), p(node |
+  parent) the softmax of its logits over the parent's children only and p(parent) the coarser
+  head's final distribution: the coarse head ranks the fine one's parents, so the levels agree
+  (λ = 1 makes the consistency term vanish) and the fine head only has to order siblings.
 
 The last encoder layer computes the summary token's row only (the heads read nothing else), which
 is exactly that row of the full layer at a fraction of the cost; the pointer's keys are the action
@@ -65,7 +79,7 @@ from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender
 from hmtrec.models.sequence.encoder import Block
-from hmtrec.models.sequence.heads import HierarchicalHeads
+from hmtrec.models.sequence.heads import HierarchicalHeads, grouped_log_sum_exp
 
 LEAVES_SUFFIX = "_leaves"
 
@@ -89,6 +103,9 @@ class ActionTransformerParams(StrictModel):
     user_buckets: int = Field(0, ge=0)       # hashed user embedding buckets (0: no user embedding)
     distance_bias: bool = False              # bias by distance from the last action's place to each node
     distance_km_edges: list[float] = Field(default_factory=lambda: [0.5, 1, 2, 4, 8, 16])
+    baseline_prior: bool = False             # add the geo-history-pop log-scores (learned scale per level)
+    baseline_mix: bool = False               # mix geo-history-pop's distribution in beside the copy pointer
+    factorized_weight: float = Field(0.0, ge=0, le=1)   # weight of log p(parent) + log p(node | parent)
 
     @field_validator("age_bucket_days", "distance_km_edges")
     @classmethod
@@ -144,7 +161,8 @@ class ActionTransformer(SequenceRecommender):
         recency_edges = torch.tensor([*params.age_bucket_days, 2 * params.age_bucket_days[-1]])
         if params.copy_history:
             self.copy_query = nn.Linear(dim, dim)
-            self.copy_gate = nn.Linear(dim, len(self.head_levels))
+            if not params.baseline_mix:      # else the three-way mix_gate below
+                self.copy_gate = nn.Linear(dim, len(self.head_levels))
             if params.copy_recency:
                 self.copy_age_bias = nn.Parameter(-np.log(2.0) * recency_edges / 30.0)
         if params.history_counts:
@@ -152,6 +170,25 @@ class ActionTransformer(SequenceRecommender):
             self.count_scale = nn.Parameter(torch.ones(len(self.head_levels)))
             self.count_log_prior = nn.Parameter(torch.tensor(
                 [-np.log(taxonomy.n_nodes(level)) for level in self.head_levels], dtype=torch.float32))
+        if params.baseline_mix and not params.copy_history:
+            raise ConfigError("key 'model.baseline_mix': mixes the reference in beside the copy pointer, "
+                              "which needs model.copy_history: true")
+        if params.baseline_prior or params.baseline_mix:
+            # training popularity per head level, filled by fit_prior; saved with the weights
+            for level in self.head_levels:
+                n_nodes = taxonomy.n_nodes(level)
+                self.register_buffer(self._share_key(level), torch.full((n_nodes,), 1.0 / n_nodes))
+        if params.baseline_mix:
+            # per level, softmax over (head, copy, reference) from the summary state
+            self.mix_gate = nn.Linear(dim, 3 * len(self.head_levels))
+        if params.baseline_prior:
+            self.prior_scale = nn.Parameter(torch.ones(len(self.head_levels)))
+            for head in self.heads.heads.values():   # silent heads: the model starts at the reference
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        if params.factorized_weight and len(self.head_levels) < 2:
+            raise ConfigError("key 'model.factorized_weight': factorised scores need two head levels or more "
+                              f"(model.levels is {self.head_levels})")
         if params.distance_bias:
             # filled by set_leaf_coordinates; saved with the weights so a loaded model has them
             self.register_buffer("leaf_coordinates", torch.zeros(taxonomy.n_leaves, 2))
@@ -167,6 +204,15 @@ class ActionTransformer(SequenceRecommender):
             if level not in self.head_levels:
                 parent = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(finest)), finest, level)
                 self.register_buffer(f"derived_parent_{level}", torch.from_numpy(parent), persistent=False)
+
+    @staticmethod
+    def _share_key(level: str) -> str:
+        return f"prior_share_{level}"
+
+    def fit_prior(self, train) -> None:
+        """Node shares of the training log's targets per head level, for `baseline_prior` / `baseline_mix`."""
+        for level, share in popularity_shares(self.taxonomy, train, self.head_levels).items():
+            getattr(self, self._share_key(level)).copy_(share)
 
     @staticmethod
     def _resolve_levels(taxonomy: Taxonomy, levels: list[str] | None, key: str, default: list[str]) -> list[str]:
@@ -267,13 +313,45 @@ class ActionTransformer(SequenceRecommender):
         summary, states, leaves = self.encode(batch)
         logits = self.heads(summary)
         ages = self.action_ages(batch)
+        if self.params.baseline_prior:
+            logits = self.add_baseline_prior(logits, leaves, ages)
         if self.params.copy_history:
             logits = self.mix_copy(logits, summary, states, leaves, ages)
         if self.params.history_counts:
             logits = self.add_history_counts(logits, leaves, ages)
         if self.params.distance_bias:
             logits = self.add_distance_bias(logits, leaves, ages)
+        if self.params.factorized_weight:
+            logits = self.factorize(logits)
         return logits
+
+    def add_baseline_prior(self, logits: dict[str, torch.Tensor], leaves: torch.Tensor, ages: torch.Tensor
+                           ) -> dict[str, torch.Tensor]:
+        """logits[level] + scale_level · (geo-history-pop's log-score of every node of the level)."""
+        prior = self.reference_log_scores(leaves, ages)
+        return {level: logits[level] + self.prior_scale[head] * prior[level]
+                for head, level in enumerate(self.head_levels)}
+
+    def reference_log_scores(self, leaves: torch.Tensor, ages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """geo-history-pop's log-probabilities (its default settings) of every head level's nodes."""
+        reference = HistoryPopularityParams()
+        shares = {level: getattr(self, self._share_key(level)) for level in self.head_levels}
+        return history_popularity_log_scores(self.taxonomy, self.leaf_ancestors, leaves, ages, shares,
+                                             reference.prior_weight, reference.half_life_days)
+
+    def factorize(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Coarse to fine: each finer head's logits -> (1 - λ) · log_softmax(logits) + λ · (log p(parent)
+        + logits - log Σ exp(logits) over the parent's children), p(parent) from the coarser head's
+        (already factorised) output."""
+        weight = self.params.factorized_weight
+        out = {self.head_levels[0]: logits[self.head_levels[0]]}
+        for coarse, fine in zip(self.head_levels, self.head_levels[1:]):
+            parent = getattr(self.heads, self.heads._parent_key(fine))
+            within = grouped_log_sum_exp(logits[fine], parent, self.taxonomy.n_nodes(coarse))
+            factorised = torch.log_softmax(out[coarse], dim=-1)[:, parent] + logits[fine] - within[:, parent]
+            out[fine] = factorised if weight == 1 else \
+                (1 - weight) * torch.log_softmax(logits[fine], dim=-1) + weight * factorised
+        return out
 
     def action_ages(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, L] age in days of every action, in the order `encode` lays them out."""
@@ -327,12 +405,22 @@ class ActionTransformer(SequenceRecommender):
         if self.params.copy_recency:
             scores = scores + self.copy_age_bias[self.age_buckets(ages)]
         attention = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=1).nan_to_num(0.0)  # [B, L]
-        gate = torch.sigmoid(self.copy_gate(summary))                                                # [B, H]
+        if self.params.baseline_mix:
+            reference = self.reference_log_scores(leaves, ages)
+            weights = torch.softmax(self.mix_gate(summary).view(-1, len(self.head_levels), 3), dim=-1)  # [B, H, 3]
+        else:
+            gate = torch.sigmoid(self.copy_gate(summary))                                            # [B, H]
         mixed = {}
         for head, level in enumerate(self.head_levels):
             nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(level)]
             copy = attention.new_zeros(leaves.shape[0], self.taxonomy.n_nodes(level)).scatter_add_(1, nodes, attention)
-            probability = gate[:, head:head + 1] * torch.softmax(logits[level], dim=-1) + (1 - gate[:, head:head + 1]) * copy
+            if self.params.baseline_mix:
+                w = weights[:, head]
+                probability = w[:, :1] * torch.softmax(logits[level], dim=-1) + w[:, 1:2] * copy + \
+                    w[:, 2:] * reference[level].exp()
+            else:
+                probability = gate[:, head:head + 1] * torch.softmax(logits[level], dim=-1) + \
+                    (1 - gate[:, head:head + 1]) * copy
             mixed[level] = probability.clamp_min(1e-12).log()
         return mixed
 
@@ -409,25 +497,41 @@ class HistoryPopularity(SequenceRecommender):
         return list(self.output_levels)
 
     def fit(self, train) -> None:
-        leaves = train.leaves[train.targets()]
-        for level in self.output_levels:
-            counts = np.bincount(self.taxonomy.ancestors(leaves, level), minlength=self.taxonomy.n_nodes(level))
-            self.shares[level] = torch.from_numpy(counts / max(counts.sum(), 1)).float()
+        self.shares = popularity_shares(self.taxonomy, train, self.output_levels)
 
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         leaves = torch.cat([batch[f"{s}_leaves"] for s in ActionTransformer.stream_names(batch)], 1)
         ages = torch.cat([batch[f"{s}_age_days"] for s in ActionTransformer.stream_names(batch)], 1)
-        real = leaves != PAD
-        weight = real.float()
-        if self.params.half_life_days is not None:
-            weight = weight * torch.exp2(-ages.float() / self.params.half_life_days)
-        out = {}
-        for level in self.output_levels:
-            nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(level)]
-            counts = torch.zeros(leaves.shape[0], self.taxonomy.n_nodes(level)).scatter_add_(1, nodes, weight)
-            scores = counts + self.params.prior_weight * self.shares[level].to(counts.device)[None]
-            out[level] = (scores.clamp_min(1e-30) / scores.sum(1, keepdim=True).clamp_min(1e-30)).log()
-        return out
+        return history_popularity_log_scores(self.taxonomy, self.leaf_ancestors, leaves, ages, self.shares,
+                                             self.params.prior_weight, self.params.half_life_days)
+
+
+def popularity_shares(taxonomy: Taxonomy, train, levels: list[str]) -> dict[str, torch.Tensor]:
+    """{level: each node's share of the training log's targets [n_nodes]} (float32)."""
+    leaves = train.leaves[train.targets()]
+    shares = {}
+    for level in levels:
+        counts = np.bincount(taxonomy.ancestors(leaves, level), minlength=taxonomy.n_nodes(level))
+        shares[level] = torch.from_numpy(counts / max(counts.sum(), 1)).float()
+    return shares
+
+
+def history_popularity_log_scores(taxonomy: Taxonomy, leaf_ancestors: torch.Tensor, leaves: torch.Tensor,
+                                  ages: torch.Tensor, shares: dict[str, torch.Tensor], prior_weight: float,
+                                  half_life_days: float | None) -> dict[str, torch.Tensor]:
+    """geo-history-pop's scores: per level of `shares`, log of (Σ over the example's actions of 2^(-age
+    / half-life) under each node + prior_weight · the node's training share), normalised to sum 1.
+    leaves, ages [B, L] (PAD leaves are no action) -> {level: [B, n_nodes]}."""
+    weight = (leaves != PAD).float()
+    if half_life_days is not None:
+        weight = weight * torch.exp2(-ages.float() / half_life_days)
+    out = {}
+    for level, share in shares.items():
+        nodes = leaf_ancestors[leaves.clamp_min(0), taxonomy.level_index(level)]
+        counts = weight.new_zeros(leaves.shape[0], taxonomy.n_nodes(level)).scatter_add_(1, nodes, weight)
+        scores = counts + prior_weight * share.to(counts.device)[None]
+        out[level] = (scores.clamp_min(1e-30) / scores.sum(1, keepdim=True).clamp_min(1e-30)).log()
+    return out
 
 
 @register_model("sequence", "geo-history-pop", params=HistoryPopularityParams)

@@ -47,6 +47,18 @@ from hmtrec.models.sequence.losses import linear_cross_entropy_rows, softmax_cro
 Coupling = Literal["parallel", "cascade"]
 
 
+def grouped_log_sum_exp(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """[M, N] values, group [N] (each column's group in 0..n_groups-1) -> [M, n_groups]: log Σ exp
+    over each group's columns (shifted by the group's max, so no group's sum underflows; -inf for
+    an empty group)."""
+    index = group.expand(values.shape[0], -1)
+    group_max = values.new_full((values.shape[0], n_groups), float("-inf"))
+    group_max = group_max.scatter_reduce(1, index, values.detach(), "amax")
+    shifted = (values - group_max.gather(1, index)).exp()
+    sums = shifted.new_zeros(group_max.shape).index_add_(1, group, shifted)
+    return group_max + sums.float().log()
+
+
 class HierarchicalHeads(nn.Module):
     def __init__(self, taxonomy: Taxonomy, levels: Sequence[str], dim: int, *, coupling: Coupling = "cascade",
                  loss_weights: dict[str, float] | None = None, consistency_weight: float = 0.0,
@@ -158,13 +170,7 @@ class HierarchicalHeads(nn.Module):
         above the leaves (shifted by each node's max, so no node's sum underflows)."""
         parent_level = self.levels[-2]
         parent = self.leaf_ancestors[:, self.taxonomy.level_index(parent_level)]
-        index = parent.expand(leaf_logits.shape[0], -1)
-        n_parents = self.taxonomy.n_nodes(parent_level)
-        node_max = leaf_logits.new_full((leaf_logits.shape[0], n_parents), float("-inf"))
-        node_max = node_max.scatter_reduce(1, index, leaf_logits.detach(), "amax")
-        shifted = (leaf_logits - node_max.gather(1, index)).exp()
-        sums = shifted.new_zeros(node_max.shape).index_add_(1, parent, shifted)
-        return node_max + sums.float().log()
+        return grouped_log_sum_exp(leaf_logits, parent, self.taxonomy.n_nodes(parent_level))
 
     def leaf_log_probabilities(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(item) [M, n_leaves] under the leaf head (factorised through the coarse head when
