@@ -4,9 +4,10 @@ the worker that holds the fewest open connections.
 Why not uvicorn's own workers: they share the listening socket and race to accept it, and an
 asyncio loop accepts every pending connection in one go, so a burst of new connections (a client
 pool or a load balancer opening its connections together) lands on whichever worker woke first.
-We saw 29 of 32 connections on one worker and 3 on the other: one process queues while the other
-idles, and the latency of a whole fleet of clients is that of the busiest worker. (SO_REUSEPORT
-spreads connections by a hash of their addresses: better, but 21 / 11 still happens with 32.)
+32 connections opened together put 31 on one of two processes on average (benchmarks/
+serve_accept_split.py): one process queues while the other idles, and the latency of a whole fleet
+of clients is that of the busiest worker. (SO_REUSEPORT spreads connections by a hash of their
+addresses: better, but 21 / 11 happens with 32.)
 
 So the parent process accepts, and passes each connection's descriptor (SCM_RIGHTS over a Unix
 socket pair) to the least-loaded ready worker, which serves it with uvicorn's HTTP protocol exactly
