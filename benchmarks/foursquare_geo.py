@@ -53,6 +53,8 @@ ABLATIONS = {
     "plus baseline mix (third mixture component)": ["model.baseline_mix=true"],
     "plus factorised cells (λ 1)": ["model.factorized_weight=1.0"],
     "plus factorised cells (λ 0.5)": ["model.factorized_weight=0.5"],
+    "consistency weight 3": ["model.consistency_weight=3.0"],
+    "region loss weight 0.5": ["model.loss_weights={region: 0.5}"],
 }
 # The switches issue 14 added, on the main runs' own protocol (every training target, the same
 # epochs and early stopping, seed 0), each flipped alone from the defaults: the one-epoch sample
@@ -204,13 +206,17 @@ def main() -> None:
     ablation_rows = []
     seed0 = args.seeds[0]
     for name in ([] if args.no_ablations else ABLATIONS):
+        if (name, seed0) not in runs:            # --no-train: an unfinished row is left out
+            continue
         first_epoch = runs[(name, seed0)]["history"][0]
         ablation_rows.append({"model": name,
                               **{f"valid {level} {metric}": first_epoch[f"valid_{level}_{metric}"]
                                  for level in LEVELS for metric in METRICS}})
     full_rows = []
     for name in ([] if args.no_ablations else ["defaults (the multi-level run)", *FULL_ABLATIONS]):
-        run = runs[("multi-level", seed0)] if name.startswith("defaults") else runs[(f"full: {name}", seed0)]
+        run = runs.get(("multi-level", seed0) if name.startswith("defaults") else (f"full: {name}", seed0))
+        if run is None:
+            continue
         best = run["history"][run["best_epoch"] - 1]
         full_rows.append({"model": name, "best epoch": run["best_epoch"],
                           **{f"valid {level} {metric}": best[f"valid_{level}_{metric}"]

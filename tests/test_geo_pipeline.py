@@ -155,3 +155,24 @@ def test_distance_bias_gets_the_venue_coordinates(data_dir):
     other = config.data.model_copy(update={"source": "movielens-1m"})
     with pytest.raises(ConfigError, match="model.distance_bias"):
         set_coordinates(model, other, taxonomy)
+
+
+def test_baseline_prior_gets_the_references_training_shares(data_dir):
+    import torch
+
+    from hmtrec.pipelines.geo import GeoKind, build_model
+
+    config = load_config("configs/geo/foursquare-nyc.yaml", ["model.baseline_prior=true", "data.max_sequences=40",
+                                                              f"data.path={data_dir / 'foursquare-nyc'}"])
+    kind = GeoKind()
+    data = kind.prepare(config)
+    model = kind.build(config.model["name"], None, config, data)
+    reference = build_model(config, data.prepared.dataset.taxonomy, data.event_types, {"name": "geo-history-pop"})
+    reference.fit(data.prepared.train)
+    for level in ("region", "cell"):
+        share = getattr(model, f"prior_share_{level}")
+        torch.testing.assert_close(share, reference.shares[level])
+        assert share.max() > 2.0 / len(share)               # popularity, not the uniform placeholder
+    fresh = build_model(config, data.prepared.dataset.taxonomy, data.event_types)
+    fresh.load_state_dict(model.state_dict())              # a saved model keeps its shares
+    torch.testing.assert_close(fresh.prior_share_cell, model.prior_share_cell)
