@@ -479,7 +479,7 @@ def command_steps(args) -> None:
     manifest = json.loads((shards / "prepared.json").read_text())
     lines = [f"The `run` model (HierSRec, dim 32, 1 layer, sampled item softmax with the batch's targets plus "
              f"{args.negatives} uniform negatives, batch {args.batch_size} windows) on the prepared "
-             f"{args.events:,}-event log ({manifest['n_items']:,} items): the first {args.batches} batches of the "
+             f"{args.events:,}-event log ({manifest['n_items']:,} items): the first {rows[0]['batches']} batches of the "
              f"epoch through the training loop, each setting in its own process, one after the other. CPU s: "
              f"process CPU seconds (all threads) per batch; wall s in brackets. Machine: {machine()}, load from "
              f"other jobs during the runs; with 2 threads on a loaded 2-core machine the threads' waits for each "
