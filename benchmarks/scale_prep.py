@@ -312,7 +312,7 @@ def command_run(args) -> None:
                 batches = _count_steps(run)
                 history = metrics["training"]["history"][0]
                 row[label] = {**train, "epoch_fraction": fraction, "batches": batches,
-                              "threads": args.threads, "precision": args.precision,
+                              "threads": args.threads, "precision": args.precision, "steps_requested": steps,
                               "model_mb": round(history["model_bytes"] / 2**20, 1),
                               "optimizer_mb": round(history["optimizer_bytes"] / 2**20, 1),
                               "epoch_seconds": round(metrics["training"]["epoch_seconds"], 1),
@@ -363,8 +363,9 @@ def report_run(rows: dict, args) -> None:
              f"gradients and lazy Adam for the item-id table), batch {args.batch_size} windows, "
              f"{args.precision}, {args.threads} thread(s) (the `scale-step` section compares threads, precision and "
              f"sparse updates); test and valid = the sessions ending in the last 0.02 + 0.02 days, so that "
-             "evaluation (over the whole catalogue) stays small. One whole epoch per size, then the test "
-             "evaluation. CPU s per batch: the training loop's process CPU seconds per batch, in brackets wall "
+             "evaluation (over the whole catalogue) stays small. One whole epoch per size where this machine's time "
+             "allowed, else the first batches of it (marked in the row, `--steps`: the whole epoch's batch plan is "
+             "built and the first N batches of it trained), then the test evaluation. CPU s per batch: the training loop's process CPU seconds per batch, in brackets wall "
              "seconds (this machine is shared with other jobs). Run s: the whole `hmtrec train` (loading, the "
              "epoch's batch plan, the epoch, test evaluation, saving). Peak RSS is the child process's "
              "ru_maxrss; in brackets the peaks of its anonymous memory and of its file-backed pages "
@@ -381,14 +382,24 @@ def report_run(rows: dict, args) -> None:
             continue
         head = (f"| {r['events']:,} | {r['log_gb']:.2f} | {r['prepare']['seconds']:.0f} | {rss(r['prepare'])} | "
                 f"{r['train_events']:,} | {r['items_kept']:,} | ")
-        if "epoch" not in r:
+        label = "epoch" if "epoch" in r else "steps" if "model_mb" in r.get("steps", {}) else None
+        if label is None:
             lines.append(head + f"≈{math.ceil(r['train_sequences'] / args.batch_size):,} | not run | not run | "
                                 f"not run | not run | n/a | n/a |")
             continue
-        e = r["epoch"]
-        lines.append(head + f"{e['batches']:,} | {e['epoch_cpu_seconds'] / e['batches']:.3f} "
-                            f"({e['seconds_per_batch']:.3f}) | {e['epoch_seconds']:,.0f} | {e['seconds']:,.0f} | "
-                            f"{rss(e)} | {e['model_mb']:,.0f} + {e['optimizer_mb']:,.0f} | {e['item_recall20']:.4f} |")
+        e = r[label]
+        if label == "epoch":
+            batches, epoch_s, recall = f"{e['batches']:,}", f"{e['epoch_seconds']:,.0f}", f"{e['item_recall20']:.4f}"
+        else:   # only the first batches ran: what they took, and the whole epoch at their rate
+            whole = math.ceil(e["batches"] / e["epoch_fraction"])
+            batches = f"≈{whole:,} (the first {e['batches']:,} run)"
+            at_rate = whole * e["epoch_seconds"] / e["batches"]
+            epoch_s = (f"not run: {e['epoch_seconds']:,.0f} for the first {e['batches']:,} batches (≈{at_rate:,.0f} "
+                       f"for the epoch at that rate)")
+            recall = f"{e['item_recall20']:.4f} after the first {e['batches']:,} batches"
+        lines.append(head + f"{batches} | {e['epoch_cpu_seconds'] / e['batches']:.3f} ({e['seconds_per_batch']:.3f}) | "
+                            f"{epoch_s} | {e['seconds']:,.0f} | {rss(e)} | {e['model_mb']:,.0f} + "
+                            f"{e['optimizer_mb']:,.0f} | {recall} |")
     others = sorted({int(m) for r in rows.values() for m in r.get("prepare_at", {})})
     if others:
         lines += ["", f"`hmtrec prepare` alone on the same logs under other `--memory-mb` settings (DuckDB's "
@@ -404,12 +415,18 @@ def report_run(rows: dict, args) -> None:
                 if str(memory) in r.get("prepare_at", {}):
                     entry = r["prepare_at"][str(memory)]
                     lines.append(f"| {r['events']:,} | {memory:,} | {entry['seconds']:.0f} | {rss(entry)} |")
-    events = " ".join(sorted(rows, key=int))
+    # one command per group of sizes that ran alike (a whole epoch, or only its first N batches)
+    groups: dict[tuple, list[str]] = {}
+    for key in sorted(rows, key=int):
+        r = rows[key]
+        steps = r["steps"].get("steps_requested", r["steps"]["batches"]) if "model_mb" in r.get("steps", {}) else 0
+        groups.setdefault((steps, "epoch" in r), []).append(key)
+    commands = [f"python benchmarks/scale_prep.py run --events {' '.join(keys)} --work {args.work} "
+                f"--memory-mb {args.memory_mb} --steps {steps} --batch-size {args.batch_size} "
+                f"--negatives {args.negatives} --threads {args.threads} --precision {args.precision}"
+                f"{' --epoch' if epoch else ''} --keep" for (steps, epoch), keys in groups.items()]
     update_section("scale-prepare", "\n".join(lines), title="Streaming preparation and one epoch: 1M to 50M events",
-                   command=f"python benchmarks/scale_prep.py run --events {events} --work {args.work} "
-                           f"--memory-mb {args.memory_mb} --steps {args.steps} --batch-size {args.batch_size} "
-                           f"--negatives {args.negatives} --threads {args.threads} --precision {args.precision} "
-                           f"--epoch --keep --report")
+                   command="; ".join(commands) + " --report")
 
 
 STEP_PROBE = """
@@ -463,7 +480,7 @@ def command_steps(args) -> None:
     manifest = json.loads((shards / "prepared.json").read_text())
     lines = [f"The `run` model (HierSRec, dim 32, 1 layer, sampled item softmax with the batch's targets plus "
              f"{args.negatives} uniform negatives, batch {args.batch_size} windows) on the prepared "
-             f"{args.events:,}-event log ({manifest['n_items']:,} items): the first {args.batches} batches of the "
+             f"{args.events:,}-event log ({manifest['n_items']:,} items): the first {rows[0]['batches']} batches of the "
              f"epoch through the training loop, each setting in its own process, one after the other. CPU s: "
              f"process CPU seconds (all threads) per batch; wall s in brackets. Machine: {machine()}, load from "
              f"other jobs during the runs; with 2 threads on a loaded 2-core machine the threads' waits for each "
