@@ -174,6 +174,18 @@ def softmax_cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> t
 _LINEAR_CE_BLOCK = 1 << 19
 
 
+def _logit_blocks(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """(rows, query[rows] @ weight.T + bias) block by block, each block's logits written into one
+    reused buffer (the next block overwrites it)."""
+    n_rows, n_classes = query.shape[0], weight.shape[0]
+    block = max(1, _LINEAR_CE_BLOCK // max(n_classes, 1))
+    buffer = query.new_empty(min(block, n_rows), n_classes)
+    weight_t = weight.T
+    for first in range(0, n_rows, block):
+        rows = slice(first, min(first + block, n_rows))
+        yield rows, torch.addmm(bias, query[rows], weight_t, out=buffer[:rows.stop - first])
+
+
 class _LinearRowCrossEntropy(torch.autograd.Function):
     """`softmax_cross_entropy_rows(query @ weight.T + bias, targets)` without the [M, C] logits in
     memory: forward and backward walk blocks of rows, and backward recomputes each block's logits
@@ -186,14 +198,8 @@ class _LinearRowCrossEntropy(torch.autograd.Function):
                 ) -> torch.Tensor:
         dtypes = (query.dtype, weight.dtype, bias.dtype)
         query, weight, bias = query.float(), weight.float(), bias.float()
-        n_rows, n_classes = query.shape[0], weight.shape[0]
-        block = max(1, _LINEAR_CE_BLOCK // max(n_classes, 1))
-        log_sum_exp = query.new_empty(n_rows)
-        buffer = query.new_empty(min(block, n_rows), n_classes)
-        weight_t = weight.T
-        for first in range(0, n_rows, block):
-            rows = slice(first, min(first + block, n_rows))
-            logits = torch.addmm(bias, query[rows], weight_t, out=buffer[:rows.stop - first])
+        log_sum_exp = query.new_empty(query.shape[0])
+        for rows, logits in _logit_blocks(query, weight, bias):
             row_max = logits.amax(dim=1, keepdim=True)
             sums = logits.sub_(row_max).exp_().sum(dim=1)
             log_sum_exp[rows] = row_max.squeeze(1) + sums.log()
@@ -207,19 +213,13 @@ class _LinearRowCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         query, weight, bias, targets, log_sum_exp = ctx.saved_tensors
         grad_output = grad_output.float()
-        n_rows, n_classes = query.shape[0], weight.shape[0]
-        block = max(1, _LINEAR_CE_BLOCK // max(n_classes, 1))
         grad_query = torch.empty_like(query)
         grad_weight = torch.zeros_like(weight)
         grad_bias = torch.zeros_like(bias)
-        buffer = query.new_empty(min(block, n_rows), n_classes)
-        weight_t = weight.T
-        for first in range(0, n_rows, block):
-            rows = slice(first, min(first + block, n_rows))
+        for rows, gradient in _logit_blocks(query, weight, bias):
             # d loss_i / d logits_i = g_i (softmax_i - onehot(target_i))
-            gradient = torch.addmm(bias, query[rows], weight_t, out=buffer[:rows.stop - first])
             gradient.sub_(log_sum_exp[rows, None]).exp_().mul_(grad_output[rows, None])
-            gradient[torch.arange(rows.stop - first), targets[rows]] -= grad_output[rows]
+            gradient[torch.arange(rows.stop - rows.start), targets[rows]] -= grad_output[rows]
             torch.mm(gradient, weight, out=grad_query[rows])
             grad_weight.addmm_(gradient.T, query[rows])
             grad_bias.add_(gradient.sum(dim=0))
