@@ -56,6 +56,26 @@ def test_windows_cover_every_target_once():
     assert sorted(targets.tolist()) == [1, 2, 5, 6, 7, 8, 9]
 
 
+def test_windows_cut_a_chunk_of_sequences_at_a_time_are_the_same_windows(monkeypatch):
+    """make_windows cuts WINDOW_CHUNK sequences per pass (bounded temporaries): any chunk size gives
+    the windows of one pass over the whole log, with and without a stored target mask."""
+    from hmtrec.data import sequences
+
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(1, 30, size=57)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    for mask in (None, rng.random(int(offsets[-1])) < 0.6):
+        data = SequenceData(rng.integers(0, 40, int(offsets[-1])), offsets,
+                            np.array([f"s{i}" for i in range(len(lengths))], dtype=object), target_mask=mask)
+        for only_with_targets in (True, False):
+            whole = make_windows(data, 4, only_with_targets=only_with_targets)
+            for chunk in (1, 5, 56):
+                monkeypatch.setattr(sequences, "WINDOW_CHUNK", chunk)
+                cut = make_windows(data, 4, only_with_targets=only_with_targets)
+                assert np.array_equal(cut.start, whole.start) and np.array_equal(cut.length, whole.length)
+            monkeypatch.setattr(sequences, "WINDOW_CHUNK", 1 << 20)
+
+
 def test_unknown_config_key_is_named(tmp_path):
     from hmtrec.config import CONFIG_KINDS, StrictModel, register_config
     from hmtrec.errors import ConfigError

@@ -125,30 +125,46 @@ class Windows:
     length: np.ndarray
 
 
+WINDOW_CHUNK = 1 << 20   # sequences cut per pass: the passes' temporaries are O(chunk), not O(log)
+
+
 def make_windows(data: SequenceData, max_len: int, *, only_with_targets: bool = True) -> Windows:
     """Cut each sequence into windows of at most `max_len` inputs, from its end backwards, so the
     most recent context is whole. A window is the events feeding predictions for its targets: it
-    spans max_len + 1 events (inputs plus the last target), consecutive windows share one event."""
+    spans max_len + 1 events (inputs plus the last target), consecutive windows share one event.
+    Sequences are cut `WINDOW_CHUNK` at a time, so that only the windows themselves grow with the
+    log (at 50M events the whole-log temporaries were most of training's memory growth)."""
+    targets = data.targets() if only_with_targets else None
     starts, lengths = [], []
-    seq_start, seq_len = data.offsets[:-1], data.lengths
+    for first in range(0, max(data.n_sequences, 1), WINDOW_CHUNK):
+        start, length = _windows_of(data, first, min(first + WINDOW_CHUNK, data.n_sequences), max_len, targets)
+        starts.append(start)
+        lengths.append(length)
+    return Windows(np.concatenate(starts).astype(np.int64, copy=False),
+                   np.concatenate(lengths).astype(np.int64, copy=False))
+
+
+def _windows_of(data: SequenceData, first: int, last: int, max_len: int,
+                targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of the windows of sequences first..last-1; with `targets`, only windows
+    holding at least one target."""
+    seq_start, seq_len = data.offsets[first:last], data.lengths[first:last]
     span = max_len + 1
     n_windows = np.maximum(1, np.ceil(np.maximum(seq_len - 1, 1) / max_len).astype(np.int64))
-    sequence = np.repeat(np.arange(data.n_sequences), n_windows)
+    sequence = np.repeat(np.arange(last - first), n_windows)
     within = np.arange(n_windows.sum()) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)
     end = seq_start[sequence] + seq_len[sequence] - within * max_len  # exclusive
     start = np.maximum(seq_start[sequence], end - span)
-    starts, lengths = start, end - start
-    windows = Windows(starts.astype(np.int64), lengths.astype(np.int64))
-    if only_with_targets:
-        targets = data.targets()
+    length = end - start
+    if targets is not None:
+        low, high = int(data.offsets[first]), int(data.offsets[last])   # these sequences' events
         # one cumulative count per event, written in place in the narrowest integer that holds it
-        # (at 50M events np.r_[0, np.cumsum(...)] held two int64 copies, ~0.8 GB)
-        cumulative = np.zeros(len(targets) + 1, dtype=np.int32 if len(targets) < 2**31 else np.int64)
-        np.cumsum(targets, out=cumulative[1:])
+        cumulative = np.zeros(high - low + 1, dtype=np.int32 if high - low < 2**31 else np.int64)
+        np.cumsum(targets[low:high], out=cumulative[1:])
         # a window's targets are its events after the first (the first is context only)
-        has = cumulative[windows.start + windows.length] - cumulative[windows.start + 1] > 0
-        windows = Windows(windows.start[has], windows.length[has])
-    return windows
+        has = cumulative[start + length - low] - cumulative[start + 1 - low] > 0
+        start, length = start[has], length[has]
+    return start, length
 
 
 def collate_windows(data: SequenceData, windows: Windows, rows: np.ndarray) -> dict[str, torch.Tensor]:
