@@ -424,9 +424,16 @@ def report_run(rows: dict, args) -> None:
     commands = [f"python benchmarks/scale_prep.py run --events {' '.join(keys)} --work {args.work} "
                 f"--memory-mb {args.memory_mb} --steps {steps} --batch-size {args.batch_size} "
                 f"--negatives {args.negatives} --threads {args.threads} --precision {args.precision}"
-                f"{' --epoch' if epoch else ''} --keep" for (steps, epoch), keys in groups.items()]
-    update_section("scale-prepare", "\n".join(lines), title="Streaming preparation and one epoch: 1M to 50M events",
-                   command="; ".join(commands) + " --report")
+                f"{' --epoch' if epoch else ''}{' --stage ' + args.stage if args.stage != 'all' else ''} --keep"
+                for (steps, epoch), keys in groups.items()]
+    if args.stage == "train":
+        lines[1:1] = ["", f"Training only (`--stage train`): on the shards in {args.work}, whose prepare columns "
+                          f"are those of the runs that prepared them (the `scale-prepare` section's command)."]
+    title = "Streaming preparation and one epoch: 1M to 50M events"
+    update_section(args.section, "\n".join(lines),
+                   title=title if args.section == "scale-prepare" else f"{title} ({args.section})",
+                   command="; ".join(commands) + " --report"
+                   + (f" --section {args.section}" if args.section != "scale-prepare" else ""))
 
 
 STEP_PROBE = """
@@ -574,6 +581,7 @@ def main() -> None:
     run.add_argument("--keep", action="store_true", help="keep the logs, shards and runs")
     run.add_argument("--force", action="store_true", help="prepare again sizes already in run.json")
     run.add_argument("--report", action="store_true")
+    run.add_argument("--section", default="scale-prepare", help="section of docs/benchmarks.md --report writes")
     steps = sub.add_parser("steps", help="seconds per training batch by threads, precision and sparse updates")
     steps.add_argument("--events", type=int, default=50_000_000)
     steps.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
