@@ -424,7 +424,7 @@ def report_run(rows: dict, args) -> None:
     commands = [f"python benchmarks/scale_prep.py run --events {' '.join(keys)} --work {args.work} "
                 f"--memory-mb {args.memory_mb} --steps {steps} --batch-size {args.batch_size} "
                 f"--negatives {args.negatives} --threads {args.threads} --precision {args.precision}"
-                f"{' --epoch' if epoch else ''}{' --stage ' + args.stage if args.stage != 'all' else ''} --keep"
+                f"{' --epoch' if epoch else ''}{' --stage train' if args.stage == 'train' else ''} --keep"
                 for (steps, epoch), keys in groups.items()]
     if args.stage == "train":
         lines[1:1] = ["", f"Training only (`--stage train`): on the shards in {args.work}, whose prepare columns "
