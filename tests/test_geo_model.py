@@ -28,6 +28,15 @@ def small_log_batch(n_users: int, max_targets: int, days: int = 30):
 
 
 
+
+def silence_heads(model) -> None:
+    """Zero every level head, so that only the other score terms decide."""
+    with torch.no_grad():
+        for head in model.heads.heads.values():
+            head.weight.zero_()
+            head.bias.zero_()
+
+
 def test_token_embedding_is_the_sum_of_level_type_and_age_embeddings():
     torch.manual_seed(0)
     taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
@@ -247,10 +256,8 @@ def test_history_counts_start_as_the_recency_weighted_visit_count():
     params = ActionTransformerParams(dim=8, age_bucket_days=[1, 7, 30], copy_history=False, history_counts=True,
                                      consistency_weight=0.0)
     model = ActionTransformer(taxonomy, params, ["event"]).eval()
+    silence_heads(model)                              # the count term alone decides
     with torch.no_grad():
-        for head in model.heads.heads.values():       # heads silent: the count term alone decides
-            head.weight.zero_()
-            head.bias.zero_()
         model.count_age_weight.copy_(torch.log(torch.tensor([1.0, 0.5, 0.25, 0.125])))
         model.count_log_prior.fill_(float(np.log(0.1)))
     batch = {"a_leaves": torch.tensor([[0, 1, 2, 7]]), "a_types": torch.zeros(1, 4, dtype=torch.long),
@@ -291,10 +298,8 @@ def test_baseline_prior_starts_as_the_reference_and_its_scale_sharpens_it():
     taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)
     params = ActionTransformerParams(dim=8, copy_history=False, baseline_prior=True)
     model = ActionTransformer(taxonomy, params, ["event"]).eval()
+    silence_heads(model)                              # the prior alone decides
     with torch.no_grad():
-        for head in model.heads.heads.values():       # heads silent: the prior alone decides
-            head.weight.zero_()
-            head.bias.zero_()
         model.prior_share_region.copy_(torch.tensor([0.5, 0.5]))
         model.prior_share_cell.copy_(torch.tensor([0.4, 0.1, 0.1, 0.4]))
     batch = {"a_leaves": torch.tensor([[0, 1, 6]]), "a_types": torch.zeros(1, 3, dtype=torch.long),

@@ -118,8 +118,10 @@ def serve_workers(run_dir: str | Path, settings, host: str, port: int, workers: 
                                           f"ready; see its messages above")
                     log.error("serving worker %d exited (code %s) with %d open connection(s); starting it again",
                               worker.index, code, worker.connections)
-                    if worker.channel in (key.fileobj for key in selector.get_map().values()):
+                    try:
                         selector.unregister(worker.channel)
+                    except KeyError:                    # already, at its channel's end
+                        pass
                     selector.unregister(worker.process.sentinel)
                     worker.close()
                     fresh = _Worker(context, worker.index, *described)
