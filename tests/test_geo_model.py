@@ -29,6 +29,13 @@ def small_log_batch(n_users: int, max_targets: int, days: int = 30):
 
 
 
+def assert_normalised(out: dict, **masses) -> None:
+    """Each level's predicted distribution (row 0) is its hand-computed masses, normalised."""
+    for level, mass in masses.items():
+        mass = torch.tensor(mass)
+        torch.testing.assert_close(out[level].exp()[0], mass / mass.sum())
+
+
 def silence_heads(model) -> None:
     """Zero every level head, so that only the other score terms decide."""
     with torch.no_grad():
@@ -265,10 +272,7 @@ def test_history_counts_start_as_the_recency_weighted_visit_count():
     with torch.no_grad():
         out = model.predict(batch)
     # cell 0: venues 0 (w 1) and 1 (w 0.5); cell 1: venue 2 (w 0.25); cell 3: venue 7 (w 0.125); + 0.1 each
-    cells = torch.tensor([1.6, 0.35, 0.1, 0.225])
-    torch.testing.assert_close(out["cell"].exp()[0], cells / cells.sum())
-    regions = torch.tensor([1.85, 0.225])
-    torch.testing.assert_close(out["region"].exp()[0], regions / regions.sum())
+    assert_normalised(out, cell=[1.6, 0.35, 0.1, 0.225], region=[1.85, 0.225])
 
 
 def test_a_query_batch_scores_after_the_history_without_a_target():
@@ -307,10 +311,7 @@ def test_baseline_prior_starts_as_the_reference_and_its_scale_sharpens_it():
     with torch.no_grad():
         out = model.predict(batch)
     # half-life 30 days: weights 1, 0.5, 0.25; venues 0 and 1 lie in cell 0, venue 6 in cell 3; + 1 x share
-    cells = torch.tensor([1.9, 0.1, 0.1, 0.65])
-    torch.testing.assert_close(out["cell"].exp()[0], cells / cells.sum())
-    regions = torch.tensor([2.0, 0.75])
-    torch.testing.assert_close(out["region"].exp()[0], regions / regions.sum())
+    assert_normalised(out, cell=[1.9, 0.1, 0.1, 0.65], region=[2.0, 0.75])
     reference = HistoryPopularity(taxonomy, HistoryPopularityParams())
     reference.shares = {"region": model.prior_share_region, "cell": model.prior_share_cell}
     torch.testing.assert_close(out["cell"], reference.predict(batch)["cell"])
