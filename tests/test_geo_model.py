@@ -32,7 +32,7 @@ def small_log_batch(n_users: int, max_targets: int, days: int = 30):
 def assert_normalised(out: dict, **masses) -> None:
     """Each level's predicted distribution (row 0) is its hand-computed masses, normalised."""
     for level, mass in masses.items():
-        mass = torch.tensor(mass)
+        mass = torch.as_tensor(mass)
         torch.testing.assert_close(out[level].exp()[0], mass / mass.sum())
 
 
@@ -311,7 +311,8 @@ def test_baseline_prior_starts_as_the_reference_and_its_scale_sharpens_it():
     with torch.no_grad():
         out = model.predict(batch)
     # half-life 30 days: weights 1, 0.5, 0.25; venues 0 and 1 lie in cell 0, venue 6 in cell 3; + 1 x share
-    assert_normalised(out, cell=[1.9, 0.1, 0.1, 0.65], region=[2.0, 0.75])
+    cells = torch.tensor([1.9, 0.1, 0.1, 0.65])
+    assert_normalised(out, cell=cells, region=[2.0, 0.75])
     reference = HistoryPopularity(taxonomy, HistoryPopularityParams())
     reference.shares = {"region": model.prior_share_region, "cell": model.prior_share_cell}
     torch.testing.assert_close(out["cell"], reference.predict(batch)["cell"])
