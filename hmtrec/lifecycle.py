@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 from pydantic import Field, field_validator
 
@@ -75,6 +75,24 @@ class TrainSettings(StrictModel):
                       seed=self.seed, device=self.device, patience=self.patience,
                       resume=getattr(self, "resume", True))
         return TrainerSettings(**{**shared, **kind_specific})
+
+
+class LrScheduleSettings(StrictModel):
+    """The learning-rate schedule keys, for a kind whose `train:` section offers one (mixed in beside
+    `TrainSettings`). The Trainer applies it per optimiser step (`hmtrec.train.trainer.lr_factor`);
+    its horizon (epochs x the first epoch's steps) is fixed at the first epoch and kept in the
+    checkpoint, so a resumed run continues the same curve."""
+
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after the warm-up: constant, or cosine / linear decay to lr * lr_floor at the "
+                                "last step of the last epoch")
+    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of all training steps spent warming the "
+                                   "learning rate up linearly from lr / warm-up steps to lr")
+    lr_floor: float = Field(0.0, ge=0, le=1, description="the decay ends at lr * lr_floor")
+
+    def schedule_settings(self) -> dict:
+        """The Trainer's schedule settings (`TrainerSettings` keyword arguments)."""
+        return dict(lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction, lr_floor=self.lr_floor)
 
 
 def set_threads(threads: int | None) -> int:

@@ -11,7 +11,8 @@ from hmtrec.config import load_config
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.pipelines import get_pipeline
 from hmtrec.serve.geo_suggest import GeoSuggester, parse_history
-from hmtrec.rundir import read_json
+from hmtrec.rundir import load_tensors, read_json
+from hmtrec.train.trainer import lr_factor
 
 QUICK = ["data.max_sequences=60", "examples.max_targets=300", "train.epochs=1", "eval.max_targets=150",
          "train.valid_max_targets=150",
@@ -121,6 +122,40 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, data_dir):
                              tmp_path / "resumed")
     assert "resumed from" in (tmp_path / "resumed" / "log.txt").read_text()
     assert resumed["history"][0] == first["history"][0]          # epoch 1 came from the checkpoint
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert resumed["test"]["action-transformer"]["overall"] == straight["test"]["action-transformer"]["overall"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_scheduled_run_interrupted_mid_schedule_resumes_on_the_same_curve(tmp_path, data_dir):
+    base = QUICK + [f"data.path={data_dir / 'foursquare-nyc'}", "data.max_sequences=40", "baselines=[]",
+                    "train.patience=null", "train.epochs=2", "train.lr_schedule=cosine",
+                    "train.warmup_fraction=0.25", "train.lr_floor=0.1"]
+    config = load_config("configs/geo/foursquare-nyc.yaml", base)
+    pipeline = get_pipeline("geo")
+    straight = pipeline.train(config, tmp_path / "straight")
+
+    def interrupt_after_epoch_1(state):
+        if state.epoch == 1:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        pipeline.train(config, tmp_path / "resumed", on_epoch_end=interrupt_after_epoch_1)
+    resumed = pipeline.train(config, tmp_path / "resumed")
+    assert "resumed from" in (tmp_path / "resumed" / "log.txt").read_text()
+    # the lr of each epoch's last step: one warm-up + cosine over both epochs (the horizon is
+    # epochs x the first epoch's steps, kept in the checkpoint)
+    state = load_tensors(tmp_path / "straight" / "checkpoint.pt")["state"]
+    total, first_epoch_steps = state["total_steps"], state["total_steps"] // 2
+    warmup = round(0.25 * total)
+    expected = [config.train.lr * lr_factor(step, total, "cosine", warmup, 0.1)
+                for step in (first_epoch_steps - 1, state["step"] - 1)]
+    assert [h["lr"] for h in straight["history"]] == pytest.approx(expected)
+    assert expected[1] < 0.2 * config.train.lr < expected[0]
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     assert resumed["test"]["action-transformer"]["overall"] == straight["test"]["action-transformer"]["overall"]
 

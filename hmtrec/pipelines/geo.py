@@ -38,7 +38,7 @@ from hmtrec.errors import ConfigError
 from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results
 from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import get_model, validate_model_params
-from hmtrec.lifecycle import RunKind, TrainSettings, fit_trainable, register_kind
+from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind
 from hmtrec.rundir import RunDir, get_logger, save_weights
 from hmtrec.serve.artefact import build_geo_model as build_model, load_geo_run  # noqa: F401 (re-exported)
 
@@ -46,9 +46,10 @@ WEIGHTS_FILE = "model.safetensors"
 TAXONOMY_FILE = "taxonomy.json"
 
 
-class GeoTrain(TrainSettings):
-    """The shared train keys (`hmtrec.lifecycle.TrainSettings`) with the geo defaults, plus the
-    monitor, resampling and validation sample."""
+class GeoTrain(TrainSettings, LrScheduleSettings):
+    """The shared train keys (`hmtrec.lifecycle.TrainSettings`) with the geo defaults, the
+    learning-rate schedule (`LrScheduleSettings`, as in the sequence kind), plus the monitor,
+    resampling and validation sample."""
 
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -69,8 +70,9 @@ class GeoEval(GeoEvalSettings):
 
 @register_config("geo")
 class GeoRunConfig(StrictModel):
-    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may be extended by more epochs (its
-    # schedule does not depend on the epoch count) and validate on another sample
+    # besides hmtrec.rundir.RESUMABLE_CHANGES, a resumed run may be extended by more epochs and
+    # validate on another sample (an lr schedule keeps the first run's horizon, in the checkpoint:
+    # the added epochs train at lr * lr_floor)
     resumable_changes: ClassVar[tuple[str, ...]] = ("train.epochs", "train.valid_max_targets")
 
     kind: Literal["geo"] = "geo"
@@ -195,7 +197,8 @@ class GeoKind(RunKind):
                                                        seed=config.eval.seed)
         train_leaves = data.train_leaves
         monitor = config.train.monitor or f"{model.levels[-1]}_MRR"
-        settings = config.train.trainer_settings(monitor=monitor, monitor_mode="max")
+        settings = config.train.trainer_settings(monitor=monitor, monitor_mode="max",
+                                                **config.train.schedule_settings())
         drawn: dict[int, Examples] = {}
 
         def examples_for(epoch: int) -> Examples:

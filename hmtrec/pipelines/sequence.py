@@ -48,7 +48,7 @@ from hmtrec.evaluate.ranking import EvalSettings, evaluate_model
 from hmtrec.evaluate.report import print_results, results_table
 from hmtrec.models.families import SEQUENCE_WINDOWS
 from hmtrec.models.registry import validate_model_params
-from hmtrec.lifecycle import RunKind, TrainSettings, fit_trainable, register_kind, set_threads  # noqa: F401
+from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind, set_threads  # noqa: F401
 from hmtrec.progress import console
 from hmtrec.rundir import RunDir, check_label, get_logger, save_weights, versions, write_json, write_text  # noqa: F401
 from hmtrec.train.trainer import TrainerSettings, TrainState, resolve_device
@@ -58,7 +58,7 @@ BASELINES_DIR = "baselines"
 LENGTH_POOL_BATCHES = 50  # batches per pool of windows sorted by length
 
 
-class TrainSection(TrainSettings):
+class TrainSection(TrainSettings, LrScheduleSettings):
     """The `train:` section: how every trainable model of the run is trained (the shared keys of
     `hmtrec.lifecycle.TrainSettings`, plus windows, schedule, budget, precision and monitor)."""
 
@@ -66,12 +66,6 @@ class TrainSection(TrainSettings):
     max_len: int = Field(50, ge=1, description="longest context window, in events")
     epoch_fraction: float = Field(1.0, gt=0, le=1, description="share of the training windows each epoch "
                                   "visits (a different random share every epoch); 1: all")
-    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
-        "constant", description="after the warm-up: constant, or cosine / linear decay to lr * lr_floor at the "
-                                "last step of the last epoch")
-    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of all training steps spent warming the "
-                                   "learning rate up linearly from lr / warm-up steps to lr")
-    lr_floor: float = Field(0.0, ge=0, le=1, description="the decay ends at lr * lr_floor")
     budget_minutes: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="wall-clock budget per model (training plus validation): "
         "stop after the epoch that passes it and record that it did; null: none")
@@ -108,7 +102,7 @@ class TrainSection(TrainSettings):
     def trainer_settings(self) -> TrainerSettings:
         return super().trainer_settings(
             monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode, precision=self.precision,
-            lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction, lr_floor=self.lr_floor,
+            **self.schedule_settings(),
             budget_minutes=self.budget_minutes, budget_clock=self.budget_clock, monitor_label=self.monitor,
             sparse_updates=self.sparse_updates)
 
