@@ -380,3 +380,42 @@ def test_baseline_mix_is_a_third_component_beside_the_head_and_the_pointer():
     torch.testing.assert_close(out, 0.25 * copy + 0.75 * reference)
     with pytest.raises(ConfigError, match="model.baseline_mix"):
         ActionTransformer(taxonomy, ActionTransformerParams(dim=8, baseline_mix=True, copy_history=False), ["event"])
+
+
+def test_reference_blend_follows_recent_activity_and_its_weights_are_chosen_on_held_out_examples():
+    torch.manual_seed(0)
+    taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)    # cell = venue // 2
+    params = ActionTransformerParams(dim=8, reference_blend=True, blend_recent_days=3.0, blend_count_edges=[1])
+    model = ActionTransformer(taxonomy, params, ["event"]).eval()
+    assert model.uses_reference and model.blend_weights.shape == (2, 2)
+    # row 0: old actions only (bucket 0); row 1: one action 1 day old (bucket 1)
+    batch = {"long_leaves": torch.tensor([[0, 2], [4, PAD]]), "long_types": torch.zeros(2, 2, dtype=torch.long),
+             "long_age_days": torch.tensor([[10.0, 20.0], [12.0, 0.0]]),
+             "short_leaves": torch.tensor([[PAD], [0]]), "short_types": torch.zeros(2, 1, dtype=torch.long),
+             "short_age_days": torch.tensor([[0.0], [1.0]])}
+    assert model.recent_activity_buckets(batch).tolist() == [0, 1]
+    with torch.no_grad():   # the heads alone (gate ~ 1), certain of cell 3, a cell nobody visited
+        model.copy_gate.weight.zero_()
+        model.copy_gate.bias.fill_(60.0)
+        silence_heads(model)
+        model.heads.heads["cell"].bias[3] = 20.0
+        model.heads.heads["region"].bias[1] = 20.0
+        alone = model.predict(batch)                                  # weights 0: the model alone
+        model.blend_weights.copy_(torch.tensor([[0.0, 0.5], [0.0, 0.5]]))
+        half = model.predict(batch)
+    leaves = torch.cat([batch["long_leaves"], batch["short_leaves"]], 1)
+    ages = torch.cat([batch["long_age_days"], batch["short_age_days"]], 1)
+    reference = model.reference_log_scores(leaves, ages)
+    for level in ("region", "cell"):
+        torch.testing.assert_close(half[level][0], alone[level][0])
+        torch.testing.assert_close(half[level][1].exp(), 0.5 * alone[level][1].exp() + 0.5 * reference[level][1].exp())
+    # held-out targets: row 0 goes to cell 3 (the model is right), row 1 back to its recent cell 0
+    # (only the reference knows): bucket 0 keeps the model alone, bucket 1 leans on the reference
+    fitted = model.fit_reference_blend([(batch, torch.tensor([6, 1]))])
+    assert fitted["examples"] == [1, 1]
+    for head, level in enumerate(("region", "cell")):
+        assert model.blend_weights[head, 0] == 0 and model.blend_weights[head, 1] > 0.5
+        assert fitted["weights"][level] == [round(w, 4) for w in model.blend_weights[head].tolist()]
+    with torch.no_grad():
+        out = model.predict(batch)
+    assert out["cell"].argmax(1).tolist() == [3, 0] and out["region"].argmax(1).tolist() == [1, 0]

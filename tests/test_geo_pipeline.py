@@ -11,7 +11,7 @@ from hmtrec.config import load_config
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.pipelines import get_pipeline
 from hmtrec.serve.geo_suggest import GeoSuggester, parse_history
-from hmtrec.rundir import load_tensors, read_json
+from hmtrec.rundir import load_tensors, load_weights, read_json
 from hmtrec.train.trainer import lr_factor
 
 QUICK = ["data.max_sequences=60", "examples.max_targets=300", "train.epochs=1", "eval.max_targets=150",
@@ -44,6 +44,22 @@ def test_training_writes_a_complete_run_dir(geo_run):
     assert sum(bucket["n"] for bucket in results["by_frequency"]["buckets"].values()) == results["n_examples"]
     # the user's own history is a strong signal on check-in data
     assert test["geo-history-pop"]["overall"]["cell"]["Acc@5"] > 0.4
+
+
+def test_the_reference_blend_is_chosen_on_validation_and_saved_with_the_weights(geo_run):
+    run_dir, metrics = geo_run          # the Foursquare config turns model.reference_blend on
+    blend = metrics["reference_blend"]
+    assert sum(blend["examples"]) == sum(metrics["examples"]["valid"].values())
+    saved = load_weights(run_dir / "model.safetensors")["blend_weights"]
+    for head, level in enumerate(("region", "cell")):
+        assert blend["weights"][level] == pytest.approx(saved[head].tolist(), abs=1e-4)
+        assert all(0 <= w <= 1 for w in blend["weights"][level])
+        alone, fitted = blend["valid_alone"]["overall"][level], blend["valid_fitted"]["overall"][level]
+        # weight 0 is a candidate in every bucket, so the fitted blend is never below the model alone
+        assert fitted["MRR"] >= alone["MRR"]
+        best = metrics["history"][metrics["best_epoch"] - 1]
+        assert alone["MRR"] == pytest.approx(best[f"valid_{level}_MRR"])      # the model alone, as validated
+        assert 0 < blend["valid_cross_fitted"]["active"][level]["MRR"] <= 1
 
 
 def test_evaluate_reproduces_the_test_metrics(geo_run):

@@ -26,16 +26,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator
 
 from hmtrec.config import StrictModel, register_config
-from hmtrec.data.actions import (ActionStreams, Examples, ExampleSettings, log_event_types,
+from hmtrec.data.actions import (KIND_NAMES, ActionStreams, Examples, ExampleSettings, log_event_types,
                                  sample_examples)
 from hmtrec.data.loading import DataConfig, PreparedData, load_data
 from hmtrec.data.sequences import SequenceData
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
-from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results
+from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results, rank_metrics
 from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import get_model, validate_model_params
 from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind
@@ -129,6 +130,47 @@ def training_batches(streams: ActionStreams, examples: Examples, batch_size: int
         yield streams.batch(examples, order[start:start + batch_size])
 
 
+def fit_blend(model, streams: ActionStreams, examples: Examples, batch_size: int, ks: list[int]) -> dict | None:
+    """With `model.reference_blend`: set the trained (best-epoch) model's blend weights with the
+    reference, chosen on the validation examples. Returns the weights and validation metrics of the
+    model alone, blended with the weights fitted on all of validation (in-sample for the weights),
+    and cross-fitted (each half of the users scored with the weights chosen on the other half: an
+    out-of-sample estimate of what the blend adds). None for a model without the switch."""
+    if not getattr(getattr(model, "params", None), "reference_blend", False):
+        return None
+    started = time.perf_counter()
+    order = np.arange(len(examples))
+    batches = ((streams.batch(examples, rows), torch.from_numpy(examples.target[rows]))
+               for rows in np.array_split(order, max(1, -(-len(examples) // batch_size))))
+    ranks, buckets = model.blend_ranks(batches)                      # [N, heads, candidates], [N]
+    n_candidates = ranks.shape[-1]
+
+    def ranks_at(weights: torch.Tensor, rows: np.ndarray) -> torch.Tensor:   # [rows, heads]
+        index = (weights[:, buckets[rows]].T * (n_candidates - 1)).round().long()
+        return ranks[rows].gather(-1, index[..., None]).squeeze(-1)
+
+    folds = examples.user % 2
+    cross = torch.empty(len(examples), ranks.shape[1], dtype=torch.float64)
+    for fold in (0, 1):
+        fit_rows, scored = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        cross[scored] = ranks_at(model.choose_blend(ranks[fit_rows], buckets[fit_rows]), scored)
+    model.blend_weights.copy_(model.choose_blend(ranks, buckets))
+    fitted = ranks_at(model.blend_weights, order)
+    views = {"overall": order, **{name: np.flatnonzero(examples.kind == code) for code, name in enumerate(KIND_NAMES)}}
+
+    def metrics(table: torch.Tensor) -> dict:
+        return {view: {level: rank_metrics(table[rows, head].numpy(), ks) for head, level in enumerate(model.head_levels)}
+                for view, rows in views.items()}
+
+    blend = {**model.blend_summary(buckets), "valid_alone": metrics(ranks[..., 0]), "valid_fitted": metrics(fitted),
+             "valid_cross_fitted": metrics(cross), "seconds": time.perf_counter() - started}
+    get_logger().info("reference blend fitted on validation: weights %s, examples per bucket %s, cell MRR alone / "
+                      "cross-fitted / fitted: %s", blend["weights"], blend["examples"],
+                      [round(blend[key]["overall"][model.head_levels[-1]]["MRR"], 4)
+                       for key in ("valid_alone", "valid_cross_fitted", "valid_fitted")])
+    return blend
+
+
 def flat_validation(results: dict) -> dict[str, float]:
     return {f"{level}_{metric}": value for level, metrics in results["overall"].items()
             for metric, value in metrics.items()}
@@ -181,8 +223,7 @@ class GeoKind(RunKind):
             return build_model(config, taxonomy, data.event_types, {"name": label})
         model = build_model(config, taxonomy, data.event_types)
         set_coordinates(model, config.data, taxonomy)
-        params = getattr(model, "params", None)
-        if getattr(params, "baseline_prior", False) or getattr(params, "baseline_mix", False):
+        if getattr(model, "uses_reference", False):
             model.fit_prior(data.prepared.train)       # the reference's popularity, from training only
         return model
 
@@ -227,8 +268,10 @@ class GeoKind(RunKind):
         started = time.perf_counter()
         state = fit_trainable(model, settings, run.path, batches, steps, validate=validate, on_epoch_end=on_epoch_end)
         train_seconds = time.perf_counter() - started
+        blend = fit_blend(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
         save_weights(run.path / WEIGHTS_FILE, model.state_dict())
         return {"history": state.history, "best_epoch": state.best_epoch, "train_seconds": train_seconds,
+                **({"reference_blend": blend} if blend else {}),
                 "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in state.history]))
                 if state.history else None,
                 "examples": {"valid": valid_examples.counts()}}

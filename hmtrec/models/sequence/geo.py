@@ -61,7 +61,7 @@ cell-only model) gets the finest head's probability mass summed up the taxonomy.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ from hmtrec.data.geo import KM_PER_DEGREE
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
+from hmtrec.evaluate.metrics import target_ranks
 from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender
@@ -82,6 +83,7 @@ from hmtrec.models.sequence.encoder import Block
 from hmtrec.models.sequence.heads import HierarchicalHeads, grouped_log_sum_exp
 
 LEAVES_SUFFIX = "_leaves"
+BLEND_GRID_STEPS = 20     # reference weights 0, 0.05, ..., 1 tried by fit_reference_blend
 
 
 class ActionTransformerParams(StrictModel):
@@ -106,8 +108,13 @@ class ActionTransformerParams(StrictModel):
     baseline_prior: bool = False             # add the geo-history-pop log-scores (learned scale per level)
     baseline_mix: bool = False               # mix geo-history-pop's distribution in beside the copy pointer
     factorized_weight: float = Field(0.0, ge=0, le=1)   # weight of log p(parent) + log p(node | parent)
+    # blend the final distribution with geo-history-pop's, one weight per level and recent-activity
+    # bucket, fitted on validation after training (`fit_reference_blend`)
+    reference_blend: bool = False
+    blend_recent_days: float = Field(7.0, gt=0)      # "recent" actions are younger than this at t
+    blend_count_edges: list[float] = Field(default_factory=lambda: [1, 6, 16])   # buckets of recent actions
 
-    @field_validator("age_bucket_days", "distance_km_edges")
+    @field_validator("age_bucket_days", "distance_km_edges", "blend_count_edges")
     @classmethod
     def _increasing(cls, edges: list[float], info) -> list[float]:
         if any(b <= a for a, b in zip(edges, edges[1:])) or any(edge <= 0 for edge in edges):
@@ -173,11 +180,16 @@ class ActionTransformer(SequenceRecommender):
         if params.baseline_mix and not params.copy_history:
             raise ConfigError("key 'model.baseline_mix': mixes the reference in beside the copy pointer, "
                               "which needs model.copy_history: true")
-        if params.baseline_prior or params.baseline_mix:
+        if self.uses_reference:
             # training popularity per head level, filled by fit_prior; saved with the weights
             for level in self.head_levels:
                 n_nodes = taxonomy.n_nodes(level)
                 self.register_buffer(self._share_key(level), torch.full((n_nodes,), 1.0 / n_nodes))
+        if params.reference_blend:
+            # weight of the reference per head level and bucket of recent actions; 0 (the model
+            # alone) until fit_reference_blend sets it; saved with the weights
+            self.register_buffer("blend_weights", torch.zeros(len(self.head_levels), len(params.blend_count_edges) + 1))
+            self.register_buffer("blend_edges", torch.tensor(params.blend_count_edges), persistent=False)
         if params.baseline_mix:
             # per level, softmax over (head, copy, reference) from the summary state
             self.mix_gate = nn.Linear(dim, 3 * len(self.head_levels))
@@ -205,12 +217,18 @@ class ActionTransformer(SequenceRecommender):
                 parent = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(finest)), finest, level)
                 self.register_buffer(f"derived_parent_{level}", torch.from_numpy(parent), persistent=False)
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the model reads geo-history-pop's scores (and so needs `fit_prior`)."""
+        return self.params.baseline_prior or self.params.baseline_mix or self.params.reference_blend
+
     @staticmethod
     def _share_key(level: str) -> str:
         return f"prior_share_{level}"
 
     def fit_prior(self, train) -> None:
-        """Node shares of the training log's targets per head level, for `baseline_prior` / `baseline_mix`."""
+        """Node shares of the training log's targets per head level, for `baseline_prior`, `baseline_mix`
+        and `reference_blend`."""
         for level, share in popularity_shares(self.taxonomy, train, self.head_levels).items():
             getattr(self, self._share_key(level)).copy_(share)
 
@@ -437,7 +455,80 @@ class ActionTransformer(SequenceRecommender):
 
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{level: log-probabilities [B, n_nodes]} for every example of the batch."""
-        return self.log_probabilities(self.logits(batch))
+        logits = self.logits(batch)
+        if self.params.reference_blend and bool(self.blend_weights.any()):
+            logits = self.blend_reference(logits, batch, self.blend_weights)
+        return self.log_probabilities(logits)
+
+    # ---- the validation-fitted blend with the reference -------------------------------------
+    def recent_activity_buckets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B] bucket (by `blend_count_edges`) of each example's number of actions younger than
+        `blend_recent_days`: 0 for a dormant example, higher for a busier recent week."""
+        leaves = torch.cat([batch[f"{stream}{LEAVES_SUFFIX}"] for stream in self.stream_names(batch)], 1)
+        recent = ((leaves != PAD) & (self.action_ages(batch) < self.params.blend_recent_days)).sum(1)
+        return torch.bucketize(recent.to(self.blend_edges.dtype), self.blend_edges, right=True)
+
+    def blend_reference(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                        weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per head level: log((1 - w) · softmax(logits) + w · reference), w = weights[level, the
+        example's recent-activity bucket] (weights [n_heads, n_buckets])."""
+        leaves = torch.cat([batch[f"{stream}{LEAVES_SUFFIX}"] for stream in self.stream_names(batch)], 1)
+        reference = self.reference_log_scores(leaves, self.action_ages(batch))
+        bucket = self.recent_activity_buckets(batch)
+        out = {}
+        for head, level in enumerate(self.head_levels):
+            w = weights[head, bucket][:, None]
+            out[level] = ((1 - w) * torch.softmax(logits[level], dim=-1) + w * reference[level].exp()
+                          ).clamp_min(1e-30).log()
+        return out
+
+    @torch.no_grad()
+    def blend_ranks(self, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]],
+                    grid: int = BLEND_GRID_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+        """For (batch, target leaves [B]) pairs of held-out examples: the target's rank at every head
+        level under every candidate reference weight 0, 1/grid, ..., 1, [N, n_heads, grid + 1], and
+        each example's recent-activity bucket [N]. One forward pass per batch."""
+        was_training = self.training
+        self.eval()
+        candidates = torch.linspace(0, 1, grid + 1)
+        all_ranks, all_buckets = [], []
+        for batch, target_leaves in batches:
+            logits = self.logits(batch)
+            leaves = torch.cat([batch[f"{stream}{LEAVES_SUFFIX}"] for stream in self.stream_names(batch)], 1)
+            reference = self.reference_log_scores(leaves, self.action_ages(batch))
+            ranks = torch.empty(len(target_leaves), len(self.head_levels), len(candidates), dtype=torch.float64)
+            for head, level in enumerate(self.head_levels):
+                model_p, reference_p = torch.softmax(logits[level], dim=-1), reference[level].exp()
+                targets = self.leaf_ancestors[target_leaves, self.taxonomy.level_index(level)]
+                for index, weight in enumerate(candidates.tolist()):
+                    ranks[:, head, index] = target_ranks((1 - weight) * model_p + weight * reference_p, targets)
+            all_ranks.append(ranks)
+            all_buckets.append(self.recent_activity_buckets(batch))
+        self.train(was_training)
+        return torch.cat(all_ranks), torch.cat(all_buckets)
+
+    def choose_blend(self, ranks: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """[n_heads, n_buckets] weights: per level and bucket the candidate (ranks' last axis, as
+        `blend_ranks` lays them out) with the highest MRR; 0 (the model alone) for an empty bucket."""
+        n_heads, n_buckets = self.blend_weights.shape
+        candidates = torch.linspace(0, 1, ranks.shape[-1])
+        reciprocal = torch.zeros(n_buckets, n_heads, ranks.shape[-1], dtype=torch.float64).index_add_(
+            0, buckets, 1.0 / ranks)
+        present = torch.bincount(buckets, minlength=n_buckets) > 0
+        return torch.where(present[None], candidates[reciprocal.argmax(-1)].T, 0.0)
+
+    def fit_reference_blend(self, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> dict:
+        """Set each (head level, recent-activity bucket)'s reference weight to the candidate with the
+        best MRR of that level on `batches` ((batch, target leaves) pairs of held-out examples:
+        validation, never test). Returns {"weights": {level: [per bucket]}, "examples": [per bucket]}."""
+        ranks, buckets = self.blend_ranks(batches)
+        self.blend_weights.copy_(self.choose_blend(ranks, buckets))
+        return self.blend_summary(buckets)
+
+    def blend_summary(self, buckets: torch.Tensor) -> dict:
+        return {"weights": {level: [round(w, 4) for w in self.blend_weights[head].tolist()]
+                            for head, level in enumerate(self.head_levels)},
+                "examples": torch.bincount(buckets, minlength=self.blend_weights.shape[1]).tolist()}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.heads.loss(self.logits(batch), batch["targets"])
