@@ -57,13 +57,20 @@ ABLATIONS = {
     "region loss weight 0.5": ["model.loss_weights={region: 0.5}"],
 }
 # The switches issue 14 added, on the main runs' own protocol (every training target, the same
-# epochs and early stopping, seed 0), each flipped alone from the defaults: the one-epoch sample
-# above is too short to separate them. Compared by validation at the best epoch; test not reported.
+# epochs and early stopping, seed 0), each flipped alone from the earlier defaults (constant lr, no
+# reference blend): the one-epoch sample above is too short to separate them. Compared by
+# validation at the best epoch; test not reported.
 FULL_ABLATIONS = {
     "plus baseline prior": ["model.baseline_prior=true"],
     "plus baseline mix": ["model.baseline_mix=true"],
     "plus factorised cells (λ 1)": ["model.factorized_weight=1.0"],
+    "plus cosine lr (warm-up 5%)": ["train.lr_schedule=cosine", "train.warmup_fraction=0.05"],
+    "plus cosine lr and baseline mix": ["train.lr_schedule=cosine", "train.warmup_fraction=0.05",
+                                        "model.baseline_mix=true"],
 }
+# the earlier defaults the ablations above (and below) flip switches from: no lr schedule, no
+# blend with the reference (the blend is fitted after training; its own table compares it)
+EARLIER = ["train.lr_schedule=constant", "train.warmup_fraction=0.0", "model.reference_blend=false"]
 FULL_ABLATION_RUN = ["baselines=[]", "eval.max_targets=200"]
 # Ablations (each switch flipped alone from the config) are compared on validation after one epoch
 # on a sample of training targets, which is what the defaults were chosen on; their test
@@ -74,6 +81,8 @@ ALL_ON = ["model.copy_history=true", "model.copy_recency=true", "model.token_tim
           "model.distance_bias=true", "model.consistency_weight=1.0"]
 ABLATION_RUN = ["train.epochs=1", f"examples.max_targets={ABLATION_TARGETS}", "baselines=[]", "eval.max_targets=200"]
 BASELINE = "geo-history-pop"
+VIEWS = {"alone": "model alone", "cross_fitted": "blend, cross-fitted (weights from the other half of the users)",
+         "fitted": "blend, weights fitted on all of validation (in-sample)"}
 QUICK = ["data.max_sequences=150", "examples.max_targets=1000", "train.epochs=1", "train.valid_max_targets=300",
          "eval.max_targets=500"]
 SWITCHES = ("copy_history", "copy_recency", "history_counts", "token_time", "user_buckets", "distance_bias",
@@ -139,6 +148,13 @@ def metric_row(label: str, per_seed: list[dict], **extra) -> dict:
     return row
 
 
+def schedule_text(train) -> str:
+    if train.lr_schedule == "constant" and train.warmup_fraction == 0:
+        return "constant"
+    return (f"linear warm-up over {train.warmup_fraction:.0%} of the steps, then {train.lr_schedule} to "
+            f"{train.lr_floor:g} x lr at the last step of epoch {train.epochs}")
+
+
 def cpu_flags() -> str:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
@@ -166,11 +182,13 @@ def main() -> None:
             jobs[(name, seed)] = base + variant + [f"train.seed={seed}", f"examples.seed={seed}"]
     if not args.no_ablations:
         for name, variant in ABLATIONS.items():
-            jobs[(name, args.seeds[0])] = base + ALL_ON + variant + [f"train.seed={args.seeds[0]}",
+            jobs[(name, args.seeds[0])] = base + EARLIER + ALL_ON + variant + [f"train.seed={args.seeds[0]}",
                                                             f"examples.seed={args.seeds[0]}"] + ABLATION_RUN
         for name, variant in FULL_ABLATIONS.items():
-            jobs[(f"full: {name}", args.seeds[0])] = base + variant + [f"train.seed={args.seeds[0]}",
-                                                                        f"examples.seed={args.seeds[0]}"] + FULL_ABLATION_RUN
+            jobs[(f"full: {name}", args.seeds[0])] = base + EARLIER + variant + [
+                f"train.seed={args.seeds[0]}", f"examples.seed={args.seeds[0]}"] + FULL_ABLATION_RUN
+        jobs[("earlier: multi-level", args.seeds[0])] = base + MAIN["multi-level"] + EARLIER + [
+            f"train.seed={args.seeds[0]}", f"examples.seed={args.seeds[0]}"]
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {key: pool.submit(run_one, f"{key[0]} seed{key[1]}", overrides, args.out, not args.no_train)
@@ -213,14 +231,33 @@ def main() -> None:
                               **{f"valid {level} {metric}": first_epoch[f"valid_{level}_{metric}"]
                                  for level in LEVELS for metric in METRICS}})
     full_rows = []
-    for name in ([] if args.no_ablations else ["defaults (the multi-level run)", *FULL_ABLATIONS]):
-        run = runs.get(("multi-level", seed0) if name.startswith("defaults") else (f"full: {name}", seed0))
+    full_runs = {"earlier defaults (constant lr, no blend)": ("earlier: multi-level", seed0),
+                 **{name: (f"full: {name}", seed0) for name in FULL_ABLATIONS},
+                 "defaults, the model alone (before the blend)": ("multi-level", seed0)}
+    for name, key in ({} if args.no_ablations else full_runs).items():
+        run = runs.get(key)
         if run is None:
             continue
         best = run["history"][run["best_epoch"] - 1]
         full_rows.append({"model": name, "best epoch": run["best_epoch"],
                           **{f"valid {level} {metric}": best[f"valid_{level}_{metric}"]
                              for level in LEVELS for metric in METRICS}})
+    blend_rows = []
+    for name in MAIN:
+        for seed in args.seeds:
+            blend = runs.get((name, seed), {}).get("reference_blend")
+            if blend is None:
+                continue
+            head_levels = list(blend["weights"])
+            for view in ("alone", "cross_fitted", "fitted"):
+                figures = blend[f"valid_{view}"]
+                blend_rows.append({"model": name, "seed": seed, "validation": VIEWS[view],
+                                   **{f"{level} {kind} {metric}": figures[kind][level][metric]
+                                      for level in head_levels for kind in ("overall", "active", "dormant")
+                                      for metric in ("Acc@1", "MRR")},
+                                   "weights (none / some recent)": "; ".join(
+                                       f"{level} {' / '.join(f'{w:g}' for w in blend['weights'][level])}"
+                                       for level in head_levels) if view == "fitted" else ""})
     timing = []
     for name in MAIN:
         ms = [runs[(name, seed)] for seed in args.seeds if (name, seed) in runs]
@@ -254,12 +291,17 @@ def main() -> None:
         f"({'all' if config.examples.max_targets is None else config.examples.max_targets} targets), "
         f"{train.active_per_target or config.examples.active_days} active day(s) per target and epoch drawn from "
         f"T-1..T-{config.examples.active_days} plus the dormant example, fresh every epoch; batch {train.batch_size}, "
-        f"lr {train.lr} (constant), at most {train.epochs} epochs, early stopping (patience "
+        f"lr {train.lr} ({schedule_text(train)}), at most {train.epochs} epochs, early stopping (patience "
         f"{train.patience}) and the best epoch by validation cell MRR on "
         f"{'all' if train.valid_max_targets is None else train.valid_max_targets} validation check-ins; test is never used to "
         f"choose anything. Seeds {args.seeds} (train.seed = examples.seed): mean ± sample std. MRR is over all "
         f"nodes of the level (no cut-off). Reference: {BASELINE} = the user's recency-weighted visits (half-life "
-        f"30 days) plus popularity, deterministic.",
+        f"30 days) plus popularity, deterministic."
+        + (f" After training, the model's distribution is blended with the reference's (reference_blend): "
+           f"p = (1 - w) p_model + w p_reference, one w per level for examples with no check-in in the last "
+           f"{params['blend_recent_days']:g} days and for those with some (edges {params['blend_count_edges']}), each "
+           f"chosen from 0, 0.05, ..., 1 by that level's validation MRR; the test figures are the blended model's."
+           if params.get("reference_blend") else ""),
         "",
         "**Overall (test)**", "", markdown_table(overall),
         f"Cell MRR, multi-level minus single-level: {gap:+.4f} (seed std {multi_std:.4f} multi-level, "
@@ -274,7 +316,12 @@ def main() -> None:
         f"alone; the defaults were chosen on these figures)", "", markdown_table(ablation_rows),
         f"**Ablations of the switches of issue 14 on the full protocol** (multi-level, validation at the best "
         f"epoch; every training target, at most {train.epochs} epochs, patience {train.patience}, seed {seed0}; "
-        f"each switch flipped alone from the defaults)", "", markdown_table(full_rows),
+        f"each switch flipped alone from the earlier defaults: constant lr, no blend; the last row is the "
+        f"current defaults' run before its blend)", "", markdown_table(full_rows),
+        *([f"**The reference blend** (validation, {sum(runs[('multi-level', seed0)]['examples']['valid'].values())} "
+           f"examples: the model alone at its best epoch; blended with weights chosen on the other half of the "
+           f"users (cross-fitted, an out-of-sample estimate); blended with the weights the run keeps, fitted on "
+           f"all of validation)", "", markdown_table(blend_rows)] if blend_rows else []),
         f"**Training time** (one torch thread per run, {args.jobs} runs at once on the shared machine; CPU flags: "
         f"{cpu_flags()}; training of every run listed here, ablations included, took "
         f"{sum(m['train_seconds'] for m in runs.values()) / 60:.0f} min in all"

@@ -385,7 +385,7 @@ def test_baseline_mix_is_a_third_component_beside_the_head_and_the_pointer():
 def test_reference_blend_follows_recent_activity_and_its_weights_are_chosen_on_held_out_examples():
     torch.manual_seed(0)
     taxonomy = geo_taxonomy(n_regions=2, cells_per_region=2, venues_per_cell=2)    # cell = venue // 2
-    params = ActionTransformerParams(dim=8, reference_blend=True, blend_recent_days=3.0, blend_count_edges=[1])
+    params = ActionTransformerParams(dim=8, reference_blend=True, blend_recent_days=3.0)   # edges [1]
     model = ActionTransformer(taxonomy, params, ["event"]).eval()
     assert model.uses_reference and model.blend_weights.shape == (2, 2)
     # row 0: old actions only (bucket 0); row 1: one action 1 day old (bucket 1)

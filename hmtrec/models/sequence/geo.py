@@ -112,7 +112,7 @@ class ActionTransformerParams(StrictModel):
     # bucket, fitted on validation after training (`fit_reference_blend`)
     reference_blend: bool = False
     blend_recent_days: float = Field(7.0, gt=0)      # "recent" actions are younger than this at t
-    blend_count_edges: list[float] = Field(default_factory=lambda: [1, 6, 16])   # buckets of recent actions
+    blend_count_edges: list[float] = Field(default_factory=lambda: [1])   # buckets of recent actions (none / some)
 
     @field_validator("age_bucket_days", "distance_km_edges", "blend_count_edges")
     @classmethod
