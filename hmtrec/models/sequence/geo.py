@@ -47,7 +47,13 @@ What else the model may read, each a switch (docs/geo.md has the ablations):
   (1 - λ) · log_softmax(its own logits) + λ · (log p(parent) + log p(node | parent)), p(node |
   parent) the softmax of its logits over the parent's children only and p(parent) the coarser
   head's final distribution: the coarse head ranks the fine one's parents, so the levels agree
-  (λ = 1 makes the consistency term vanish) and the fine head only has to order siblings.
+  (λ = 1 makes the consistency term vanish) and the fine head only has to order siblings;
+- `reference_blend`: at prediction, p = (1 - w) · the model's distribution + w · geo-history-pop's,
+  w per head level and per bucket of the example's number of actions in the last
+  `blend_recent_days` (`blend_count_edges`; by default none / some), chosen after training on
+  held-out (validation) examples by `fit_reference_blend`; training never sees it (w is 0 until
+  then). Unlike `baseline_mix`'s gate, learned on the training examples the heads have fitted
+  themselves, the weights come from examples the network has not seen.
 
 The last encoder layer computes the summary token's row only (the heads read nothing else), which
 is exactly that row of the full layer at a fraction of the cost; the pointer's keys are the action
