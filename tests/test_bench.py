@@ -141,6 +141,8 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     # quality 0.05 reached at epoch 2 (22 s) by two runs; the second run stopped before reaching it
     assert rows["sasrec"]["time to item/MRR@20 ≥ 0.05"] == "22 s (2/3 runs)"
     assert rows["pop"]["time to item/MRR@20 ≥ 0.05"] == "n/a"
+    # best validation epoch per run: 0.06, 0.03, 0.06
+    assert rows["sasrec"]["best valid item/MRR@20"] == "5.00 ± 1.73" and rows["pop"]["best valid item/MRR@20"] == "n/a"
     assert rows["hiersrec"]["runs"] == "0 (+1 failed)" and rows["hiersrec"]["item/MRR@20"] == "—"
 
     paths = write_results(suite, records, tmp_path)

@@ -83,6 +83,17 @@ def time_to_quality_cell(summary: ModelSummary, suite: Suite) -> str:
     return text if len(times) == len(reached) else f"{text} ({len(times)}/{len(reached)} runs)"
 
 
+def best_valid_cell(summary: ModelSummary, suite: Suite) -> str:
+    """The quality metric at each run's best validation epoch (validation cases come from the
+    training data), mean ± std over the runs that validated: what a choice of settings may read."""
+    if suite.quality is None:
+        return "—"
+    key = f"valid_{suite.quality.metric}"
+    best = [max(record[key] for record in r.history if key in record)
+            for r in summary.runs if any(key in record for record in r.history)]
+    return format_stat(summary.stat(best), len(best)) if best else "n/a"
+
+
 def summary_rows(suite: Suite, summaries: list[ModelSummary]) -> list[dict[str, str]]:
     rows = []
     for summary in summaries:
@@ -110,6 +121,7 @@ def summary_rows(suite: Suite, summaries: list[ModelSummary]) -> list[dict[str, 
         row["params"] = f"{parameters / 1e6:.2f}M" if parameters else "0"
         if suite.quality is not None:
             row[f"time to {suite.quality.metric} ≥ {suite.quality.value:g}"] = time_to_quality_cell(summary, suite)
+            row[f"best valid {suite.quality.metric}"] = best_valid_cell(summary, suite)
         rows.append(row)
     return rows
 
