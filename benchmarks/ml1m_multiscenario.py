@@ -41,6 +41,7 @@ LABELS = {"shared_bottom": "Shared-Bottom", "mmoe": "MMoE", "ple": "PLE", "hinet
 SCENARIOS = ["young", "25-34", "35+"]
 ALL_TASKS = ["click", "like"]
 SMOOTHING_GRID = (5.0, 10.0, 30.0, 100.0)
+DEFAULT_OUT = REPO / "bench-results" / "ml1m-ranking"
 # Published figures (AUC x 100, average over the 6 (scenario, task) pairs unless said) and their protocol.
 PUBLISHED = {
     "m3oe-code": ({"shared_bottom": 76.26, "mmoe": 76.35, "ple": 75.68},
@@ -63,13 +64,28 @@ PRESET_OVERRIDES = {
 }
 
 
-def run_one(model: str, seed: int, out: Path, overrides: list[str]) -> dict:
+def run_one(model: str, seed: int, out: Path, overrides: list[str], train: bool = True) -> dict | None:
+    """The run's metrics: reused when it has finished, else trained (or None when `train` is false)."""
     run_dir = out / f"{model}-seed{seed}"
     metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists():
-        return json.loads(metrics_path.read_text())
     config = load_config(REPO / "configs" / "ranking" / f"ml1m_{model}.yaml", [f"train.seed={seed}", *overrides])
+    if metrics_path.exists():
+        saved = load_config(run_dir / "config.yaml")
+        if model_settings(saved) != model_settings(config):
+            # a finished run of other model settings is not a result of this command
+            raise SystemExit(f"{run_dir} was trained with other model settings ({saved.model}); "
+                             f"give another --out for these ({config.model})")
+        return json.loads(metrics_path.read_text())
+    if not train:
+        return None
     return get_pipeline("ranking").train(config, run_dir)
+
+
+def model_settings(config) -> dict:
+    """The validated model section (defaults filled in), to compare a saved run with a requested one."""
+    from hmtrec.models.registry import validate_model_params
+
+    return validate_model_params("ranking", config.model)[1].model_dump()
 
 
 def rate_baselines(preset: str, tasks: list[str]) -> list[dict]:
@@ -134,7 +150,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=ALL_TASKS, choices=ALL_TASKS,
                         help="--tasks click: the single-task setting of the Scenario-Wise Rec comparison")
-    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "ml1m-ranking")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--finished-only", action="store_true",
@@ -152,8 +168,7 @@ def main() -> None:
     out = args.out / tag
 
     if args.finished_only:
-        results = {model: [json.loads((out / f"{model}-seed{seed}" / "metrics.json").read_text())
-                           for seed in args.seeds if (out / f"{model}-seed{seed}" / "metrics.json").exists()]
+        results = {model: [r for seed in args.seeds if (r := run_one(model, seed, out, overrides, train=False))]
                    for model in args.models}
         results = {model: runs for model, runs in results.items() if runs}
     else:
@@ -225,6 +240,7 @@ def main() -> None:
     command = (f"python benchmarks/ml1m_multiscenario.py --preset {args.preset}"
                + (f" --tasks {' '.join(tasks)}" if single else "")
                + (f" --models {' '.join(args.models)}" if args.models != MODELS else "")
+               + (f" --out {os.path.relpath(args.out, REPO)}" if args.out.resolve() != DEFAULT_OUT.resolve() else "")
                + "".join(f" --set {o}" for o in args.overrides)
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
                + (" --finished-only" if args.finished_only else ""))

@@ -197,3 +197,69 @@ def test_embedding_weight_decay_adds_lambda_times_each_row_to_its_gradient_even_
     untouched = torch.ones(decayed.embedding.table.num_embeddings, dtype=torch.bool)
     untouched[looked_up] = False
     assert untouched.any() and decayed.embedding.table.weight.grad[untouched].abs().sum() > 0
+
+
+def rate_prior_rows():
+    # movie a: 3 of 4 clicked, movie b: 0 of 2 (prior 3 / 6); women clicked a 2 of 2, men 1 of 2
+    frame = pd.DataFrame({"movie_id": ["a", "a", "a", "a", "b", "b"], "user_id": ["u1", "u1", "u2", "u2", "u1", "u2"],
+                          "gender": ["F", "F", "M", "M", "F", "M"], "surface": ["home"] * 3 + ["feed"] * 3,
+                          "click": [1, 1, 1, 0, 0, 0], "watch": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
+    schema = FeatureSchema(categorical=["user_id", "movie_id", "gender"], scenario="surface")
+    encoder = FeatureEncoder(schema, [TaskSpec(name="click"), TaskSpec(name="watch", type="regression")]).fit(frame)
+    return encoder, frame
+
+
+def prior_model(encoder, **prior):
+    entry, params = validate_model_params("ranking", {"name": "mmoe", "expert_hidden": [8], "tower_hidden": [4],
+                                                      "rate_prior": {"smoothing": 2.0, **prior}})
+    return entry.builder(params, layout=encoder.layout())
+
+
+def test_rate_prior_adds_the_smoothed_training_rate_logit_by_hand():
+    encoder, frame = rate_prior_rows()
+    model = prior_model(encoder, kind="movie-demographic", demographics=["gender"])
+    model.fit_rate_prior(encoder.transform(frame))
+    test = pd.DataFrame({"movie_id": ["a", "a", "b", "unseen"], "user_id": ["u1", "new", "u2", "u1"],
+                         "gender": ["F", "M", "F", "F"], "surface": ["home"] * 4, "click": [1, 0, 1, 0],
+                         "watch": [0.0] * 4})
+    batch = encoder.transform(test).batch(slice(None))
+    movie_a, movie_b = (3 + 2 * 0.5) / (4 + 2), (0 + 2 * 0.5) / (2 + 2)
+    a_female, a_male = (2 + 2 * movie_a) / (2 + 2), (1 + 2 * movie_a) / (2 + 2)
+    b_female = (0 + 2 * movie_b) / (1 + 2)          # 0 of 1 women clicked movie b
+    expected = np.log(np.array([a_female, a_male, b_female, 0.5]) / (1 - np.array([a_female, a_male, b_female, 0.5])))
+    offset = model.rate_prior(batch)
+    assert offset[:, 0].numpy() == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(offset[:, 1], torch.zeros(4))                     # no offset for the regression task
+    model.eval()
+    body = model.task_logits(batch)
+    assert torch.allclose(model(batch)["click"], body["click"] + offset[:, 0])
+    # saved with the weights, never trained
+    assert "rate_prior.demographic_0" in model.state_dict()
+    assert not any(name.startswith("rate_prior") for name, _ in model.named_parameters())
+    reloaded = prior_model(encoder, kind="movie-demographic", demographics=["gender"])
+    reloaded.load_state_dict(model.state_dict())
+    assert torch.equal(reloaded.rate_prior(batch), offset)
+
+
+def test_rate_prior_movie_plus_user_and_scenario_columns_match_the_rate_baseline():
+    from hmtrec.models.ranking.rates import RateBaseline
+
+    encoder, frame = rate_prior_rows()
+    rows = encoder.transform(frame)
+    user = prior_model(encoder, kind="movie+user")
+    user.fit_rate_prior(rows)
+    by_scenario = prior_model(encoder, kind="movie-demographic", demographics=["surface"])
+    by_scenario.fit_rate_prior(rows)
+    batch = rows.batch(slice(None))
+    for model, kind, demographics in ((user, "movie+user", ()), (by_scenario, "movie-demographic", ("surface",))):
+        baseline = RateBaseline(kind, smoothing=2.0, demographics=demographics).fit(frame, ["click"])
+        assert model.rate_prior(batch)[:, 0].numpy() == pytest.approx(baseline.predict_logits(frame)["click"], rel=1e-5)
+    movie_a, user_1 = 4 / 6, (2 + 1) / (3 + 2)
+    assert user.rate_prior(batch)[0, 0].item() == pytest.approx(
+        np.log(movie_a / (1 - movie_a)) + np.log(user_1 / (1 - user_1)), rel=1e-5)   # logit(prior) = 0
+
+
+def test_rate_prior_names_unknown_columns():
+    encoder, _ = rate_prior_rows()
+    with pytest.raises(ValueError, match=r"model.rate_prior names columns .*\['occupation'\]"):
+        prior_model(encoder, kind="movie-demographic", demographics=["gender", "occupation"])

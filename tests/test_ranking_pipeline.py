@@ -84,7 +84,12 @@ def write_config(tmp_path, model, **extra):
 
 @pytest.mark.parametrize("model,extra", [("mmoe", {"expert_hidden": [16]}),
                                          ("hinet", {"scenario_expert_hidden": [16], "task_expert_hidden": [8]}),
-                                         ("mfh", {"level_hidden": [[16], [8]], "switcher": "ple"})])
+                                         ("mfh", {"level_hidden": [[16], [8]], "switcher": "ple"}),
+                                         # the fixed rate offsets are fitted at train time and reloaded with
+                                         # the weights: `evaluate` and `predict` reproduce the run's scores
+                                         ("mmoe", {"expert_hidden": [16], "rate_prior": {
+                                             "kind": "movie-demographic", "item": "item",
+                                             "demographics": ["scenario"], "smoothing": 5}})])
 def test_train_evaluate_predict_round_trip(tmp_path, model, extra):
     config = load_config(write_config(tmp_path, model, **extra))
     run_dir = tmp_path / "run"

@@ -260,6 +260,7 @@ class RankingKind(RunKind):
 
     def build(self, label: str, run: RunDir, config: RankingConfig, data: RankingRows) -> RankingModel:
         model = build_model(config, data.encoder)
+        model.fit_rate_prior(data.encoded["train"])     # fixed training-rate offsets (model.rate_prior)
         get_logger().info("model %s: %d parameters", label, sum(p.numel() for p in model.parameters()))
         return model
 

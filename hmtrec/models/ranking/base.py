@@ -18,8 +18,19 @@ from pydantic import Field
 from hmtrec.config import StrictModel
 from hmtrec.data.features import FeatureLayout
 from hmtrec.models.families import MULTI_TASK_ROWS
-from hmtrec.models.ranking.blocks import FeatureEmbedding, LinearTerms
+from hmtrec.models.ranking.blocks import FeatureEmbedding, LinearTerms, RatePrior
 from hmtrec.train.losses import build_weighting, masked_task_losses
+
+
+class RatePriorSettings(StrictModel):
+    """`model.rate_prior`: a smoothed training rate's logit added to each binary task's logit as a
+    fixed offset (hmtrec/models/ranking/rates.py computes it; docs/ranking.md)."""
+
+    kind: Literal["movie", "movie+user", "movie-demographic"]
+    item: str = "movie_id"
+    user: str = "user_id"                                   # movie+user
+    demographics: list[str] = ["gender", "scenario", "occupation"]   # movie-demographic
+    smoothing: float = Field(100.0, ge=0)                   # pseudo-rows of shrinkage, as the baselines
 
 
 class RankingParams(StrictModel):
@@ -49,6 +60,9 @@ class RankingParams(StrictModel):
     # carries the item and user effects directly, so the network does not have to learn them
     # through its experts; an out-of-vocabulary id adds 0
     linear: bool = False
+    # a fixed offset per task: the logit of a smoothed rate fitted on the training rows (off: null), so
+    # the network learns the residual of the rate baseline rather than the item effect itself
+    rate_prior: RatePriorSettings | None = None
 
 
 class LossSettings(StrictModel):
@@ -77,8 +91,16 @@ class RankingModel(nn.Module):
                              persistent=False)
         self.linear = (LinearTerms(self.embedding, len(self.task_names))
                        if params.linear and layout.categorical else None)
+        prior = params.rate_prior
+        self.rate_prior = (RatePrior(layout, prior.kind, prior.item, prior.user, prior.demographics, prior.smoothing)
+                           if prior is not None else None)
         loss = loss or LossSettings()
         self.weighting = build_weighting(loss.weighting, self.task_types, [t.weight for t in layout.tasks])
+
+    def fit_rate_prior(self, rows) -> None:
+        """Fit the `rate_prior` tables on the encoded training rows (no-op when it is off)."""
+        if self.rate_prior is not None:
+            self.rate_prior.fit(rows)
 
     @property
     def input_dim(self) -> int:
@@ -102,10 +124,11 @@ class RankingModel(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         batch = self.drop_ids(batch)          # the body and the linear term see the same ids
         outputs = self.task_logits(batch)
-        if self.linear is None:
+        offsets = [term(batch) for term in (self.linear, self.rate_prior) if term is not None]  # [B, n_tasks]
+        if not offsets:
             return outputs
-        wide = self.linear(batch)                                          # [B, n_tasks]
-        return {name: outputs[name] + wide[:, i] for i, name in enumerate(self.task_names)}
+        offset = sum(offsets)
+        return {name: outputs[name] + offset[:, i] for i, name in enumerate(self.task_names)}
 
     def outputs_matrix(self, batch: dict) -> torch.Tensor:
         outputs = self(batch)

@@ -241,3 +241,77 @@ class Towers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bank(x).squeeze(-1)
+
+
+class RatePrior(nn.Module):
+    """A fixed per-task logit offset from smoothed training rates (`model.rate_prior`): the logit of
+    a rate baseline of hmtrec/models/ranking/rates.py (movie, movie + user or movie x demographic),
+    fitted once on the encoded training rows and held in buffers (saved with the weights, never
+    trained), so the network learns only the residual. Columns are categorical features, or the
+    scenario column (or the word `scenario`). Regression tasks get no offset."""
+
+    def __init__(self, layout: FeatureLayout, kind: str, item: str, user: str, demographics: Sequence[str],
+                 smoothing: float):
+        super().__init__()
+        positions = {name: i for i, (name, _) in enumerate(layout.categorical)}
+        self.sizes = {name: size for name, size in layout.categorical}
+        if layout.scenario is not None:
+            for name in dict.fromkeys(["scenario", layout.scenario]):
+                positions.setdefault(name, "scenario")
+                self.sizes.setdefault(name, layout.n_scenarios)
+        self.kind, self.item, self.user, self.smoothing = kind, item, user, smoothing
+        self.demographics = list(demographics) if kind == "movie-demographic" else []
+        needed = [item] + ([user] if kind == "movie+user" else []) + self.demographics
+        unknown = [c for c in needed if c not in positions]
+        if unknown:
+            raise ValueError(f"model.rate_prior names columns that are not categorical features or the scenario: "
+                             f"{unknown}; known: {list(positions)}")
+        self.positions = {c: positions[c] for c in needed}
+        self.binary = [i for i, task in enumerate(layout.tasks) if task.type == "binary"]
+        self.task_names = layout.task_names
+        n_tasks = len(layout.tasks)
+        self.register_buffer("movie", torch.zeros(self.sizes[item], n_tasks))
+        if kind == "movie+user":
+            self.register_buffer("user_delta", torch.zeros(self.sizes[user], n_tasks))
+        for i, column in enumerate(self.demographics):
+            self.register_buffer(f"demographic_{i}", torch.zeros(self.sizes[item], self.sizes[column], n_tasks))
+
+    def _codes(self, batch: dict, column: str) -> torch.Tensor:
+        position = self.positions[column]
+        return batch["scenario"] if position == "scenario" else batch["categorical"][:, position]
+
+    def fit(self, rows) -> "RatePrior":
+        """Fill the tables from encoded training rows (`hmtrec.data.features.EncodedRows`)."""
+        import pandas as pd
+
+        from hmtrec.models.ranking.rates import RateBaseline
+
+        batch = rows.batch(slice(None))
+        frame = pd.DataFrame({column: self._codes(batch, column).numpy() for column in self.positions})
+        tasks = [self.task_names[i] for i in self.binary]
+        for i in self.binary:
+            labels = rows.labels[:, i].numpy().astype("float64")
+            frame[self.task_names[i]] = pd.Series(labels).where(rows.label_mask[:, i].numpy())
+        rates = RateBaseline(self.kind, item=self.item, user=self.user, demographics=tuple(self.demographics),
+                             smoothing=self.smoothing).fit(frame, tasks)
+        tables = rates.logit_tables({column: self.sizes[column] for column in self.positions})
+        with torch.no_grad():
+            for i in self.binary:
+                table = tables[self.task_names[i]]
+                self.movie[:, i] = torch.as_tensor(table["movie"], dtype=torch.float32)
+                if "user" in table:
+                    self.user_delta[:, i] = torch.as_tensor(table["user"], dtype=torch.float32)
+                for j, column in enumerate(self.demographics):
+                    getattr(self, f"demographic_{j}")[:, :, i] = torch.as_tensor(table["demographic"][column],
+                                                                                  dtype=torch.float32)
+        return self
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """[B, n_tasks]: the rate's logit for each row and task (0 for regression tasks)."""
+        items = self._codes(batch, self.item)
+        offset = self.movie[items]
+        if self.kind == "movie+user":
+            offset = offset + self.user_delta[self._codes(batch, self.user)]
+        for j, column in enumerate(self.demographics):
+            offset = offset + getattr(self, f"demographic_{j}")[items, self._codes(batch, column)]
+        return offset

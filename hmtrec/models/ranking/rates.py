@@ -78,21 +78,66 @@ class RateBaseline:
             self.tables[task] = table
         return self
 
-    def predict(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    def _check_fitted(self) -> None:
         if not self.tables:
-            raise RuntimeError("RateBaseline.predict before fit")
+            raise RuntimeError("RateBaseline used before fit")
+
+    @staticmethod
+    def _movie_logit(table: dict, items) -> np.ndarray:
+        """logit of each row's movie rate (the prior for a movie absent from training)."""
+        return _logit(pd.Series(items).map(table["movie"]).fillna(table["prior"]).to_numpy(dtype=np.float64))
+
+    @staticmethod
+    def _user_delta(table: dict, users) -> np.ndarray:
+        """logit(user rate) - logit(prior): 0 for a user absent from training."""
+        user = pd.Series(users).map(table["user"]).fillna(table["prior"]).to_numpy(dtype=np.float64)
+        return _logit(user) - _logit(np.array(table["prior"]))
+
+    @staticmethod
+    def _demographic_delta(table: dict, column: str, items, values, movie_logit: np.ndarray) -> np.ndarray:
+        """logit(rate of (movie, value)) - logit(movie rate): 0 for a pair absent from training."""
+        index = pd.MultiIndex.from_arrays([np.asarray(items), np.asarray(values)])
+        joint = table["demographic"][column].reindex(index).to_numpy(dtype=np.float64)
+        joint = np.where(np.isnan(joint), _sigmoid(movie_logit), joint)
+        return _logit(joint) - movie_logit
+
+    def predict_logits(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """{task: the rate's logit per row}: the movie logit plus the user or demographic terms."""
+        self._check_fitted()
         out = {}
         for task, table in self.tables.items():
-            prior = table["prior"]
-            movie = frame[self.item].map(table["movie"]).fillna(prior).to_numpy(dtype=np.float64)
-            score = _logit(movie)
+            movie = self._movie_logit(table, frame[self.item].to_numpy())
+            score = movie.copy()
             if "user" in table:
-                user = frame[self.user].map(table["user"]).fillna(prior).to_numpy(dtype=np.float64)
-                score = score + _logit(user) - _logit(np.array(prior))
-            for column, rates in table.get("demographic", {}).items():
-                index = pd.MultiIndex.from_arrays([frame[self.item], frame[column]])
-                joint = pd.Series(rates.reindex(index).to_numpy(), index=frame.index)
-                joint = joint.fillna(pd.Series(movie, index=frame.index)).to_numpy(dtype=np.float64)
-                score = score + _logit(joint) - _logit(movie)
-            out[task] = _sigmoid(score)
+                score += self._user_delta(table, frame[self.user].to_numpy())
+            for column in table.get("demographic", {}):
+                score += self._demographic_delta(table, column, frame[self.item].to_numpy(),
+                                                 frame[column].to_numpy(), movie)
+            out[task] = score
+        return out
+
+    def predict(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        return {task: _sigmoid(score) for task, score in self.predict_logits(frame).items()}
+
+    def logit_tables(self, sizes: dict[str, int]) -> dict[str, dict]:
+        """The fitted logit as dense lookup tables over integer codes 0 .. sizes[column] - 1 (the rates
+        must have been fitted on such codes), for a model to add per row (`model.rate_prior`):
+        {task: {"movie": [n_items], "user": [n_users] (movie+user), "demographic": {column:
+        [n_items, n_values]} (movie-demographic)}}; a row's logit is movie[item] + user[user] +
+        Σ demographic[column][item, value], exactly `predict_logits`."""
+        self._check_fitted()
+        items = np.arange(sizes[self.item])
+        out = {}
+        for task, table in self.tables.items():
+            movie = self._movie_logit(table, items)
+            tables = {"movie": movie}
+            if "user" in table:
+                tables["user"] = self._user_delta(table, np.arange(sizes[self.user]))
+            if "demographic" in table:
+                tables["demographic"] = {}
+                for column in table["demographic"]:
+                    grid_items, grid_values = np.divmod(np.arange(len(items) * sizes[column]), sizes[column])
+                    delta = self._demographic_delta(table, column, grid_items, grid_values, movie[grid_items])
+                    tables["demographic"][column] = delta.reshape(len(items), sizes[column])
+            out[task] = tables
         return out
