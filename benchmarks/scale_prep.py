@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # the driver reads run directories with this checkout's hmtrec
 N_ITEMS = 1_000_000
 LEVEL_SIZES = (20, 1000)            # categories > subcategories > 1M items
 MEAN_SESSION_LENGTH = 5
@@ -315,6 +316,8 @@ def command_run(args) -> None:
                               "threads": args.threads, "precision": args.precision, "steps_requested": steps,
                               "model_mb": round(history["model_bytes"] / 2**20, 1),
                               "optimizer_mb": round(history["optimizer_bytes"] / 2**20, 1),
+                              "epoch_peak_rss_mb": (None if history.get("peak_rss_bytes") is None
+                                                    else round(history["peak_rss_bytes"] / 2**20, 1)),
                               "epoch_seconds": round(metrics["training"]["epoch_seconds"], 1),
                               "epoch_cpu_seconds": round(metrics["training"]["history"][0]["epoch_cpu_seconds"], 1),
                               "seconds_per_batch": round(metrics["training"]["epoch_seconds"] / max(batches, 1), 3),
@@ -367,15 +370,18 @@ def report_run(rows: dict, args) -> None:
              "allowed, else the first batches of it (marked in the row, `--steps`: the whole epoch's batch plan is "
              "built and the first N batches of it trained), then the test evaluation. CPU s per batch: the training loop's process CPU seconds per batch, in brackets wall "
              "seconds (this machine is shared with other jobs). Run s: the whole `hmtrec train` (loading, the "
-             "epoch's batch plan, the epoch, test evaluation, saving). Peak RSS is the child process's "
-             "ru_maxrss; in brackets the peaks of its anonymous memory and of its file-backed pages "
+             "epoch's batch plan, the epoch, test evaluation, saving). Epoch peak RSS: the training process's "
+             "ru_maxrss at the end of the epoch, before the test evaluation (loading, the plan and the batches; "
+             "recorded in the run's training history since this column was added). Train peak RSS is the child process's "
+             "ru_maxrss over the whole run, the test evaluation included (whose [cases, items] score blocks are "
+             "bounded by `eval.score_budget_mb`, and fill up only once the test split has enough cases); in brackets the peaks of its anonymous memory and of its file-backed pages "
              "(/proc/self/status RssAnon / RssFile, sampled every 0.2 s), which for training are mostly the "
              "memory-mapped shards' pages it touched (the kernel may drop them again). Model + optimizer: the "
              f"parameters' bytes and Adam's moments (both optimizers' state). Machine: {machine()}.", "",
              "| events | CSV GB | prepare s | prepare peak RSS MB (anon / file) | train events kept | items kept | "
-             "batches per epoch | CPU s per batch (wall) | epoch s | run s | train peak RSS MB (anon / file) | "
-             "model + optimizer MB | test item Recall@20 after the epoch |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "batches per epoch | CPU s per batch (wall) | epoch s | run s | epoch peak RSS MB | "
+             "train peak RSS MB (anon / file) | model + optimizer MB | test item Recall@20 after the epoch |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for key in sorted(rows, key=int):
         r = rows[key]
         if "prepare" not in r or "peak_anon_mb" not in r["prepare"]:
@@ -385,7 +391,7 @@ def report_run(rows: dict, args) -> None:
         label = "epoch" if "epoch" in r else "steps" if "model_mb" in r.get("steps", {}) else None
         if label is None:
             lines.append(head + f"≈{math.ceil(r['train_sequences'] / args.batch_size):,} | not run | not run | "
-                                f"not run | not run | n/a | n/a |")
+                                f"not run | not run | not run | n/a | n/a |")
             continue
         e = r[label]
         if label == "epoch":
@@ -397,8 +403,9 @@ def report_run(rows: dict, args) -> None:
             epoch_s = (f"not run: {e['epoch_seconds']:,.0f} for the first {e['batches']:,} batches (≈{at_rate:,.0f} "
                        f"for the epoch at that rate)")
             recall = f"{e['item_recall20']:.4f} after the first {e['batches']:,} batches"
+        epoch_peak = "n/a" if e.get("epoch_peak_rss_mb") is None else f"{e['epoch_peak_rss_mb']:,.0f}"
         lines.append(head + f"{batches} | {e['epoch_cpu_seconds'] / e['batches']:.3f} ({e['seconds_per_batch']:.3f}) | "
-                            f"{epoch_s} | {e['seconds']:,.0f} | {rss(e)} | {e['model_mb']:,.0f} + "
+                            f"{epoch_s} | {e['seconds']:,.0f} | {epoch_peak} | {rss(e)} | {e['model_mb']:,.0f} + "
                             f"{e['optimizer_mb']:,.0f} | {recall} |")
     others = sorted({int(m) for r in rows.values() for m in r.get("prepare_at", {})})
     if others:

@@ -2,6 +2,7 @@
 generic reader, memory-maps its shards for training, and fails on bad rows with file, row and column."""
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -162,6 +163,9 @@ def test_training_streams_from_prepared_shards(tmp_path):
                            "eval": {"ks": [5]}})
     metrics = get_pipeline("sequence").train(config, tmp_path / "run")
     assert metrics["models"]["sasrec"]["full"]["sub"]["Recall@5"] >= 0
+    # each epoch records the process's peak RSS so far (the scale benchmark's training-phase peak)
+    peak = metrics["models"]["sasrec"]["training"]["history"][0]["peak_rss_bytes"]
+    assert peak is None if sys.platform == "win32" else peak > 50 * 2**20
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert data["source"] == "prepared" and data["filters_applied"]
 
@@ -215,3 +219,65 @@ def test_the_median_test_of_the_milliseconds_rule_matches_numpy(tmp_path, values
     for bound in sorted({*values, median, median - 0.5, median + 0.5, min(values) - 1, max(values) + 1}):
         assert preparer._median_beyond("TRY_CAST(t AS DOUBLE)", len(values), bound, below=True) == (median <= bound)
         assert preparer._median_beyond("TRY_CAST(t AS DOUBLE)", len(values), bound, below=False) == (median >= bound)
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            field = line.split(maxsplit=1)[0]
+            if not field.endswith(":"):                   # a mapping's header line, its file last
+                inside = line.rstrip().endswith(str(path))
+            elif inside and field == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED") or not __import__("os").path.exists(
+    "/proc/self/smaps"), reason="needs madvise(DONTNEED) and /proc/self/smaps (Linux)")
+def test_released_shard_pages_leave_the_resident_set_and_keep_their_values(tmp_path):
+    from hmtrec.data.sequences import SequenceData, release_mapped_pages
+
+    path = tmp_path / "train.leaves.npy"
+    np.save(path, np.arange(1 << 20, dtype=np.int64))                 # 8 MB
+    leaves = np.load(path, mmap_mode="r")
+    data = SequenceData(leaves=leaves, offsets=np.array([0, len(leaves)]), sequence_ids=np.array([0]))
+    assert int(data.leaves.sum()) == (1 << 20) * ((1 << 20) - 1) // 2  # every page read
+    assert _mapped_rss_kb(path) > 4_000
+    data.release_mapped_pages()
+    assert _mapped_rss_kb(path) < 1_000
+    assert int(data.leaves[12345]) == 12345 and int(data.leaves[-1]) == (1 << 20) - 1
+    in_memory = np.arange(10)
+    release_mapped_pages(in_memory)                                   # not a mapping: untouched
+    np.testing.assert_array_equal(in_memory, np.arange(10))
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED") or not __import__("os").path.exists(
+    "/proc/self/smaps"), reason="needs madvise(DONTNEED) and /proc/self/smaps (Linux)")
+def test_the_page_budget_releases_only_past_its_limit(tmp_path):
+    from hmtrec.data.sequences import MappedPageBudget, SequenceData
+
+    path = tmp_path / "train.leaves.npy"
+    np.save(path, np.arange(1 << 20, dtype=np.int64))                 # 8 MB
+    data = SequenceData(leaves=np.load(path, mmap_mode="r"), offsets=np.array([0, 1 << 20]),
+                        sequence_ids=np.array([0]))
+    roomy = MappedPageBudget(data, limit_mb=64)                       # the whole shard fits: never released
+    data.leaves[: 1 << 19].sum()
+    roomy.after_batch()
+    assert not roomy.active and _mapped_rss_kb(path) > 3_000
+    tight = MappedPageBudget(data, limit_mb=2)
+    tight.after_batch()                                               # no growth since it started
+    assert _mapped_rss_kb(path) > 3_000
+    data.leaves.sum()                                                 # +4 MB past the 2 MB limit
+    tight.after_batch()
+    assert _mapped_rss_kb(path) < 1_000
+
+
+def test_prepared_shards_are_memory_mapped_offsets_included(tmp_path):
+    folder = write_log(tmp_path / "log", n_sessions=300)
+    prepare(data_config(folder), tmp_path / "shards", PrepareSettings(memory_mb=256, threads=1))
+    prepared = load_data(DataConfig.model_validate({"source": "prepared", "path": str(tmp_path / "shards")}))
+    for array in (prepared.train.leaves, prepared.train.offsets, prepared.train.target_mask):
+        assert not array.flags.writeable and np.memmap in (type(array), type(array.base))
+    assert prepared.train.sequence_ids.dtype == np.int32

@@ -8,6 +8,7 @@ prefix is ever re-encoded as a separate sample.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -96,6 +97,13 @@ class SequenceData:
         offsets = np.r_[0, np.cumsum(kept_per_sequence[nonempty])]
         return self.select_events(np.flatnonzero(keep), offsets, self.sequence_ids[nonempty])
 
+    def release_mapped_pages(self) -> None:
+        """Unmap the pages of memory-mapped arrays (prepared shards) that this process has read.
+        They stay in the page cache, but no longer count in its resident memory, which would
+        otherwise grow to the whole log's size as random windows touch every page."""
+        for array in (self.leaves, self.offsets, self.timestamps, self.event_types, self.target_mask):
+            release_mapped_pages(array)
+
     def with_targets(self, target_mask: np.ndarray | None) -> "SequenceData":
         return replace(self, target_mask=None if target_mask is None else np.asarray(target_mask, dtype=bool))
 
@@ -104,6 +112,63 @@ class SequenceData:
         mask = np.zeros(self.n_events, dtype=bool)
         mask[self.offsets[1:][self.lengths > 1] - 1] = True
         return self.with_targets(mask)
+
+
+def release_mapped_pages(array: np.ndarray | None) -> None:
+    """madvise(DONTNEED) on the read-only file mapping under `array`, if there is one (a no-op for
+    in-memory arrays and where the platform lacks it). Read-only only: on a private writable
+    mapping DONTNEED would discard the writes."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    mapping = None if advice is None or array is None or array.flags.writeable else _mapping_of(array)
+    if mapping is not None:
+        mapping.madvise(advice)
+
+
+def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The file mapping an array views, if any."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    return base
+
+
+def _resident_file_bytes() -> int | None:
+    """This process's resident file-backed pages (Linux /proc/self/status RssFile), else None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MappedPageBudget:
+    """Keeps the pages of `data`'s memory-mapped arrays that training has touched under `limit_mb`
+    of resident memory: random windows touch every page of the shards in time (each fault maps
+    its neighbours too), so without it a long epoch's resident set grows to the log's size. Where
+    the platform reports resident file pages, the pages are released when they have grown by the
+    limit since the last release (releasing costs a re-fault of the next batches' pages, about 10
+    ms a batch of 1,024 windows, so it is done only when needed); elsewhere after every batch, if
+    the mapped arrays are larger than the limit at all."""
+
+    def __init__(self, data: SequenceData, limit_mb: float):
+        self.data, self.limit = data, limit_mb * 2**20
+        mapped = sum(array.nbytes for array in (data.leaves, data.offsets, data.timestamps, data.event_types,
+                                                data.target_mask) if array is not None and _mapping_of(array))
+        self.active = mapped > self.limit   # small shards stay mapped whole
+        self.baseline = _resident_file_bytes()
+
+    def after_batch(self) -> None:
+        if not self.active:
+            return
+        if self.baseline is not None:
+            resident = _resident_file_bytes()
+            if resident - self.baseline <= self.limit:
+                return
+        self.data.release_mapped_pages()
+        self.baseline = _resident_file_bytes()
 
 
 @dataclass
@@ -128,6 +193,15 @@ class Windows:
 WINDOW_CHUNK = 1 << 20   # sequences cut per pass: the passes' temporaries are O(chunk), not O(log)
 
 
+def index_dtype(largest: int, *, narrowest=np.int32) -> np.dtype:
+    """The narrowest signed integer type, no narrower than `narrowest`, that holds 0..largest:
+    per-window and per-sequence plans are most of training's memory that grows with the log."""
+    for dtype in (np.int16, np.int32, np.int64):
+        if np.dtype(dtype).itemsize >= np.dtype(narrowest).itemsize and largest <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{largest} does not fit in 64 bits")
+
+
 def make_windows(data: SequenceData, max_len: int, *, only_with_targets: bool = True) -> Windows:
     """Cut each sequence into windows of at most `max_len` inputs, from its end backwards, so the
     most recent context is whole. A window is the events feeding predictions for its targets: it
@@ -135,20 +209,20 @@ def make_windows(data: SequenceData, max_len: int, *, only_with_targets: bool = 
     Sequences are cut `WINDOW_CHUNK` at a time, so that only the windows themselves grow with the
     log (at 50M events the whole-log temporaries were most of training's memory growth)."""
     targets = data.targets() if only_with_targets else None
+    start_type, length_type = index_dtype(data.n_events), index_dtype(max_len + 1, narrowest=np.int16)
     starts, lengths = [], []
     for first in range(0, max(data.n_sequences, 1), WINDOW_CHUNK):
         start, length = _windows_of(data, first, min(first + WINDOW_CHUNK, data.n_sequences), max_len, targets)
-        starts.append(start)
-        lengths.append(length)
-    return Windows(np.concatenate(starts).astype(np.int64, copy=False),
-                   np.concatenate(lengths).astype(np.int64, copy=False))
+        starts.append(start.astype(start_type))
+        lengths.append(length.astype(length_type))
+    return Windows(np.concatenate(starts), np.concatenate(lengths))
 
 
 def _windows_of(data: SequenceData, first: int, last: int, max_len: int,
                 targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) of the windows of sequences first..last-1; with `targets`, only windows
     holding at least one target."""
-    seq_start, seq_len = data.offsets[first:last], data.lengths[first:last]
+    seq_start, seq_len = data.offsets[first:last], np.diff(data.offsets[first:last + 1])
     span = max_len + 1
     n_windows = np.maximum(1, np.ceil(np.maximum(seq_len - 1, 1) / max_len).astype(np.int64))
     sequence = np.repeat(np.arange(last - first), n_windows)
