@@ -266,12 +266,14 @@ def test_the_page_budget_releases_only_past_its_limit(tmp_path):
     data.leaves[: 1 << 19].sum()
     roomy.after_batch()
     assert not roomy.active and _mapped_rss_kb(path) > 3_000
-    tight = MappedPageBudget(data, limit_mb=2)
-    tight.after_batch()                                               # no growth since it started
-    assert _mapped_rss_kb(path) > 3_000
-    data.leaves.sum()                                                 # +4 MB past the 2 MB limit
+    tight = MappedPageBudget(data, limit_mb=2)                         # released at the start
+    assert tight.active and _mapped_rss_kb(path) < 500
+    data.leaves[: 1 << 17].sum()                                      # 1 MB: under the limit, kept
     tight.after_batch()
-    assert _mapped_rss_kb(path) < 1_000
+    assert _mapped_rss_kb(path) > 700
+    data.leaves.sum()                                                 # 8 MB: past it, released
+    tight.after_batch()
+    assert _mapped_rss_kb(path) < 500
 
 
 def test_prepared_shards_are_memory_mapped_offsets_included(tmp_path):
@@ -281,3 +283,13 @@ def test_prepared_shards_are_memory_mapped_offsets_included(tmp_path):
     for array in (prepared.train.leaves, prepared.train.offsets, prepared.train.target_mask):
         assert not array.flags.writeable and np.memmap in (type(array), type(array.base))
     assert prepared.train.sequence_ids.dtype == np.int32
+
+
+def test_leaf_counts_in_chunks_equal_one_bincount(monkeypatch):
+    import hmtrec.data.sequences as sequences
+
+    leaves = np.random.default_rng(0).integers(0, 50, 1000)
+    data = sequences.SequenceData(leaves, np.array([0, 1000]), np.array([0]))
+    monkeypatch.setattr(sequences, "SCAN_CHUNK", 7)                  # 143 passes, the last one short
+    np.testing.assert_array_equal(sequences.leaf_counts(data, minlength=60), np.bincount(leaves, minlength=60))
+    np.testing.assert_array_equal(sequences.leaf_counts(data), np.bincount(leaves))

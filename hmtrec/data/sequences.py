@@ -132,6 +132,21 @@ def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
     return base
 
 
+SCAN_CHUNK = 1 << 24   # events per pass of a whole-log scan: a mapped log's pages are released per pass
+
+
+def leaf_counts(data: SequenceData, minlength: int = 0) -> np.ndarray:
+    """Occurrences of each leaf among `data`'s events (at least `minlength` entries), counted a
+    chunk at a time, so that scanning a memory-mapped log does not leave all of it resident."""
+    counts = np.zeros(minlength, dtype=np.int64)
+    for first in range(0, data.n_events, SCAN_CHUNK):
+        chunk = np.bincount(data.leaves[first:first + SCAN_CHUNK], minlength=len(counts))
+        chunk[:len(counts)] += counts
+        counts = chunk
+        release_mapped_pages(data.leaves)
+    return counts
+
+
 def _resident_file_bytes() -> int | None:
     """This process's resident file-backed pages (Linux /proc/self/status RssFile), else None."""
     try:
@@ -145,19 +160,21 @@ def _resident_file_bytes() -> int | None:
 
 
 class MappedPageBudget:
-    """Keeps the pages of `data`'s memory-mapped arrays that training has touched under `limit_mb`
-    of resident memory: random windows touch every page of the shards in time (each fault maps
-    its neighbours too), so without it a long epoch's resident set grows to the log's size. Where
-    the platform reports resident file pages, the pages are released when they have grown by the
-    limit since the last release (releasing costs a re-fault of the next batches' pages, about 10
-    ms a batch of 1,024 windows, so it is done only when needed); elsewhere after every batch, if
-    the mapped arrays are larger than the limit at all."""
+    """Keeps the pages of `data`'s memory-mapped arrays that training has touched to about `limit_mb`
+    of resident memory plus one batch's: random windows touch every page of the shards in time
+    (and each fault maps its neighbours, 64 kB on Linux), so without it a long epoch's resident set
+    grows to the log's size. Where the platform reports resident file pages, they are released at
+    the start and whenever they have grown by the limit since the last release (a release costs a
+    re-fault of the next batches' pages, about 10 ms a batch of 1,024 windows, so it is done only
+    when needed); elsewhere after every batch. Arrays smaller than the limit stay mapped whole."""
 
     def __init__(self, data: SequenceData, limit_mb: float):
         self.data, self.limit = data, limit_mb * 2**20
         mapped = sum(array.nbytes for array in (data.leaves, data.offsets, data.timestamps, data.event_types,
                                                 data.target_mask) if array is not None and _mapping_of(array))
         self.active = mapped > self.limit   # small shards stay mapped whole
+        if self.active:
+            data.release_mapped_pages()      # what the epoch's set-up read (its plan scans whole arrays)
         self.baseline = _resident_file_bytes()
 
     def after_batch(self) -> None:

@@ -95,7 +95,7 @@ class TrainSection(TrainSettings):
                             "model trains sparsely (HierSRec with item_loss: sampled): a step updates only the rows "
                             "it used; auto: on where the model offers it, weight_decay is 0 and not under torchrun")
     mapped_pages_mb: float = Field(
-        256.0, gt=0, description="memory-mapped training shards (data.source: prepared): the resident pages the "
+        128.0, gt=0, description="memory-mapped training shards (data.source: prepared): the resident pages the "
                                  "batches touched are released (they stay in the page cache) once they grow by this "
                                  "many MB, so an epoch's memory does not grow with the log")
 
