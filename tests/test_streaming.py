@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hmtrec.config import build_config
 from hmtrec.data.loading import DataConfig, load_data
@@ -253,36 +254,36 @@ def test_released_shard_pages_leave_the_resident_set_and_keep_their_values(tmp_p
     np.testing.assert_array_equal(in_memory, np.arange(10))
 
 
-@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED") or not __import__("os").path.exists(
-    "/proc/self/smaps"), reason="needs madvise(DONTNEED) and /proc/self/smaps (Linux)")
-def test_the_page_budget_releases_only_past_its_limit(tmp_path):
-    from hmtrec.data.sequences import MappedPageBudget, SequenceData
+@pytest.mark.skipif(not hasattr(__import__("os"), "preadv") or not __import__("os").path.exists("/proc/self/smaps"),
+                    reason="needs pread and /proc/self/smaps (Linux)")
+def test_windows_of_a_mapped_shard_are_read_without_mapping_its_pages(tmp_path, monkeypatch):
+    import hmtrec.data.sequences
+    from hmtrec.data.sequences import PAD, SequenceData, Windows, collate_windows
 
-    path = tmp_path / "train.leaves.npy"
-    np.save(path, np.arange(1 << 20, dtype=np.int64))                 # 8 MB
-    data = SequenceData(leaves=np.load(path, mmap_mode="r"), offsets=np.array([0, 1 << 20]),
-                        sequence_ids=np.array([0]))
-    roomy = MappedPageBudget(data, limit_mb=64)                       # the whole shard fits: never released
-    data.leaves[: 1 << 19].sum()
-    roomy.after_batch()
-    assert not roomy.active and _mapped_rss_kb(path) > 3_000
-    tight = MappedPageBudget(data, limit_mb=2)                         # released at the start
-    assert tight.active and _mapped_rss_kb(path) < 500
-    data.leaves[: 1 << 17].sum()                                      # 1 MB: under the limit, kept
-    tight.after_batch()
-    assert _mapped_rss_kb(path) > 700
-    data.leaves.sum()                                                 # 8 MB: past it, released
-    tight.after_batch()
-    assert _mapped_rss_kb(path) < 500
+    monkeypatch.setattr(hmtrec.data.sequences, "PREAD_MIN_BYTES", 1 << 20)   # these shards count as large
 
-
-def test_prepared_shards_are_memory_mapped_offsets_included(tmp_path):
-    folder = write_log(tmp_path / "log", n_sessions=300)
-    prepare(data_config(folder), tmp_path / "shards", PrepareSettings(memory_mb=256, threads=1))
-    prepared = load_data(DataConfig.model_validate({"source": "prepared", "path": str(tmp_path / "shards")}))
-    for array in (prepared.train.leaves, prepared.train.offsets, prepared.train.target_mask):
-        assert not array.flags.writeable and np.memmap in (type(array), type(array.base))
-    assert prepared.train.sequence_ids.dtype == np.int32
+    rng = np.random.default_rng(0)
+    n_events = 1 << 20                                                # 8 MB of leaves, 8 MB of times
+    arrays = {"leaves": rng.integers(0, 1000, n_events), "times": np.cumsum(rng.random(n_events)),
+              "targets": rng.random(n_events) < 0.9}
+    for name, values in arrays.items():
+        np.save(tmp_path / f"train.{name}.npy", values)
+    mapped = {name: np.load(tmp_path / f"train.{name}.npy", mmap_mode="r") for name in arrays}
+    offsets = np.arange(0, n_events + 1, 16)                          # sequences of 16 events
+    on_disk = SequenceData(leaves=mapped["leaves"], offsets=offsets, sequence_ids=np.arange(len(offsets) - 1),
+                           timestamps=mapped["times"], target_mask=mapped["targets"])
+    in_memory = SequenceData(leaves=arrays["leaves"], offsets=offsets, sequence_ids=np.arange(len(offsets) - 1),
+                             timestamps=arrays["times"], target_mask=arrays["targets"])
+    length = rng.integers(2, 10, 4000)
+    windows = Windows(rng.integers(0, n_events - 10, 4000), length)
+    rows = np.arange(4000)
+    read, indexed = collate_windows(on_disk, windows, rows), collate_windows(in_memory, windows, rows)
+    assert read.keys() == indexed.keys()
+    for key in read:
+        torch.testing.assert_close(read[key], indexed[key], rtol=0, atol=0)
+    assert (read["inputs"] != PAD).any()
+    # 4,000 random windows over every page: none of the shards' pages became resident in this process
+    assert all(_mapped_rss_kb(tmp_path / f"train.{name}.npy") < 64 for name in arrays)
 
 
 def test_leaf_counts_in_chunks_equal_one_bincount(monkeypatch):

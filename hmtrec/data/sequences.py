@@ -9,6 +9,7 @@ prefix is ever re-encoded as a separate sample.
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -147,47 +148,6 @@ def leaf_counts(data: SequenceData, minlength: int = 0) -> np.ndarray:
     return counts
 
 
-def _resident_file_bytes() -> int | None:
-    """This process's resident file-backed pages (Linux /proc/self/status RssFile), else None."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class MappedPageBudget:
-    """Keeps the pages of `data`'s memory-mapped arrays that training has touched to about `limit_mb`
-    of resident memory plus one batch's: random windows touch every page of the shards in time
-    (and each fault maps its neighbours, 64 kB on Linux), so without it a long epoch's resident set
-    grows to the log's size. Where the platform reports resident file pages, they are released at
-    the start and whenever they have grown by the limit since the last release (a release costs a
-    re-fault of the next batches' pages, about 10 ms a batch of 1,024 windows, so it is done only
-    when needed); elsewhere after every batch. Arrays smaller than the limit stay mapped whole."""
-
-    def __init__(self, data: SequenceData, limit_mb: float):
-        self.data, self.limit = data, limit_mb * 2**20
-        mapped = sum(array.nbytes for array in (data.leaves, data.offsets, data.timestamps, data.event_types,
-                                                data.target_mask) if array is not None and _mapping_of(array))
-        self.active = mapped > self.limit   # small shards stay mapped whole
-        if self.active:
-            data.release_mapped_pages()      # what the epoch's set-up read (its plan scans whole arrays)
-        self.baseline = _resident_file_bytes()
-
-    def after_batch(self) -> None:
-        if not self.active:
-            return
-        if self.baseline is not None:
-            resident = _resident_file_bytes()
-            if resident - self.baseline <= self.limit:
-                return
-        self.data.release_mapped_pages()
-        self.baseline = _resident_file_bytes()
-
-
 @dataclass
 class Dataset:
     """Sequences plus the catalogue they index: a taxonomy and optional per-leaf text."""
@@ -258,6 +218,49 @@ def _windows_of(data: SequenceData, first: int, last: int, max_len: int,
     return start, length
 
 
+# Shard arrays at least this large are read by pread per window; smaller ones through their mapping
+# (faster once resident, and all of one costs at most this much memory).
+PREAD_MIN_BYTES = 64 << 20
+
+
+def window_values(array: np.ndarray, start: np.ndarray, length: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """[windows, width] values of `array` at `index` (row r: start[r] + 0..width-1); entries at or
+    past length[r] are unspecified (callers mask them). From a memory-mapped shard each window is
+    read with one pread instead of through the mapping: a fault maps the whole page cache folio
+    around it (up to hundreds of kB), so random windows would soon make every page of the shards
+    resident in this process, and an epoch's memory would grow to the log's size."""
+    source = _file_position(array)
+    if source is None:
+        return array[index]
+    path, position = source
+    out = np.zeros(index.shape, dtype=array.dtype)
+    item = array.dtype.itemsize
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        for row, (first, count) in enumerate(zip(start.tolist(), length.tolist())):
+            if os.preadv(descriptor, [out[row, :count]], position + first * item) != count * item:
+                raise OSError(f"{path}: short read of a window at element {first} (was the file truncated?)")
+    finally:
+        os.close(descriptor)
+    return out
+
+
+def _file_position(array: np.ndarray | None) -> tuple[str, int] | None:
+    """(file, byte position of array[0]) when `array` is a read-only, contiguous view of a file
+    mapping (np.load(mmap_mode="r")) of at least PREAD_MIN_BYTES and the platform has pread; else None."""
+    if (array is None or not hasattr(os, "preadv") or array.nbytes < PREAD_MIN_BYTES or array.flags.writeable
+            or not array.flags.c_contiguous):
+        return None
+    root, base = None, array
+    while base is not None:
+        if isinstance(base, np.memmap):
+            root = base                       # the outermost memmap: its data starts at its offset
+        base = getattr(base, "base", None)
+    if root is None or root.filename is None:
+        return None
+    return root.filename, root.offset + array.ctypes.data - root.ctypes.data
+
+
 def collate_windows(data: SequenceData, windows: Windows, rows: np.ndarray) -> dict[str, torch.Tensor]:
     """Batch of windows, left-aligned. `inputs[b, t]` is the event at t; `targets[b, t]` is the
     leaf to predict after seeing inputs[b, :t+1] (PAD where not a target). Left alignment keeps
@@ -265,19 +268,18 @@ def collate_windows(data: SequenceData, windows: Windows, rows: np.ndarray) -> d
     start, length = windows.start[rows], windows.length[rows]
     width = int(length.max()) - 1 if len(rows) else 0
     width = max(width, 1)
-    index = start[:, None] + np.arange(width + 1)[None, :]
     valid = np.arange(width + 1)[None, :] < length[:, None]
-    index = np.where(valid, index, 0)
-    events = np.where(valid, data.leaves[index], PAD)
-    target_ok = valid & data.targets()[index]
+    index = np.where(valid, start[:, None] + np.arange(width + 1)[None, :], 0)
+    events = np.where(valid, window_values(data.leaves, start, length, index), PAD)
+    target_ok = valid & window_values(data.targets(), start, length, index)
     inputs = events[:, :-1]
     targets = np.where(target_ok[:, 1:], events[:, 1:], PAD)
     batch = {"inputs": torch.from_numpy(inputs.copy()), "targets": torch.from_numpy(targets.copy())}
     if data.timestamps is not None:
-        times = np.where(valid, data.timestamps[index], 0.0)
+        times = np.where(valid, window_values(data.timestamps, start, length, index), 0.0)
         batch["input_times"] = torch.from_numpy(times[:, :-1].copy())
         batch["target_times"] = torch.from_numpy(times[:, 1:].copy())
     if data.event_types is not None:
-        types = np.where(valid, data.event_types[index], PAD)
+        types = np.where(valid, window_values(data.event_types, start, length, index), PAD)
         batch["input_types"] = torch.from_numpy(types[:, :-1].copy())
     return batch

@@ -42,7 +42,7 @@ from pydantic import Field, field_validator, model_validator
 
 from hmtrec.config import StrictModel, register_config
 from hmtrec.data.loading import DataConfig, PreparedData, load_data
-from hmtrec.data.sequences import MappedPageBudget, SequenceData, collate_windows, index_dtype, make_windows
+from hmtrec.data.sequences import SequenceData, collate_windows, index_dtype, make_windows
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.evaluate.ranking import EvalSettings, evaluate_model
 from hmtrec.evaluate.report import print_results, results_table
@@ -94,10 +94,6 @@ class TrainSection(TrainSettings):
         "auto", description="sparse gradients and lazy Adam (hmtrec.train.trainer.LazyAdam) for the item tables a "
                             "model trains sparsely (HierSRec with item_loss: sampled): a step updates only the rows "
                             "it used; auto: on where the model offers it, weight_decay is 0 and not under torchrun")
-    mapped_pages_mb: float = Field(
-        128.0, gt=0, description="memory-mapped training shards (data.source: prepared): the resident pages the "
-                                 "batches touched are released (they stay in the page cache) once they grow by this "
-                                 "many MB, so an epoch's memory does not grow with the log")
 
     @field_validator("monitor")
     @classmethod
@@ -250,11 +246,10 @@ def training_batches(model, train: SequenceData, settings: TrainSection
             members[:] = members[np.argsort(windows.length[members], kind="stable")]
             bounds += [(low, min(low + settings.batch_size, first + len(members)))
                        for low in range(first, first + len(members), settings.batch_size)]
-        pages = MappedPageBudget(train, settings.mapped_pages_mb)
+        train.release_mapped_pages()   # what the set-up's scans read; batches read shards by pread
         for chunk in rng.permutation(len(bounds))[part::parts]:
             low, high = bounds[chunk]
             yield collate_windows(train, windows, order[low:high])
-            pages.after_batch()
 
     n_batches = (n_visited // pool) * LENGTH_POOL_BATCHES + math.ceil((n_visited % pool) / settings.batch_size)
     return batches, lambda epoch: n_batches
