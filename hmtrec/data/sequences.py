@@ -220,7 +220,7 @@ def _windows_of(data: SequenceData, first: int, last: int, max_len: int,
 
 # Shard arrays at least this large are read by pread per window; smaller ones through their mapping
 # (faster once resident, and all of one costs at most this much memory).
-PREAD_MIN_BYTES = 64 << 20
+PREAD_MIN_BYTES = 16 << 20
 
 
 def window_values(array: np.ndarray, start: np.ndarray, length: np.ndarray, index: np.ndarray) -> np.ndarray:
