@@ -6,6 +6,7 @@ of `hmtrec prepare` plus one training epoch on the prepared shards.
     python benchmarks/scale_prep.py engines --log /tmp/scale-logs/10m
     python benchmarks/scale_prep.py run --events 1000000 10000000 50000000 --work /tmp/scale-logs --epoch --keep --report
     python benchmarks/scale_prep.py steps --events 50000000 --work /tmp/scale-logs   # s per batch by setting
+    python benchmarks/scale_prep.py windows --events 50000000 --work /tmp/scale-logs   # pread vs mapping
     python benchmarks/scale_prep.py ddp          # torchrun with 2 gloo processes vs one process
 
 Every measured step runs in its own child process; its peak RSS is the child's ru_maxrss (wait4).
@@ -509,6 +510,60 @@ def command_steps(args) -> None:
                            f"--precision {' '.join(args.precision)} --sparse-updates {' '.join(args.sparse_updates)}")
 
 
+WINDOW_PROBE = r"""
+import json, resource, sys, time
+import numpy as np
+import hmtrec.data.sequences as sequences
+from hmtrec.data.loading import DataConfig, load_data
+
+shards, mode, batches, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+train = load_data(DataConfig.model_validate({"source": "prepared", "path": shards})).train
+windows = sequences.make_windows(train, 20)
+train.release_mapped_pages()
+if mode == "mapping":
+    sequences.PREAD_MIN_BYTES = 1 << 62      # every array read through its mapping
+rng = np.random.default_rng(0)
+def rss_file():
+    return int(open("/proc/self/status").read().split("RssFile:")[1].split()[0]) / 1024
+before = rss_file()
+started = time.process_time()
+for _ in range(batches):
+    sequences.collate_windows(train, windows, rng.integers(0, len(windows.start), batch_size))
+print(json.dumps({"cpu_ms": 1000 * (time.process_time() - started) / batches,
+                  "file_mb_added": rss_file() - before, "windows": len(windows.start)}))
+"""
+
+
+def command_windows(args) -> None:
+    """Reading a batch's windows from large prepared shards: by pread (the default from
+    PREAD_MIN_BYTES) vs through the memory mapping, CPU ms per batch and the file-backed memory the
+    batches left resident, each in its own process (the mapping's first batches pay the faults)."""
+    from hmtrec.bench.report import update_section
+
+    shards = Path(args.work) / f"shards-{args.events}"
+    if not (shards / "prepared.json").exists():
+        raise SystemExit(f"no prepared shards for {args.events} events in {args.work}: run `run --stage prepare`")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rows = []
+    for mode in ("pread", "mapping"):
+        output = subprocess.run([sys.executable, "-c", WINDOW_PROBE, str(shards), mode, str(args.batches),
+                                 str(args.batch_size)], env=env, capture_output=True, text=True)
+        if output.returncode != 0:
+            raise SystemExit(f"window probe {mode} failed:\n{output.stderr[-2000:]}")
+        rows.append({"mode": mode, **json.loads(output.stdout.strip().splitlines()[-1])})
+        print(rows[-1], flush=True)
+    lines = [f"`collate_windows` alone on the prepared {args.events:,}-event log ({rows[0]['windows']:,} training "
+             f"windows): {args.batches} batches of {args.batch_size} random windows of up to 21 events (leaves, times, "
+             f"target flags), read by one pread per window and array (what training does for shard arrays of at "
+             f"least `hmtrec.data.sequences.PREAD_MIN_BYTES`, 16 MiB) or through the arrays' memory mappings. File MB "
+             f"added: the process's RssFile after the batches minus before. Machine: {machine()}, shared.", "",
+             "| read | CPU ms per batch | file-backed MB left resident |", "|---|---:|---:|"]
+    lines += [f"| {row['mode']} | {row['cpu_ms']:.1f} | {row['file_mb_added']:,.0f} |" for row in rows]
+    update_section("scale-windows", "\n".join(lines), title="Reading training windows from large shards: pread vs the mapping",
+                   command=f"python benchmarks/scale_prep.py windows --events {args.events} --work {args.work} "
+                           f"--batches {args.batches} --batch-size {args.batch_size}")
+
+
 DDP_CONFIG = {
     "kind": "sequence",
     "data": {"source": "synthetic", "synthetic": {"n_items": 400, "level_sizes": [6, 40], "n_sessions": 3000,
@@ -598,6 +653,11 @@ def main() -> None:
     steps.add_argument("--sparse-updates", nargs="+", default=["true", "false"])
     steps.add_argument("--batch-size", type=int, default=1024, help="as given to `run` (for the text)")
     steps.add_argument("--negatives", type=int, default=256, help="as given to `run` (for the text)")
+    windows = sub.add_parser("windows", help="a batch's windows read by pread vs through the mapping")
+    windows.add_argument("--events", type=int, default=50_000_000)
+    windows.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
+    windows.add_argument("--batches", type=int, default=100)
+    windows.add_argument("--batch-size", type=int, default=1024)
     ddp = sub.add_parser("ddp")
     ddp.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
     args = parser.parse_args()
@@ -609,6 +669,8 @@ def main() -> None:
         command_run(args)
     elif args.command == "steps":
         command_steps(args)
+    elif args.command == "windows":
+        command_windows(args)
     elif args.command == "ddp":
         command_ddp(args)
 

@@ -35,6 +35,7 @@ class SequenceData:
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
         if self.offsets[0] != 0 or self.offsets[-1] != len(self.leaves) or np.any(np.diff(self.offsets) < 0):
             raise ValueError("offsets must start at 0, end at n_events and never decrease")
+        release_mapped_pages(self.offsets)   # the check read every offset of a mapped log
         if len(self.sequence_ids) != self.n_sequences:
             raise ValueError("one sequence id per sequence expected")
 
@@ -192,6 +193,8 @@ def make_windows(data: SequenceData, max_len: int, *, only_with_targets: bool = 
         start, length = _windows_of(data, first, min(first + WINDOW_CHUNK, data.n_sequences), max_len, targets)
         starts.append(start.astype(start_type))
         lengths.append(length.astype(length_type))
+        for scanned in (data.offsets, targets):      # a mapped log's pages do not pile up pass by pass
+            release_mapped_pages(scanned)
     return Windows(np.concatenate(starts), np.concatenate(lengths))
 
 

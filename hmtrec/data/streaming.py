@@ -678,13 +678,11 @@ def load_prepared(cfg):
             return np.load(path, mmap_mode="r") if path.exists() else None
 
         offsets = array("offsets")
-        data = SequenceData(leaves=array("leaves"), offsets=offsets,
+        return SequenceData(leaves=array("leaves"), offsets=offsets,
                             sequence_ids=np.arange(len(offsets) - 1, dtype=index_dtype(len(offsets))),
                             timestamps=array("times") if manifest["has_time"] else None,
                             event_types=array("events") if event_names else None,
                             event_type_names=event_names, target_mask=array("targets"))
-        data.release_mapped_pages()   # its checks read every offset
-        return data
 
     train, valid, test = (split_data(split) for split in SPLITS)
     dataset = Dataset(name=manifest["name"], sequences=train, taxonomy=taxonomy, leaf_text=leaf_text)
