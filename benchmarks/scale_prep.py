@@ -6,6 +6,7 @@ of `hmtrec prepare` plus one training epoch on the prepared shards.
     python benchmarks/scale_prep.py engines --log /tmp/scale-logs/10m
     python benchmarks/scale_prep.py run --events 1000000 10000000 50000000 --work /tmp/scale-logs --epoch --keep --report
     python benchmarks/scale_prep.py steps --events 50000000 --work /tmp/scale-logs   # s per batch by setting
+    python benchmarks/scale_prep.py windows --events 50000000 --work /tmp/scale-logs   # pread vs mapping
     python benchmarks/scale_prep.py ddp          # torchrun with 2 gloo processes vs one process
 
 Every measured step runs in its own child process; its peak RSS is the child's ru_maxrss (wait4).
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # the driver reads run directories with this checkout's hmtrec
 N_ITEMS = 1_000_000
 LEVEL_SIZES = (20, 1000)            # categories > subcategories > 1M items
 MEAN_SESSION_LENGTH = 5
@@ -315,6 +317,8 @@ def command_run(args) -> None:
                               "threads": args.threads, "precision": args.precision, "steps_requested": steps,
                               "model_mb": round(history["model_bytes"] / 2**20, 1),
                               "optimizer_mb": round(history["optimizer_bytes"] / 2**20, 1),
+                              "epoch_peak_rss_mb": (None if history.get("peak_rss_bytes") is None
+                                                    else round(history["peak_rss_bytes"] / 2**20, 1)),
                               "epoch_seconds": round(metrics["training"]["epoch_seconds"], 1),
                               "epoch_cpu_seconds": round(metrics["training"]["history"][0]["epoch_cpu_seconds"], 1),
                               "seconds_per_batch": round(metrics["training"]["epoch_seconds"] / max(batches, 1), 3),
@@ -367,15 +371,18 @@ def report_run(rows: dict, args) -> None:
              "allowed, else the first batches of it (marked in the row, `--steps`: the whole epoch's batch plan is "
              "built and the first N batches of it trained), then the test evaluation. CPU s per batch: the training loop's process CPU seconds per batch, in brackets wall "
              "seconds (this machine is shared with other jobs). Run s: the whole `hmtrec train` (loading, the "
-             "epoch's batch plan, the epoch, test evaluation, saving). Peak RSS is the child process's "
-             "ru_maxrss; in brackets the peaks of its anonymous memory and of its file-backed pages "
+             "epoch's batch plan, the epoch, test evaluation, saving). Epoch peak RSS: the training process's "
+             "ru_maxrss at the end of the epoch, before the test evaluation (loading, the plan and the batches; "
+             "recorded in the run's training history since this column was added). Train peak RSS is the child process's "
+             "ru_maxrss over the whole run, the test evaluation included (whose [cases, items] score blocks are "
+             "bounded by `eval.score_budget_mb`, and fill up only once the test split has enough cases); in brackets the peaks of its anonymous memory and of its file-backed pages "
              "(/proc/self/status RssAnon / RssFile, sampled every 0.2 s), which for training are mostly the "
              "memory-mapped shards' pages it touched (the kernel may drop them again). Model + optimizer: the "
              f"parameters' bytes and Adam's moments (both optimizers' state). Machine: {machine()}.", "",
              "| events | CSV GB | prepare s | prepare peak RSS MB (anon / file) | train events kept | items kept | "
-             "batches per epoch | CPU s per batch (wall) | epoch s | run s | train peak RSS MB (anon / file) | "
-             "model + optimizer MB | test item Recall@20 after the epoch |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "batches per epoch | CPU s per batch (wall) | epoch s | run s | epoch peak RSS MB | "
+             "train peak RSS MB (anon / file) | model + optimizer MB | test item Recall@20 after the epoch |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for key in sorted(rows, key=int):
         r = rows[key]
         if "prepare" not in r or "peak_anon_mb" not in r["prepare"]:
@@ -385,7 +392,7 @@ def report_run(rows: dict, args) -> None:
         label = "epoch" if "epoch" in r else "steps" if "model_mb" in r.get("steps", {}) else None
         if label is None:
             lines.append(head + f"≈{math.ceil(r['train_sequences'] / args.batch_size):,} | not run | not run | "
-                                f"not run | not run | n/a | n/a |")
+                                f"not run | not run | not run | n/a | n/a |")
             continue
         e = r[label]
         if label == "epoch":
@@ -397,8 +404,9 @@ def report_run(rows: dict, args) -> None:
             epoch_s = (f"not run: {e['epoch_seconds']:,.0f} for the first {e['batches']:,} batches (≈{at_rate:,.0f} "
                        f"for the epoch at that rate)")
             recall = f"{e['item_recall20']:.4f} after the first {e['batches']:,} batches"
+        epoch_peak = "n/a" if e.get("epoch_peak_rss_mb") is None else f"{e['epoch_peak_rss_mb']:,.0f}"
         lines.append(head + f"{batches} | {e['epoch_cpu_seconds'] / e['batches']:.3f} ({e['seconds_per_batch']:.3f}) | "
-                            f"{epoch_s} | {e['seconds']:,.0f} | {rss(e)} | {e['model_mb']:,.0f} + "
+                            f"{epoch_s} | {e['seconds']:,.0f} | {epoch_peak} | {rss(e)} | {e['model_mb']:,.0f} + "
                             f"{e['optimizer_mb']:,.0f} | {recall} |")
     others = sorted({int(m) for r in rows.values() for m in r.get("prepare_at", {})})
     if others:
@@ -502,6 +510,60 @@ def command_steps(args) -> None:
                            f"--precision {' '.join(args.precision)} --sparse-updates {' '.join(args.sparse_updates)}")
 
 
+WINDOW_PROBE = r"""
+import json, resource, sys, time
+import numpy as np
+import hmtrec.data.sequences as sequences
+from hmtrec.data.loading import DataConfig, load_data
+
+shards, mode, batches, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+train = load_data(DataConfig.model_validate({"source": "prepared", "path": shards})).train
+windows = sequences.make_windows(train, 20)
+train.release_mapped_pages()
+if mode == "mapping":
+    sequences.PREAD_MIN_BYTES = 1 << 62      # every array read through its mapping
+rng = np.random.default_rng(0)
+def rss_file():
+    return int(open("/proc/self/status").read().split("RssFile:")[1].split()[0]) / 1024
+before = rss_file()
+started = time.process_time()
+for _ in range(batches):
+    sequences.collate_windows(train, windows, rng.integers(0, len(windows.start), batch_size))
+print(json.dumps({"cpu_ms": 1000 * (time.process_time() - started) / batches,
+                  "file_mb_added": rss_file() - before, "windows": len(windows.start)}))
+"""
+
+
+def command_windows(args) -> None:
+    """Reading a batch's windows from large prepared shards: by pread (the default from
+    PREAD_MIN_BYTES) vs through the memory mapping, CPU ms per batch and the file-backed memory the
+    batches left resident, each in its own process (the mapping's first batches pay the faults)."""
+    from hmtrec.bench.report import update_section
+
+    shards = Path(args.work) / f"shards-{args.events}"
+    if not (shards / "prepared.json").exists():
+        raise SystemExit(f"no prepared shards for {args.events} events in {args.work}: run `run --stage prepare`")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rows = []
+    for mode in ("pread", "mapping"):
+        output = subprocess.run([sys.executable, "-c", WINDOW_PROBE, str(shards), mode, str(args.batches),
+                                 str(args.batch_size)], env=env, capture_output=True, text=True)
+        if output.returncode != 0:
+            raise SystemExit(f"window probe {mode} failed:\n{output.stderr[-2000:]}")
+        rows.append({"mode": mode, **json.loads(output.stdout.strip().splitlines()[-1])})
+        print(rows[-1], flush=True)
+    lines = [f"`collate_windows` alone on the prepared {args.events:,}-event log ({rows[0]['windows']:,} training "
+             f"windows): {args.batches} batches of {args.batch_size} random windows of up to 21 events (leaves, times, "
+             f"target flags), read by one pread per window and array (what training does for shard arrays of at "
+             f"least `hmtrec.data.sequences.PREAD_MIN_BYTES`, 16 MiB) or through the arrays' memory mappings. File MB "
+             f"added: the process's RssFile after the batches minus before. Machine: {machine()}, shared.", "",
+             "| read | CPU ms per batch | file-backed MB left resident |", "|---|---:|---:|"]
+    lines += [f"| {row['mode']} | {row['cpu_ms']:.1f} | {row['file_mb_added']:,.0f} |" for row in rows]
+    update_section("scale-windows", "\n".join(lines), title="Reading training windows from large shards: pread vs the mapping",
+                   command=f"python benchmarks/scale_prep.py windows --events {args.events} --work {args.work} "
+                           f"--batches {args.batches} --batch-size {args.batch_size}")
+
+
 DDP_CONFIG = {
     "kind": "sequence",
     "data": {"source": "synthetic", "synthetic": {"n_items": 400, "level_sizes": [6, 40], "n_sessions": 3000,
@@ -591,6 +653,11 @@ def main() -> None:
     steps.add_argument("--sparse-updates", nargs="+", default=["true", "false"])
     steps.add_argument("--batch-size", type=int, default=1024, help="as given to `run` (for the text)")
     steps.add_argument("--negatives", type=int, default=256, help="as given to `run` (for the text)")
+    windows = sub.add_parser("windows", help="a batch's windows read by pread vs through the mapping")
+    windows.add_argument("--events", type=int, default=50_000_000)
+    windows.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
+    windows.add_argument("--batches", type=int, default=100)
+    windows.add_argument("--batch-size", type=int, default=1024)
     ddp = sub.add_parser("ddp")
     ddp.add_argument("--work", type=Path, default=Path("/tmp/scale-logs"))
     args = parser.parse_args()
@@ -602,6 +669,8 @@ def main() -> None:
         command_run(args)
     elif args.command == "steps":
         command_steps(args)
+    elif args.command == "windows":
+        command_windows(args)
     elif args.command == "ddp":
         command_ddp(args)
 

@@ -123,7 +123,7 @@ def test_repeat_explore_mixes_session_items_with_the_catalogue():
     log_gate = torch.log(torch.tensor([[0.25, 0.75]]))               # log r, log(1 - r)
     # item 3: .75 * .2 + .25 * (.5 + .2); item 5: .75 * 0 + .25 * .3; item 0: .75 * .2
     expected = torch.tensor([[0.15, 0.15, 0.15, 0.325, 0.15, 0.075]])
-    log_p = RepeatExplore.log_probabilities(explore_log_p, beta, items, log_gate)
+    log_p = RepeatExplore.log_probabilities(explore_log_p.clone(), beta, items, log_gate)   # it writes in place
     torch.testing.assert_close(log_p.exp(), expected)
     nll = RepeatExplore.row_nll(-explore_log_p[0, [3, 0]], beta.expand(2, -1), items.expand(2, -1),
                                 log_gate.expand(2, -1), torch.tensor([3, 0]))

@@ -2,10 +2,12 @@
 generic reader, memory-maps its shards for training, and fails on bad rows with file, row and column."""
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hmtrec.config import build_config
 from hmtrec.data.loading import DataConfig, load_data
@@ -162,6 +164,9 @@ def test_training_streams_from_prepared_shards(tmp_path):
                            "eval": {"ks": [5]}})
     metrics = get_pipeline("sequence").train(config, tmp_path / "run")
     assert metrics["models"]["sasrec"]["full"]["sub"]["Recall@5"] >= 0
+    # each epoch records the process's peak RSS so far (the scale benchmark's training-phase peak)
+    peak = metrics["models"]["sasrec"]["training"]["history"][0]["peak_rss_bytes"]
+    assert peak is None if sys.platform == "win32" else peak > 50 * 2**20
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert data["source"] == "prepared" and data["filters_applied"]
 
@@ -215,3 +220,77 @@ def test_the_median_test_of_the_milliseconds_rule_matches_numpy(tmp_path, values
     for bound in sorted({*values, median, median - 0.5, median + 0.5, min(values) - 1, max(values) + 1}):
         assert preparer._median_beyond("TRY_CAST(t AS DOUBLE)", len(values), bound, below=True) == (median <= bound)
         assert preparer._median_beyond("TRY_CAST(t AS DOUBLE)", len(values), bound, below=False) == (median >= bound)
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            field = line.split(maxsplit=1)[0]
+            if not field.endswith(":"):                   # a mapping's header line, its file last
+                inside = line.rstrip().endswith(str(path))
+            elif inside and field == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED") or not __import__("os").path.exists(
+    "/proc/self/smaps"), reason="needs madvise(DONTNEED) and /proc/self/smaps (Linux)")
+def test_released_shard_pages_leave_the_resident_set_and_keep_their_values(tmp_path):
+    from hmtrec.data.sequences import SequenceData, release_mapped_pages
+
+    path = tmp_path / "train.leaves.npy"
+    np.save(path, np.arange(1 << 20, dtype=np.int64))                 # 8 MB
+    leaves = np.load(path, mmap_mode="r")
+    data = SequenceData(leaves=leaves, offsets=np.array([0, len(leaves)]), sequence_ids=np.array([0]))
+    assert int(data.leaves.sum()) == (1 << 20) * ((1 << 20) - 1) // 2  # every page read
+    assert _mapped_rss_kb(path) > 4_000
+    data.release_mapped_pages()
+    assert _mapped_rss_kb(path) < 1_000
+    assert int(data.leaves[12345]) == 12345 and int(data.leaves[-1]) == (1 << 20) - 1
+    in_memory = np.arange(10)
+    release_mapped_pages(in_memory)                                   # not a mapping: untouched
+    np.testing.assert_array_equal(in_memory, np.arange(10))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "preadv") or not __import__("os").path.exists("/proc/self/smaps"),
+                    reason="needs pread and /proc/self/smaps (Linux)")
+def test_windows_of_a_mapped_shard_are_read_without_mapping_its_pages(tmp_path, monkeypatch):
+    import hmtrec.data.sequences
+    from hmtrec.data.sequences import PAD, SequenceData, Windows, collate_windows
+
+    monkeypatch.setattr(hmtrec.data.sequences, "PREAD_MIN_BYTES", 1 << 20)   # these shards count as large
+
+    rng = np.random.default_rng(0)
+    n_events = 1 << 20                                                # 8 MB of leaves, 8 MB of times
+    arrays = {"leaves": rng.integers(0, 1000, n_events), "times": np.cumsum(rng.random(n_events)),
+              "targets": rng.random(n_events) < 0.9}
+    for name, values in arrays.items():
+        np.save(tmp_path / f"train.{name}.npy", values)
+    mapped = {name: np.load(tmp_path / f"train.{name}.npy", mmap_mode="r") for name in arrays}
+    offsets = np.arange(0, n_events + 1, 16)                          # sequences of 16 events
+    on_disk = SequenceData(leaves=mapped["leaves"], offsets=offsets, sequence_ids=np.arange(len(offsets) - 1),
+                           timestamps=mapped["times"], target_mask=mapped["targets"])
+    in_memory = SequenceData(leaves=arrays["leaves"], offsets=offsets, sequence_ids=np.arange(len(offsets) - 1),
+                             timestamps=arrays["times"], target_mask=arrays["targets"])
+    length = rng.integers(2, 10, 4000)
+    windows = Windows(rng.integers(0, n_events - 10, 4000), length)
+    rows = np.arange(4000)
+    read, indexed = collate_windows(on_disk, windows, rows), collate_windows(in_memory, windows, rows)
+    assert read.keys() == indexed.keys()
+    for key in read:
+        torch.testing.assert_close(read[key], indexed[key], rtol=0, atol=0)
+    assert (read["inputs"] != PAD).any()
+    # 4,000 random windows over every page: none of the shards' pages became resident in this process
+    assert all(_mapped_rss_kb(tmp_path / f"train.{name}.npy") < 64 for name in arrays)
+
+
+def test_leaf_counts_in_chunks_equal_one_bincount(monkeypatch):
+    import hmtrec.data.sequences as sequences
+
+    leaves = np.random.default_rng(0).integers(0, 50, 1000)
+    data = sequences.SequenceData(leaves, np.array([0, 1000]), np.array([0]))
+    monkeypatch.setattr(sequences, "SCAN_CHUNK", 7)                  # 143 passes, the last one short
+    np.testing.assert_array_equal(sequences.leaf_counts(data, minlength=60), np.bincount(leaves, minlength=60))
+    np.testing.assert_array_equal(sequences.leaf_counts(data), np.bincount(leaves))

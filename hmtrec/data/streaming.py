@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from hmtrec.data.filters import FilterReport, logger
 from hmtrec.data.schema import build_catalogue, read_table
-from hmtrec.data.sequences import Dataset, SequenceData
+from hmtrec.data.sequences import Dataset, SequenceData, index_dtype
 from hmtrec.data.splits import SECONDS_PER_DAY
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.data.validation import DEFAULT_VALIDATION, implausible_times_error, offender_error
@@ -677,9 +677,9 @@ def load_prepared(cfg):
             path = folder / f"{split}.{kind}.npy"
             return np.load(path, mmap_mode="r") if path.exists() else None
 
-        offsets = np.load(folder / f"{split}.offsets.npy")
+        offsets = array("offsets")
         return SequenceData(leaves=array("leaves"), offsets=offsets,
-                            sequence_ids=np.arange(len(offsets) - 1, dtype=np.int64),
+                            sequence_ids=np.arange(len(offsets) - 1, dtype=index_dtype(len(offsets))),
                             timestamps=array("times") if manifest["has_time"] else None,
                             event_types=array("events") if event_names else None,
                             event_type_names=event_names, target_mask=array("targets"))

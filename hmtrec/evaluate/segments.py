@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmtrec.data.sequences import SequenceData
+from hmtrec.data.sequences import SequenceData, leaf_counts
 
 
 @dataclass
@@ -68,8 +68,7 @@ def frequency_segment(train: SequenceData, data: SequenceData, edges: list[int],
     bounds; start them at 0 to keep leaves never seen in training, whose bucket is labelled
     "unseen")."""
     edges = check_edges(edges)
-    n_leaves = int(max(train.leaves.max(initial=-1), data.leaves.max(initial=-1))) + 1
-    counts = np.bincount(train.leaves, minlength=n_leaves)
+    counts = leaf_counts(train, minlength=int(data.leaves.max(initial=-1)) + 1)
     labels = bucket_labels(edges)
     if edges[0] == 0 and (len(edges) == 1 or edges[1] == 1):
         labels[0] = "unseen"

@@ -42,7 +42,7 @@ from pydantic import Field, field_validator, model_validator
 
 from hmtrec.config import StrictModel, register_config
 from hmtrec.data.loading import DataConfig, PreparedData, load_data
-from hmtrec.data.sequences import SequenceData, collate_windows, make_windows
+from hmtrec.data.sequences import SequenceData, collate_windows, index_dtype, make_windows
 from hmtrec.errors import ConfigError, HmtrecError
 from hmtrec.evaluate.ranking import EvalSettings, evaluate_model
 from hmtrec.evaluate.report import print_results, results_table
@@ -227,16 +227,23 @@ def training_batches(model, train: SequenceData, settings: TrainSection
     def batches(epoch: int, part: int = 0, parts: int = 1) -> Iterable[dict]:
         """The epoch's batches; `part` of `parts` (a DataLoader worker's share): every parts-th of them."""
         rng = np.random.default_rng([settings.seed, epoch])
-        order = rng.permutation(n_windows)[:n_visited]
+        # a permutation drawn in place in the narrowest index type (the same draws as
+        # rng.permutation): the epoch's plan is one such array, the batches are slices of it
+        order = np.arange(n_windows, dtype=index_dtype(n_windows))
+        rng.shuffle(order)
+        order = order[:n_visited]
         # Within pools of shuffled windows, batch windows of similar length together (little
         # padding, so much less encoder work), then visit the batches in random order.
-        chunks = []
+        bounds = []
         for first in range(0, n_visited, pool):
             members = order[first:first + pool]
-            members = members[np.argsort(windows.length[members], kind="stable")]
-            chunks += [members[i:i + settings.batch_size] for i in range(0, len(members), settings.batch_size)]
-        for chunk in rng.permutation(len(chunks))[part::parts]:
-            yield collate_windows(train, windows, chunks[chunk])
+            members[:] = members[np.argsort(windows.length[members], kind="stable")]
+            bounds += [(low, min(low + settings.batch_size, first + len(members)))
+                       for low in range(first, first + len(members), settings.batch_size)]
+        train.release_mapped_pages()   # what the set-up's scans read; batches read shards by pread
+        for chunk in rng.permutation(len(bounds))[part::parts]:
+            low, high = bounds[chunk]
+            yield collate_windows(train, windows, order[low:high])
 
     n_batches = (n_visited // pool) * LENGTH_POOL_BATCHES + math.ceil((n_visited % pool) / settings.batch_size)
     return batches, lambda epoch: n_batches

@@ -16,6 +16,7 @@ import copy
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -382,7 +383,9 @@ class Trainer:
                           "epoch_cpu_seconds": time.process_time() - cpu_started, "lr": lr, **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()},
                           # what the model and its optimizer hold, beside a run's peak RSS
                           "model_bytes": tensor_bytes(self.model.parameters()),
-                          "optimizer_bytes": optimizer_state_bytes(self.optimizer)}
+                          "optimizer_bytes": optimizer_state_bytes(self.optimizer),
+                          # the process's peak so far, before validation: loading and training's memory
+                          "peak_rss_bytes": peak_rss_bytes()}
                 if self.validate is not None:
                     validation_started = time.perf_counter()
                     self.model.eval()
@@ -553,6 +556,16 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:   # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024   # bytes on macOS, kB on Linux
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -97,15 +97,17 @@ class RepeatExplore(nn.Module):
     @staticmethod
     def log_probabilities(explore_log_p: torch.Tensor, beta: torch.Tensor, items: torch.Tensor,
                           log_gate: torch.Tensor) -> torch.Tensor:
-        """log p(i) [M, N] of the mixture, from log p_explore [M, N]. Only the session's own items
-        (at most T per row) get repeat mass, so they are fixed up after one dense pass."""
-        out = explore_log_p + log_gate[:, 1:]
+        """log p(i) [M, N] of the mixture, from log p_explore [M, N], which it overwrites (the caller's
+        fresh tensor: at a million items each [M, N] copy is most of evaluation's memory). Only the
+        session's own items (at most T per row) get repeat mass, so they are fixed up after one
+        dense pass."""
+        out = explore_log_p.add_(log_gate[:, 1:])
         real = items != PAD
         # each position's item's total repeat mass (an item may sit at several positions)
         same = (items[:, :, None] == items[:, None, :]) & real[:, :, None] & real[:, None, :]
         mass = (same * beta[:, None, :]).sum(-1)
-        column = torch.where(real, items, out.shape[1])          # PAD -> an extra, dropped column
-        padded = torch.cat([out, out.new_zeros(out.shape[0], 1)], dim=1)
-        current = padded.gather(1, column)
-        fixed = torch.logaddexp(current, log_gate[:, :1] + mass.clamp_min(_LOG_FLOOR_MASS).log())
-        return padded.scatter_(1, column, fixed)[:, :-1]
+        row = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(items)[real]
+        column = items[real]
+        # an item at several positions gets the same value from each, so the write order is moot
+        out[row, column] = torch.logaddexp(out[row, column], log_gate[row, 0] + mass[real].clamp_min(_LOG_FLOOR_MASS).log())
+        return out
