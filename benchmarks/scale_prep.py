@@ -467,6 +467,15 @@ print(json.dumps({"batches": state.step, "cpu_s": record["epoch_cpu_seconds"], "
 """
 
 
+def run_probe(code: str, arguments: list, env: dict, label: str) -> dict:
+    """Run a probe script in its own process; its last stdout line is its JSON result."""
+    output = subprocess.run([sys.executable, "-c", code, *map(str, arguments)], env=env, capture_output=True,
+                            text=True)
+    if output.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{output.stderr[-2000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
 def command_steps(args) -> None:
     """CPU and wall seconds per training batch of the `run` model on prepared shards, for each
     combination of train.threads, train.precision and train.sparse_updates (the real training loop,
@@ -485,11 +494,7 @@ def command_steps(args) -> None:
             for sparse in args.sparse_updates:
                 overrides = [f"train.threads={threads}", f"train.precision={precision}",
                              f"train.sparse_updates={sparse}"]
-                output = subprocess.run([sys.executable, "-c", STEP_PROBE, str(config), str(shards), str(args.batches),
-                                         *overrides], env=env, capture_output=True, text=True)
-                if output.returncode != 0:
-                    raise SystemExit(f"step probe {overrides} failed:\n{output.stderr[-2000:]}")
-                result = json.loads(output.stdout.strip().splitlines()[-1])
+                result = run_probe(STEP_PROBE, [config, shards, args.batches, *overrides], env, f"step probe {overrides}")
                 rows.append({"threads": threads, "precision": precision, "sparse_updates": sparse, **result})
                 print(rows[-1], flush=True)
     manifest = json.loads((shards / "prepared.json").read_text())
@@ -546,11 +551,8 @@ def command_windows(args) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows = []
     for mode in ("pread", "mapping"):
-        output = subprocess.run([sys.executable, "-c", WINDOW_PROBE, str(shards), mode, str(args.batches),
-                                 str(args.batch_size)], env=env, capture_output=True, text=True)
-        if output.returncode != 0:
-            raise SystemExit(f"window probe {mode} failed:\n{output.stderr[-2000:]}")
-        rows.append({"mode": mode, **json.loads(output.stdout.strip().splitlines()[-1])})
+        rows.append({"mode": mode, **run_probe(WINDOW_PROBE, [shards, mode, args.batches, args.batch_size], env,
+                                               f"window probe {mode}")})
         print(rows[-1], flush=True)
     lines = [f"`collate_windows` alone on the prepared {args.events:,}-event log ({rows[0]['windows']:,} training "
              f"windows): {args.batches} batches of {args.batch_size} random windows of up to 21 events (leaves, times, "

@@ -393,7 +393,7 @@ def test_reference_blend_follows_recent_activity_and_its_weights_are_chosen_on_h
              "long_age_days": torch.tensor([[10.0, 20.0], [12.0, 0.0]]),
              "short_leaves": torch.tensor([[PAD], [0]]), "short_types": torch.zeros(2, 1, dtype=torch.long),
              "short_age_days": torch.tensor([[0.0], [1.0]])}
-    assert model.recent_activity_buckets(batch).tolist() == [0, 1]
+    assert model.recent_activity_buckets(model.action_leaves(batch), model.action_ages(batch)).tolist() == [0, 1]
     with torch.no_grad():   # the heads alone (gate ~ 1), certain of cell 3, a cell nobody visited
         model.copy_gate.weight.zero_()
         model.copy_gate.bias.fill_(60.0)
@@ -411,7 +411,7 @@ def test_reference_blend_follows_recent_activity_and_its_weights_are_chosen_on_h
         torch.testing.assert_close(half[level][1].exp(), 0.5 * alone[level][1].exp() + 0.5 * reference[level][1].exp())
     # held-out targets: row 0 goes to cell 3 (the model is right), row 1 back to its recent cell 0
     # (only the reference knows): bucket 0 keeps the model alone, bucket 1 leans on the reference
-    fitted = model.fit_reference_blend([(batch, torch.tensor([6, 1]))])
+    fitted = model.fit_reference_blend(*model.blend_ranks([(batch, torch.tensor([6, 1]))]))
     assert fitted["examples"] == [1, 1]
     for head, level in enumerate(("region", "cell")):
         assert model.blend_weights[head, 0] == 0 and model.blend_weights[head, 1] > 0.5

@@ -121,17 +121,20 @@ def release_mapped_pages(array: np.ndarray | None) -> None:
     in-memory arrays and where the platform lacks it). Read-only only: on a private writable
     mapping DONTNEED would discard the writes."""
     advice = getattr(mmap, "MADV_DONTNEED", None)
-    mapping = None if advice is None or array is None or array.flags.writeable else _mapping_of(array)
-    if mapping is not None:
-        mapping.madvise(advice)
+    root = None if advice is None or array is None or array.flags.writeable else _mapped_root(array)
+    if root is not None and isinstance(root.base, mmap.mmap):
+        root.base.madvise(advice)
 
 
-def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
-    """The file mapping an array views, if any."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
+def _mapped_root(array: np.ndarray) -> np.memmap | None:
+    """The outermost np.memmap an array views (its data starts at the memmap's file offset; its
+    base is the mapping), if any."""
+    root, base = None, array
+    while base is not None:
+        if isinstance(base, np.memmap):
+            root = base
         base = getattr(base, "base", None)
-    return base
+    return root
 
 
 SCAN_CHUNK = 1 << 24   # events per pass of a whole-log scan: a mapped log's pages are released per pass
@@ -254,11 +257,7 @@ def _file_position(array: np.ndarray | None) -> tuple[str, int] | None:
     if (array is None or not hasattr(os, "preadv") or array.nbytes < PREAD_MIN_BYTES or array.flags.writeable
             or not array.flags.c_contiguous):
         return None
-    root, base = None, array
-    while base is not None:
-        if isinstance(base, np.memmap):
-            root = base                       # the outermost memmap: its data starts at its offset
-        base = getattr(base, "base", None)
+    root = _mapped_root(array)
     if root is None or root.filename is None:
         return None
     return root.filename, root.offset + array.ctypes.data - root.ctypes.data

@@ -154,7 +154,7 @@ def fit_blend(model, streams: ActionStreams, examples: Examples, batch_size: int
     for fold in (0, 1):
         fit_rows, scored = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
         cross[scored] = ranks_at(model.choose_blend(ranks[fit_rows], buckets[fit_rows]), scored)
-    model.blend_weights.copy_(model.choose_blend(ranks, buckets))
+    summary = model.fit_reference_blend(ranks, buckets)
     fitted = ranks_at(model.blend_weights, order)
     views = {"overall": order, **{name: np.flatnonzero(examples.kind == code) for code, name in enumerate(KIND_NAMES)}}
 
@@ -162,7 +162,7 @@ def fit_blend(model, streams: ActionStreams, examples: Examples, batch_size: int
         return {view: {level: rank_metrics(table[rows, head].numpy(), ks) for head, level in enumerate(model.head_levels)}
                 for view, rows in views.items()}
 
-    blend = {**model.blend_summary(buckets), "valid_alone": metrics(ranks[..., 0]), "valid_fitted": metrics(fitted),
+    blend = {**summary, "valid_alone": metrics(ranks[..., 0]), "valid_fitted": metrics(fitted),
              "valid_cross_fitted": metrics(cross), "seconds": time.perf_counter() - started}
     get_logger().info("reference blend fitted on validation: weights %s, examples per bucket %s, cell MRR alone / "
                       "cross-fitted / fitted: %s", blend["weights"], blend["examples"],

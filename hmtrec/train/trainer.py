@@ -16,7 +16,6 @@ import copy
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,11 @@ from hmtrec.progress import end_epoch, epoch_summary, progress_bar
 from hmtrec.train.callbacks import notify_epoch_end
 from hmtrec.train.distributed import prepare_batches
 from hmtrec.rundir import get_logger, load_tensors, save_tensors, save_weights
+
+try:   # the benchmarks' own measure (stdlib only); it needs the resource module, which Windows lacks
+    from hmtrec.bench.child import peak_rss_mb
+except ImportError:
+    peak_rss_mb = None
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best.safetensors"
@@ -385,7 +389,7 @@ class Trainer:
                           "model_bytes": tensor_bytes(self.model.parameters()),
                           "optimizer_bytes": optimizer_state_bytes(self.optimizer),
                           # the process's peak so far, before validation: loading and training's memory
-                          "peak_rss_bytes": peak_rss_bytes()}
+                          "peak_rss_bytes": None if peak_rss_mb is None else int(peak_rss_mb() * 2**20)}
                 if self.validate is not None:
                     validation_started = time.perf_counter()
                     self.model.eval()
@@ -556,16 +560,6 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set size so far (None where the platform does not say)."""
-    try:
-        import resource
-    except ImportError:   # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024   # bytes on macOS, kB on Linux
 
 
 def optimizer_state_bytes(optimizer) -> int:

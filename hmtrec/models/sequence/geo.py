@@ -377,6 +377,10 @@ class ActionTransformer(SequenceRecommender):
                 (1 - weight) * torch.log_softmax(logits[fine], dim=-1) + weight * factorised
         return out
 
+    def action_leaves(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, L] leaf of every action (PAD after a stream's last), in the order `encode` lays them out."""
+        return torch.cat([batch[f"{stream}{LEAVES_SUFFIX}"] for stream in self.stream_names(batch)], 1)
+
     def action_ages(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, L] age in days of every action, in the order `encode` lays them out."""
         return torch.cat([batch[f"{stream}_age_days"] for stream in self.stream_names(batch)], 1)
@@ -467,20 +471,19 @@ class ActionTransformer(SequenceRecommender):
         return self.log_probabilities(logits)
 
     # ---- the validation-fitted blend with the reference -------------------------------------
-    def recent_activity_buckets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B] bucket (by `blend_count_edges`) of each example's number of actions younger than
-        `blend_recent_days`: 0 for a dormant example, higher for a busier recent week."""
-        leaves = torch.cat([batch[f"{stream}{LEAVES_SUFFIX}"] for stream in self.stream_names(batch)], 1)
-        recent = ((leaves != PAD) & (self.action_ages(batch) < self.params.blend_recent_days)).sum(1)
+    def recent_activity_buckets(self, leaves: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        """[B] bucket (by `blend_count_edges`) of each example's number of actions (leaves, ages
+        [B, L]) younger than `blend_recent_days`: 0 for a dormant example, higher for a busier week."""
+        recent = ((leaves != PAD) & (ages < self.params.blend_recent_days)).sum(1)
         return torch.bucketize(recent.to(self.blend_edges.dtype), self.blend_edges, right=True)
 
     def blend_reference(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                         weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per head level: log((1 - w) · softmax(logits) + w · reference), w = weights[level, the
         example's recent-activity bucket] (weights [n_heads, n_buckets])."""
-        leaves = torch.cat([batch[f"{stream}{LEAVES_SUFFIX}"] for stream in self.stream_names(batch)], 1)
-        reference = self.reference_log_scores(leaves, self.action_ages(batch))
-        bucket = self.recent_activity_buckets(batch)
+        leaves, ages = self.action_leaves(batch), self.action_ages(batch)
+        reference = self.reference_log_scores(leaves, ages)
+        bucket = self.recent_activity_buckets(leaves, ages)
         out = {}
         for head, level in enumerate(self.head_levels):
             w = weights[head, bucket][:, None]
@@ -500,8 +503,8 @@ class ActionTransformer(SequenceRecommender):
         all_ranks, all_buckets = [], []
         for batch, target_leaves in batches:
             logits = self.logits(batch)
-            leaves = torch.cat([batch[f"{stream}{LEAVES_SUFFIX}"] for stream in self.stream_names(batch)], 1)
-            reference = self.reference_log_scores(leaves, self.action_ages(batch))
+            leaves, ages = self.action_leaves(batch), self.action_ages(batch)
+            reference = self.reference_log_scores(leaves, ages)
             ranks = torch.empty(len(target_leaves), len(self.head_levels), len(candidates), dtype=torch.float64)
             for head, level in enumerate(self.head_levels):
                 model_p, reference_p = torch.softmax(logits[level], dim=-1), reference[level].exp()
@@ -509,7 +512,7 @@ class ActionTransformer(SequenceRecommender):
                 for index, weight in enumerate(candidates.tolist()):
                     ranks[:, head, index] = target_ranks((1 - weight) * model_p + weight * reference_p, targets)
             all_ranks.append(ranks)
-            all_buckets.append(self.recent_activity_buckets(batch))
+            all_buckets.append(self.recent_activity_buckets(leaves, ages))
         self.train(was_training)
         return torch.cat(all_ranks), torch.cat(all_buckets)
 
@@ -523,15 +526,11 @@ class ActionTransformer(SequenceRecommender):
         present = torch.bincount(buckets, minlength=n_buckets) > 0
         return torch.where(present[None], candidates[reciprocal.argmax(-1)].T, 0.0)
 
-    def fit_reference_blend(self, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> dict:
+    def fit_reference_blend(self, ranks: torch.Tensor, buckets: torch.Tensor) -> dict:
         """Set each (head level, recent-activity bucket)'s reference weight to the candidate with the
-        best MRR of that level on `batches` ((batch, target leaves) pairs of held-out examples:
-        validation, never test). Returns {"weights": {level: [per bucket]}, "examples": [per bucket]}."""
-        ranks, buckets = self.blend_ranks(batches)
+        best MRR of that level, from `blend_ranks` of held-out examples (validation, never test).
+        Returns {"weights": {level: [per bucket]}, "examples": [per bucket]}."""
         self.blend_weights.copy_(self.choose_blend(ranks, buckets))
-        return self.blend_summary(buckets)
-
-    def blend_summary(self, buckets: torch.Tensor) -> dict:
         return {"weights": {level: [round(w, 4) for w in self.blend_weights[head].tolist()]
                             for head, level in enumerate(self.head_levels)},
                 "examples": torch.bincount(buckets, minlength=self.blend_weights.shape[1]).tolist()}
