@@ -84,6 +84,25 @@ def test_encoder_is_causal_and_ignores_padding():
         encoder(torch.randn(1, 7, 8), torch.ones(1, 7, dtype=torch.bool))
 
 
+
+@pytest.mark.parametrize("n_layers", [0, 1, 3])
+def test_encoder_output_at_one_position_per_row_equals_the_full_output_there(n_layers):
+    """`last` (serving's one position per history) computes the final block for those positions
+    alone: the values must be the full pass's at the same positions, padding and all."""
+    torch.manual_seed(1)
+    encoder = CausalTransformer(dim=8, n_layers=n_layers, n_heads=2, dropout=0.0, max_len=7).eval()
+    x = torch.randn(5, 7, 8)
+    lengths = torch.tensor([1, 7, 3, 5, 2])
+    valid = torch.arange(7)[None] < lengths[:, None]
+    last = lengths - 1
+    with torch.no_grad():
+        full = encoder(x, valid)[torch.arange(5), last]
+        torch.testing.assert_close(encoder(x, valid, last=last), full, atol=1e-6, rtol=1e-5)
+        # any position, not only the last valid one
+        middle = torch.tensor([0, 3, 1, 4, 0])
+        torch.testing.assert_close(encoder(x, valid, last=middle), encoder(x, valid)[torch.arange(5), middle],
+                                   atol=1e-6, rtol=1e-5)
+
 # ---- heads ----------------------------------------------------------------------------------
 def test_cascade_feeds_coarse_probabilities_into_finer_heads_and_parallel_does_not():
     taxonomy = three_level_taxonomy()

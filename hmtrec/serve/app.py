@@ -539,6 +539,8 @@ def _load_sequence(run: RunDir, settings: ServeSettings) -> dict:
         scorer = artefact.scorer(label)
         if settings.trace and settings.backend == "torch" and isinstance(scorer, HeadScorer):
             scorer.trace()
+        if isinstance(scorer, HeadScorer):
+            scorer.prepare_candidates()
     index = {str(label): i for i, label in enumerate(artefact.taxonomy.node_labels[-1])}
 
     def split_known(history: list[str]) -> tuple[list[str], list[str]]:

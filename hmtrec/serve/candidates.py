@@ -77,39 +77,41 @@ def adaptive_node_mask(level_scores: torch.Tensor, leaf_counts: torch.Tensor | n
 def adaptive_nodes(level_scores: torch.Tensor, leaf_counts: torch.Tensor | np.ndarray,
                    fraction: float, *, first_guess: int = 64) -> torch.Tensor:
     """The nodes of `adaptive_node_mask` as indices [M, w], best first (-1: padding to the longest
-    row w). The taken nodes are a prefix of the descending order, so a top-k of `first_guess` nodes
-    (re-sorted with ties by lower index) replaces the full sort whenever every row's prefix ends
-    inside it strictly above the k-th score (else the next guess is 4 times larger, up to a sort)."""
+    row w). The taken nodes are a prefix of the descending order, so the best `first_guess` nodes
+    (re-sorted, ties by lower index) replace the full sort whenever every row's prefix ends inside
+    them strictly above the guess's lowest score (else the next guess is 4 times larger, up to a
+    sort). In NumPy: a server calls this per batch on a few rows, where each torch operation's
+    fixed cost outweighs its work."""
     _check_fraction(fraction)
-    counts = torch.as_tensor(leaf_counts, dtype=torch.float64, device=level_scores.device)
-    n_nodes = level_scores.shape[1]
+    scores = level_scores.detach().float().cpu().numpy()
+    counts = np.asarray(leaf_counts.cpu() if isinstance(leaf_counts, torch.Tensor) else leaf_counts, dtype=np.float64)
+    n_nodes = scores.shape[1]
     if counts.shape != (n_nodes,):
         raise ValueError(f"leaf_counts has shape {tuple(counts.shape)}, expected ({n_nodes},)")
     target = fraction * float(counts.sum())
+    negated = -scores                  # ascending stable order of -score: descending, ties by lower index
     guess = min(n_nodes, max(1, first_guess))
     while True:
         if guess >= n_nodes:
-            order = _descending_order(level_scores)
+            order = np.argsort(negated, axis=1, kind="stable")
         else:
-            top = torch.topk(level_scores, guess, dim=1).indices
-            top = torch.sort(top, dim=1).values                    # by index, so the stable sort below
-            values = level_scores.gather(1, top)                   # breaks ties by lower index
-            order = top.gather(1, torch.sort(values, dim=1, descending=True, stable=True).indices)
+            top = np.sort(np.argpartition(negated, guess - 1, axis=1)[:, :guess], axis=1)
+            order = np.take_along_axis(top, np.argsort(np.take_along_axis(negated, top, 1), axis=1, kind="stable"), 1)
         sorted_counts = counts[order]
-        before = torch.cumsum(sorted_counts, dim=1) - sorted_counts
-        keep = before < target
+        keep = np.cumsum(sorted_counts, axis=1) - sorted_counts < target    # leaves taken before each node
         keep[:, 0] = True
         taken = keep.sum(1)
         if guess < n_nodes:
-            # complete only if each row stopped before the guess's end, strictly above its k-th score
+            # complete only if each row stopped before the guess's end, strictly above its last score
             # (a node outside the guess that ties with the last taken one could precede it)
-            last = level_scores.gather(1, order.gather(1, (taken - 1)[:, None]))[:, 0]
-            kth = level_scores.gather(1, order[:, -1:])[:, 0]
-            if not bool(((taken < guess) & (last > kth)).all()):
+            last = np.take_along_axis(negated, np.take_along_axis(order, (taken - 1)[:, None], 1), 1)[:, 0]
+            lowest = np.take_along_axis(negated, order[:, -1:], 1)[:, 0]
+            if not ((taken < guess) & (last < lowest)).all():
                 guess *= 4
                 continue
         width = int(taken.max())
-        return torch.where(keep[:, :width], order[:, :width], torch.full_like(order[:, :width], -1))
+        nodes = np.where(keep[:, :width], order[:, :width], -1)
+        return torch.from_numpy(nodes).to(level_scores.device)
 
 
 def node_mask_from_indices(nodes: torch.Tensor, n_nodes: int) -> torch.Tensor:

@@ -60,12 +60,12 @@ class _ItemRows(nn.Module):
 
 
 class _ItemsFull(nn.Module):
-    def __init__(self, item_rows: torch.Tensor):
+    def __init__(self, item_columns: torch.Tensor):
         super().__init__()
-        self.register_buffer("item_rows", item_rows.clone())
+        self.register_buffer("item_columns", item_columns.clone())      # [D + 1, N]
 
     def forward(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.item_rows.T
+        return query @ self.item_columns
 
 
 def _export(module: nn.Module, inputs: tuple, path: Path, input_names, output_names, dynamic_axes) -> None:
@@ -113,12 +113,12 @@ def export_onnx(run_dir: str | Path, output: str | Path | None = None, *, label:
         _, query = scorer.query(histories)
     ids = candidate_leaf_index(artefact.taxonomy, scorer.coarse_levels[-1],
                                torch.topk(scorer.query(histories)[0][scorer.coarse_levels[-1]], 2).indices)
-    _export(_Items(scorer.item_rows), (query, ids), out / "items.onnx", ["query", "candidate_ids"], ["logits"],
+    _export(_Items(scorer.item_rows.contiguous()), (query, ids), out / "items.onnx", ["query", "candidate_ids"], ["logits"],
             {"query": {0: "queries"}, "candidate_ids": {0: "queries", 1: "candidates"},
              "logits": {0: "queries", 1: "candidates"}})
-    _export(_ItemsFull(scorer.item_rows), (query,), out / "items_full.onnx", ["query"], ["logits"],
+    _export(_ItemsFull(scorer.item_columns), (query,), out / "items_full.onnx", ["query"], ["logits"],
             {"query": {0: "queries"}, "logits": {0: "queries"}})
-    _export(_ItemRows(scorer.item_rows), (query, ids[0][ids[0] >= 0]), out / "items_rows.onnx",
+    _export(_ItemRows(scorer.item_rows.contiguous()), (query, ids[0][ids[0] >= 0]), out / "items_rows.onnx",
             ["query", "item_ids"], ["logits"],
             {"query": {0: "queries"}, "item_ids": {0: "items"}, "logits": {0: "queries", 1: "items"}})
     manifest = {"model": label or artefact.main, "levels": scorer.coarse_levels, "item_level": artefact.taxonomy.leaf_level,

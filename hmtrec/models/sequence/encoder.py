@@ -4,6 +4,11 @@ Input: token vectors `x [B, T, D]` and `valid [B, T]` (False at padding). Output
 position t has seen tokens 0..t only. Padding keys are masked out of attention, so an output at a
 real position never depends on padding wherever the padding sits; outputs at padded positions
 are meaningless and callers ignore them.
+
+With `last [B]` (one position per row, e.g. each history's last event) the output is that
+position's vector only, `[B, D]`: the final block then runs its queries, output projection and
+feed-forward for those B positions alone (its keys and values still come from every position),
+the same values for a fraction of the final block's cost. Serving scores one position per history.
 """
 
 from __future__ import annotations
@@ -24,15 +29,21 @@ class CausalSelfAttention(nn.Module):
         self.attention_dropout = dropout
         self.residual_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """allowed [B, 1, T, T]: True where query t may attend to key s."""
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """allowed [B, 1, T, T]: True where query t may attend to key s. With `queries [B, D]` (one
+        query vector per row, keys and values from x): allowed [B, 1, 1, T], output [B, D]."""
         batch, length, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=2)
-        q, k, v = (t.view(batch, length, self.n_heads, dim // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if queries is None:
+            q, k, v = self.qkv(x).split(dim, dim=2)
+        else:
+            q = F.linear(queries[:, None], self.qkv.weight[:dim], self.qkv.bias[:dim])
+            k, v = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).split(dim, dim=2)
+        q, k, v = (t.reshape(batch, t.shape[1], self.n_heads, dim // self.n_heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                            dropout_p=self.attention_dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(batch, length, dim)
-        return self.residual_dropout(self.out(y))
+        y = y.transpose(1, 2).reshape(batch, q.shape[2], dim)
+        y = self.residual_dropout(self.out(y))
+        return y if queries is None else y[:, 0]
 
 
 class FeedForward(nn.Module):
@@ -59,6 +70,14 @@ class Block(nn.Module):
         x = x + self.attention(self.norm_attention(x), allowed)
         return x + self.feed_forward(self.norm_feed_forward(x))
 
+    def at(self, x: torch.Tensor, allowed: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The block's output at one position per row: x [B, T, D], allowed [B, 1, 1, T] (that
+        position's row of the mask), last [B] -> [B, D]."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        normed = self.norm_attention(x)
+        h = x[rows, last] + self.attention(normed, allowed, queries=normed[rows, last])
+        return h + self.feed_forward(self.norm_feed_forward(h))
+
 
 class CausalTransformer(nn.Module):
     def __init__(self, dim: int, n_layers: int, n_heads: int, dropout: float, max_len: int):
@@ -70,7 +89,8 @@ class CausalTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, n_heads, dropout) for _ in range(n_layers))
         self.final_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [B, T, D]; with `last [B]`, each row's output at that position only, [B, D]."""
         batch, length, _ = x.shape
         if length > self.max_len:
             raise ValueError(f"sequence window of {length} positions exceeds max_len {self.max_len}")
@@ -80,6 +100,12 @@ class CausalTransformer(nn.Module):
         # (the diagonal as a comparison, not torch.eye: ONNX Runtime has no boolean EyeLike)
         allowed = (causal[None] & valid[:, None, :]) | (position[None, :] == position[:, None])
         h = self.input_dropout(x + self.positions(position)[None])
-        for block in self.blocks:
+        if last is None or not len(self.blocks):
+            for block in self.blocks:
+                h = block(h, allowed[:, None])
+            h = self.final_norm(h)
+            return h if last is None else h[torch.arange(batch, device=x.device), last]
+        for block in self.blocks[:-1]:
             h = block(h, allowed[:, None])
-        return self.final_norm(h)
+        rows = torch.arange(batch, device=x.device)
+        return self.final_norm(self.blocks[-1].at(h, allowed[rows, last][:, None, None], last))

@@ -262,14 +262,18 @@ class HierSRec(SequenceRecommender):
     def max_len(self) -> int:
         return self.encoder.max_len
 
-    def _encode(self, batch: dict[str, torch.Tensor], leaf_vectors: torch.Tensor):
-        """-> (session vectors [M, D] at the target positions, hidden [B, T, D], valid [B, T], positions [B, T])."""
+    def _encode(self, batch: dict[str, torch.Tensor], leaf_vectors: torch.Tensor, *, last_only: bool = False):
+        """-> (session vectors [M, D] at the target positions, hidden [B, T, D], valid [B, T], positions [B, T]).
+        `last_only`: the batch is right-padded histories scored after their last event (a query
+        batch); without a readout the encoder then computes those positions alone (hidden is None)."""
         inputs = batch["inputs"]
         valid = inputs != PAD
         input_vectors = leaf_vectors if self.params.leaf_scale is None else F.normalize(leaf_vectors, dim=-1)
         tokens = input_vectors[inputs.clamp_min(0)] * valid[..., None]
         if self.params.scale_inputs:
             tokens = tokens * math.sqrt(self.params.dim)
+        if last_only and self.readout is None:
+            return self.encoder(tokens, valid, last=valid.sum(1) - 1), None, valid, target_positions(batch)
         hidden = self.encoder(tokens, valid)
         at = target_positions(batch)
         # Gather the target positions before any output layer: heads run on [M, D], not [B, T, D].
@@ -299,7 +303,7 @@ class HierSRec(SequenceRecommender):
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """histories [Q, T] (PAD after each) and the eval-mode leaf vectors -> ({coarse level: logits},
         leaf query [Q, D]): the item head's logits are `leaf query @ item rows.T + bias`."""
-        session, _, _, _ = self._encode(query_batch(histories), leaf_vectors)
+        session, _, _, _ = self._encode(query_batch(histories), leaf_vectors, last_only=True)
         coarse, leaf_query = self.heads.coarse_and_leaf_query(session)
         return coarse, leaf_query
 
