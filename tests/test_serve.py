@@ -221,26 +221,6 @@ def test_both_candidate_paths_rank_as_the_candidate_definition(sequence_run, ite
         scorer.candidate_path = "auto"
 
 
-def test_the_dense_share_is_measured_once_and_routes_each_batch(sequence_run, items, monkeypatch):
-    """The auto way scores a batch through the whole-catalogue product exactly when the union of its
-    candidates holds over the measured share of the items."""
-    artefact = sequence_run.artefact()
-    scorer = artefact.scorer()
-    scorer.prepare_candidates()
-    share = scorer.measured_dense_share
-    assert share is not None and 0.01 <= share <= 1.0
-    import torch
-
-    blocks = scorer.node_blocks(scorer.coarse_levels[-1])
-    nodes = torch.tensor([[0, -1], [1, 0]])
-    union = blocks.union_size(nodes)
-    n_items = scorer.taxonomy.n_leaves
-    monkeypatch.setattr(scorer, "measured_dense_share", union / n_items - 1e-9)
-    assert scorer.dense_for(scorer.coarse_levels[-1], nodes)
-    monkeypatch.setattr(scorer, "measured_dense_share", union / n_items)
-    assert not scorer.dense_for(scorer.coarse_levels[-1], nodes)
-
-
 def test_the_lean_route_and_fastapi_agree_on_bad_bodies(client, items):
     """POST /recommend with a JSON body takes the lean route; another media type reaches FastAPI's
     route. Both refuse bad input with a 4xx naming the field."""

@@ -16,17 +16,16 @@ and candidate scoring are both plain dot products.
 Candidates are scored one of two ways, chosen per batch, with the same candidates in the same
 order: the rows of every node the batch chose are copied side by side once (`NodeBlocks`, rows
 grouped by node) and multiplied with all its queries, each row then picking its own columns; or,
-when those nodes hold a large share of the catalogue (many different queries in a batch), one
-product over the whole catalogue and a gather of each row's candidate columns, which is then
-cheaper. The share where the two cost the same depends on the processor, so it is measured once,
-when candidates are first scored (`dense_share`). The whole-catalogue product reads the item
-table stored column-major ([D + 1, N], `item_columns`): a third cheaper than the row-major table.
+when those nodes hold over half of the catalogue (many different queries in a batch), one product
+over the whole catalogue and a gather of each row's candidate columns, which is then cheaper
+(between half and all of the catalogue the two cost about the same on the 43k-item Diginetica
+model). The whole-catalogue product reads the item table stored column-major ([D + 1, N],
+`item_columns`): about a third cheaper than the row-major table at serving batch sizes.
 """
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.rundir import get_logger
 from hmtrec.serve.candidates import NodeBlocks, adaptive_nodes, candidate_leaf_index, top_nodes
 
-DENSE_SHARE_PROBE_QUERIES = 8   # the batch size at which the two candidate ways are timed against each other
+DENSE_SHARE = 0.5   # above this share of the catalogue under a batch's chosen nodes, the full product wins
 TRACE_TOLERANCE = 1e-4   # the traced query stage must match the eager one this closely, or it is not used
 
 
@@ -120,7 +119,6 @@ class HeadScorer(HistoryScorer):
                 weight, bias = head.weight.detach().float(), head.bias.detach().float()
             # [D + 1, N]: `query @ item_columns` is the item head over the whole catalogue
             self.item_columns = torch.cat([weight, bias[:, None]], dim=1).T.contiguous()
-        self.measured_dense_share: float | None = None
         self.coarse_levels = heads.levels[:-1]
         self.stage = QueryStage(self).eval()
         self.traced = None                  # the stage's TorchScript trace, once `trace` made one
@@ -214,10 +212,10 @@ class HeadScorer(HistoryScorer):
         return Scores(coarse, leaf, scores, ids, level, share)
 
     def prepare_candidates(self) -> None:
-        """Build what candidate scoring at the default level needs (its node blocks, the measured
-        `dense_share`) now, so that a server's first request does not wait for it."""
+        """Build the default level's node blocks now, so that a server's first request with
+        candidates does not wait for them."""
         if self.supports_candidates:
-            self.dense_share(self.node_blocks(self.coarse_levels[-1]))
+            self.node_blocks(self.coarse_levels[-1])
 
     def node_blocks(self, level: str) -> NodeBlocks:
         if level not in self.blocks:
@@ -226,39 +224,11 @@ class HeadScorer(HistoryScorer):
 
     def dense_for(self, level: str, nodes: torch.Tensor) -> bool:
         """Score these candidates through the full product? When the nodes chosen by the batch hold
-        over `dense_share` of the catalogue (copying their rows would cost more than it saves)."""
+        over `DENSE_SHARE` of the catalogue (copying their rows would cost more than it saves)."""
         if self.candidate_path != "auto":
             return self.candidate_path == "dense"
-        blocks = self.node_blocks(level)
-        return blocks.union_size(nodes) > self.dense_share(blocks) * self.taxonomy.n_leaves
+        return self.node_blocks(level).union_size(nodes) > DENSE_SHARE * self.taxonomy.n_leaves
 
-    def dense_share(self, blocks: NodeBlocks) -> float:
-        """The share of the catalogue at which copying a union's rows and multiplying them costs as
-        much as the whole-catalogue product, timed once on this machine (best of 3 each, a batch
-        of DENSE_SHARE_PROBE_QUERIES queries; a few ms on 43k items, a fraction of a second on 1M)."""
-        if self.measured_dense_share is None:
-            n_items = self.taxonomy.n_leaves
-            queries = torch.randn(DENSE_SHARE_PROBE_QUERIES, self.item_columns.shape[0],
-                                  generator=torch.Generator().manual_seed(0))
-            quarter = torch.arange(0, n_items, 4)        # a union of a quarter of the catalogue
-
-            def best_seconds(product) -> float:
-                times = []
-                for _ in range(3):
-                    started = time.perf_counter()
-                    product()
-                    times.append(time.perf_counter() - started)
-                return min(times)
-
-            with torch.inference_mode():
-                dense = best_seconds(lambda: queries @ self.item_columns)
-                union = best_seconds(lambda: queries @ blocks.embeddings.index_select(0, quarter).T)
-            share = dense / max(union, 1e-9) * len(quarter) / n_items
-            self.measured_dense_share = min(1.0, max(0.01, share))
-            get_logger().info("candidates: the whole-catalogue product is used above %.0f%% of the items "
-                              "(timed: %.2f ms for all %d, %.2f ms for a quarter's rows)",
-                              100 * self.measured_dense_share, 1000 * dense, n_items, 1000 * union)
-        return self.measured_dense_share
 
     @staticmethod
     def gather_candidates(full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
