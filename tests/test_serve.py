@@ -148,8 +148,9 @@ def test_an_api_key_guards_everything_but_health(sequence_run, items):
         check_bind("0.0.0.0", None)
 
 
-def test_concurrent_requests_are_micro_batched(sequence_run, items):
-    app = create_app(sequence_run.path, ServeSettings(batch_wait_ms=20, batch_size=16))
+@pytest.mark.parametrize("score_in_loop", [False, True])
+def test_concurrent_requests_are_micro_batched(sequence_run, items, score_in_loop):
+    app = create_app(sequence_run.path, ServeSettings(batch_wait_ms=20, batch_size=16, score_in_loop=score_in_loop))
 
     async def burst():
         transport = httpx.ASGITransport(app=app)
@@ -167,10 +168,12 @@ def test_concurrent_requests_are_micro_batched(sequence_run, items):
         assert [item["id"] for item in response.json()["items"]] == [r["id"] for r in expected["recommendations"]]
 
 
-def test_a_batch_of_concurrent_requests_answers_as_many_single_ones(sequence_run, items):
+@pytest.mark.parametrize("score_in_loop", [False, True])
+def test_a_batch_of_concurrent_requests_answers_as_many_single_ones(sequence_run, items, score_in_loop):
     """Mixed options in one burst: each request is batched with the others that share its options,
-    and every answer equals the one it gets alone (ids, probabilities, levels, scored share)."""
-    app = create_app(sequence_run.path, ServeSettings(batch_size=8))
+    and every answer equals the one it gets alone (ids, probabilities, levels, scored share), with
+    batches scored on the scoring thread or on the event loop."""
+    app = create_app(sequence_run.path, ServeSettings(batch_size=8, score_in_loop=score_in_loop))
     options = ({}, {"candidate_fraction": 0.2}, {"top_nodes": 2, "exclude_seen": True})
     bodies = [{"history": items[i % 15:i % 15 + 1 + i % 5], "k": 2 + i % 6, **options[i % 3]} for i in range(24)]
 

@@ -34,6 +34,9 @@ def register(app: typer.Typer) -> None:
         trace: bool = typer.Option(True, "--trace/--no-trace",
                                    help="torch backend: run the encoder as a frozen TorchScript trace (checked "
                                         "against the eager model at start; eager if it differs)."),
+        score_in_loop: bool = typer.Option(False, "--score-in-loop/--score-in-thread",
+                                           help="Score batches on the HTTP event loop (no thread hand-over; the loop "
+                                                "answers nothing else meanwhile) or on a scoring thread."),
         workers: int = typer.Option(1, "--workers", min=1,
                                     help="Server processes behind the port, each with its own copy of the model; "
                                          "each new connection goes to the one holding the fewest (on a machine "
@@ -54,7 +57,7 @@ def register(app: typer.Typer) -> None:
         settings = ServeSettings(api_key=api_key or None, backend=backend, max_k=max_k, max_history=max_history,
                                  max_rows=max_rows, max_body_bytes=max_body_bytes, unknown=unknown,
                                  batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads,
-                                 trace=trace)
+                                 trace=trace, score_in_loop=score_in_loop)
         log_level = os.environ.get("HMTREC_SERVE_LOG", "warning")
         if workers == 1:
             from hmtrec.serve.app import freeze_loaded

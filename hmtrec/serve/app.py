@@ -13,9 +13,13 @@ per request (`unknown`) and either ignored or an error, by option.
 
 Concurrent /recommend requests are micro-batched: a request that finds the scorer idle is scored at
 once; requests that arrive while it is busy wait, and when it is free everything waiting with the
-same scoring options (up to `batch_size`) is scored in one pass through the model on the one
-scoring thread (the encoder and item head are matrix products, much cheaper per row in a batch).
-`batch_wait_ms` (default 0) makes a batch after the first wait up to that long for more requests.
+same scoring options (up to `batch_size`) is scored in one pass through the model (the encoder and
+item head are matrix products, much cheaper per row in a batch). `batch_wait_ms` (default 0) makes
+a batch after the first wait up to that long for more requests. Where a batch is scored:
+`score_in_loop` False (the default), on one scoring thread while the event loop goes on reading
+requests; True, on the event loop itself, which then reads what arrived meanwhile before the
+next batch: no hand-over between threads and no contention for the interpreter lock, at the cost
+of a loop that answers nothing else (/health included) while a batch is scored.
 
 POST /recommend is answered by a lean ASGI handler in front of FastAPI's routing (`HmtrecApp`): the
 same request model validates the raw body (pydantic's JSON parser), the same checks run, and the
@@ -61,6 +65,7 @@ class ServeSettings:
     batch_wait_ms: float = 0.0        # longest a busy scorer's next batch waits for more requests
     threads: int | None = None        # torch / ONNX Runtime threads of the scoring thread (None: all cores)
     trace: bool = True                # torch backend: the query stage as a frozen TorchScript trace
+    score_in_loop: bool = False       # score batches on the event loop instead of a scoring thread
 
 
 # ---- request and response bodies -----------------------------------------------------------------
@@ -263,7 +268,7 @@ class Batcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.executor is None:
+        if self.executor is None and not self.settings.score_in_loop:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="hmtrec-score",
                                                initializer=_set_threads, initargs=(self.settings.threads,))
         first = True
@@ -279,8 +284,15 @@ class Batcher:
                 if not batch:
                     continue
                 try:
-                    results = await loop.run_in_executor(self.executor, self.score, batch[0].options,
-                                                         [p.leaves for p in batch], max(p.k for p in batch))
+                    if self.settings.score_in_loop:
+                        results = self.score(batch[0].options, [p.leaves for p in batch], max(p.k for p in batch))
+                        # two turns of the loop: one reads the sockets that became readable while
+                        # scoring, the next runs their requests up to `submit`, so they join the next batch
+                        await asyncio.sleep(0)
+                        await asyncio.sleep(0)
+                    else:
+                        results = await loop.run_in_executor(self.executor, self.score, batch[0].options,
+                                                             [p.leaves for p in batch], max(p.k for p in batch))
                 except Exception as error:  # every request of the batch gets the error
                     for pending in batch:
                         if not pending.future.done():
