@@ -95,6 +95,9 @@ POST = {
                              "model.tied_regions=true", "model.blend_count_edges=[1]"],
     "blend + conditioning, 3 buckets": ["model.reference_blend=true", "model.region_conditioning=true",
                                         "model.tied_regions=true", "model.blend_count_edges=[1,6]"],
+    "blend + conditioning, 3 buckets x last repeat": [
+        "model.reference_blend=true", "model.region_conditioning=true", "model.tied_regions=true",
+        "model.blend_count_edges=[1,6]", "model.blend_last_repeat=true"],
 }
 BASELINE = "geo-history-pop"
 VIEWS = {"alone": "model alone", "cross_fitted": "blend, cross-fitted (weights from the other half of the users)",
@@ -231,6 +234,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     parser.add_argument("--no-train", action="store_true",
                         help="report the finished runs only (a row's 'seeds' column says how many)")
+    parser.add_argument("--no-refit", action="store_true",
+                        help="report the finished post-training refits only (no `hmtrec refit`)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; does not touch docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "foursquare-geo")
     args = parser.parse_args()
@@ -258,7 +263,7 @@ def main() -> None:
     # the post-training variants of every main run, on its trained weights (`hmtrec refit`)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {(name, seed, post): pool.submit(refit_one, post, args.out / slug(f"{name} seed{seed}"),
-                                                   jobs[(name, seed)], items, args.out, not args.no_train)
+                                                   jobs[(name, seed)], items, args.out, not args.no_refit)
                    for name in MAIN for seed in args.seeds for post, items in POST.items()}
         post_runs = {key: future.result() for key, future in futures.items()}
     post_runs = {key: metrics for key, metrics in post_runs.items() if metrics is not None}
@@ -432,7 +437,8 @@ def main() -> None:
            f"(one weight per level and bucket); the conditioning q(cell) ∝ p(cell) · p(region)^α alone; both, the "
            f"cell weight and α chosen together; 'tied' / 'head' regions: the region served is the marginal of the "
            f"conditioned cells / the (blended) region head. Buckets: recent check-ins in the last 7 days, edges "
-           f"[1] (none / some) or [1, 6] (none / 1-5 / 6+). Violation: top cell outside the top region.", "",
+           f"[1] (none / some) or [1, 6] (none / 1-5 / 6+), 'x last repeat': each split by whether the two latest "
+           f"check-ins share a cell. Violation: top cell outside the top region.", "",
            markdown_table(post_valid_rows)] if post_valid_rows else []),
         *([f"**Test figures of each post-training variant served** (mean ± std over seeds; every setting chosen "
            f"on validation as above; the main tables show the config's default)", "",
@@ -454,6 +460,8 @@ def main() -> None:
         command += " --no-ablations"
     if args.no_train:
         command += " --no-train"
+    if args.no_refit:
+        command += " --no-refit"
     path = update_section("foursquare-geo", body, title="Foursquare NYC: next destination at region and cell level",
                           command=command)
     print(f"\nwrote {path}")

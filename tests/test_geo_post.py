@@ -105,3 +105,19 @@ def test_tied_regions_need_the_conditioning():
     with pytest.raises(Exception, match="conditioning_alphas"):
         ActionTransformerParams(conditioning_alphas=[-1.0])
     assert np.isfinite(ActionTransformerParams(conditioning_alphas=[2, 0, 2]).conditioning_alphas).all()
+
+
+def test_the_last_repeat_splits_every_activity_bucket():
+    from hmtrec.data.sequences import PAD
+
+    model = model_with(reference_blend=True, blend_last_repeat=True)        # edges [1]: none / some
+    assert model.n_blend_buckets == 4 and model.blend_weights.shape == (2, 4)
+    # venue v is cell v here; row 0: the two latest (1 and 2 days) both in cell 0; row 1: cells 1, 2;
+    # row 2: one old action
+    leaves = torch.tensor([[3, 0, 0], [1, 2, PAD], [2, PAD, PAD]])
+    ages = torch.tensor([[10.0, 2.0, 1.0], [1.0, 3.0, 0.0], [20.0, 0.0, 0.0]])
+    assert model.recent_activity_buckets(leaves, ages).tolist() == [3, 1, 0]
+    # weights fitted with other buckets are refitted, not loaded
+    other = model_with(reference_blend=True)
+    other.load_state_dict(model.state_dict())
+    assert other.blend_weights.shape == (2, 2)

@@ -117,17 +117,20 @@ class ActionTransformerParams(StrictModel):
     reference_blend: bool = False
     blend_recent_days: float = Field(7.0, gt=0)      # "recent" actions are younger than this at t
     blend_count_edges: list[float] = Field(default_factory=lambda: [1])   # buckets of recent actions (none / some)
+    # split every bucket by whether the two most recent actions lie in the same finest-head node
+    blend_last_repeat: bool = False
     # after training (and the blend): the finest head's scores times its parent level's probability
     # to the power α, α per recent-activity bucket chosen on validation from `conditioning_alphas`
     # (`hmtrec.models.sequence.geo_post`); with `tied_regions` the coarser levels served are the
     # marginals of those cells, so the levels served agree
     region_conditioning: bool = False
-    conditioning_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])
+    conditioning_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0])
     tied_regions: bool = False
     # the keys fitted after training on held-out examples: changing them needs no retraining
     # (`hmtrec refit`); every other key describes the trained network
     post_training_keys: ClassVar[tuple[str, ...]] = ("reference_blend", "blend_recent_days", "blend_count_edges",
-                                                     "region_conditioning", "conditioning_alphas", "tied_regions")
+                                                     "blend_last_repeat", "region_conditioning", "conditioning_alphas",
+                                                     "tied_regions")
 
     @field_validator("age_bucket_days", "distance_km_edges", "blend_count_edges")
     @classmethod
@@ -207,7 +210,7 @@ class ActionTransformer(SequenceRecommender):
             for level in self.head_levels:
                 n_nodes = taxonomy.n_nodes(level)
                 self.register_buffer(self._share_key(level), torch.full((n_nodes,), 1.0 / n_nodes))
-        n_buckets = len(params.blend_count_edges) + 1
+        n_buckets = self.n_blend_buckets
         if params.reference_blend:
             # weight of the reference per head level and bucket of recent actions; 0 (the model
             # alone) until fit_reference_blend sets it; saved with the weights
@@ -253,6 +256,11 @@ class ActionTransformer(SequenceRecommender):
             for level in self.output_levels[:-1]:     # each finest node's ancestor at every coarser level
                 ancestor = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(finest)), finest, level)
                 self.register_buffer(f"finest_ancestor_{level}", torch.from_numpy(ancestor), persistent=False)
+
+    @property
+    def n_blend_buckets(self) -> int:
+        """Recent-activity buckets of the post-training stage (`recent_activity_buckets`)."""
+        return (len(self.params.blend_count_edges) + 1) * (2 if self.params.blend_last_repeat else 1)
 
     @property
     def uses_reference(self) -> bool:
@@ -511,13 +519,16 @@ class ActionTransformer(SequenceRecommender):
 
     # ---- after training: the blend and the region conditioning (fitted by geo_post) ----------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """The trained network's weights strictly; the post-training buffers may be missing (a run
-        trained without that switch, or a checkpoint from before the refit: they stay at 0, the step
-        off, until fitted) or left over (a switch turned off by `hmtrec refit`)."""
+        """The trained network's weights strictly; the post-training buffers may be missing or of
+        another shape (a run trained without that switch or with other buckets, or a checkpoint from
+        before the refit: they stay at 0, the step off, until fitted) or left over (a switch turned
+        off by `hmtrec refit`)."""
         own = self.state_dict()
+        post = self.post_training_buffers
+        # a post-training buffer of another shape (other activity buckets) is refitted, not loaded
         state = {key: value for key, value in state_dict.items()
-                 if key in own or key not in self.post_training_buffers}
-        missing = [key for key in self.post_training_buffers if key in own and key not in state]
+                 if key not in post or (key in own and own[key].shape == value.shape)}
+        missing = [key for key in post if key in own and key not in state]
         if missing:
             from hmtrec.rundir import get_logger
 
@@ -561,8 +572,17 @@ class ActionTransformer(SequenceRecommender):
     def recent_activity_buckets(self, leaves: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         """[B] bucket (by `blend_count_edges`) of each example's number of actions (leaves, ages
         [B, L]) younger than `blend_recent_days`: 0 for a dormant example, higher for a busier week."""
-        recent = ((leaves != PAD) & (ages < self.params.blend_recent_days)).sum(1)
-        return torch.bucketize(recent.to(self.blend_edges.dtype), self.blend_edges, right=True)
+        real = leaves != PAD
+        recent = (real & (ages < self.params.blend_recent_days)).sum(1)
+        bucket = torch.bucketize(recent.to(self.blend_edges.dtype), self.blend_edges, right=True)
+        if not self.params.blend_last_repeat:
+            return bucket
+        # with blend_last_repeat: + n_count_buckets when the two most recent actions share a finest node
+        latest = ages.masked_fill(~real, float("inf")).topk(min(2, ages.shape[1]), dim=1, largest=False).indices
+        nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(self.head_levels[-1])]
+        pair = nodes.gather(1, latest)
+        repeat = (real.sum(1) >= 2) & (pair[:, 0] == pair[:, -1])
+        return bucket + (len(self.params.blend_count_edges) + 1) * repeat
 
     @torch.no_grad()
     def post_training_inputs(self, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> dict:

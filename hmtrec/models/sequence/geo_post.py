@@ -60,7 +60,7 @@ def fit_settings(model, inputs: dict, rows: torch.Tensor, *, blend: bool, condit
 def fit_variants(model, inputs: dict, rows: torch.Tensor, variants: list[tuple[bool, bool]]) -> dict:
     """{(blend, conditioning): settings as `fit_settings` returns them} for several variants, the
     blend alone read off the grid of the blend with the conditioning (its α = 0 column)."""
-    head_levels, n_buckets = model.head_levels, len(model.params.blend_count_edges) + 1
+    head_levels, n_buckets = model.head_levels, model.n_blend_buckets
     present = torch.bincount(inputs["buckets"][rows], minlength=n_buckets) > 0
     # the coarser head levels: their own blend weight by their own MRR (the finest does not change them)
     coarse = torch.zeros(len(head_levels), n_buckets)
@@ -100,7 +100,7 @@ def finest_grid(model, inputs: dict, rows: torch.Tensor, coarse: torch.Tensor | 
     for every (finest blend weight, α) pair (weight-major), the coarser heads blended with `coarse`
     (None: no blend). log q = log p(c) + α log p(parent(c)) up to each row's normaliser, which no
     rank depends on: the blend is served once per weight."""
-    n_buckets = len(model.params.blend_count_edges) + 1
+    n_buckets = model.n_blend_buckets
     finest = model.output_levels[-1]
     conditioning = any(a != 0 for a in alphas)
     parent_level = model.output_levels[-2] if conditioning else None
@@ -175,8 +175,10 @@ def fit_post_training(model, batches: Iterable[tuple[dict[str, torch.Tensor], to
     for name, (blend, conditioning) in variants.items():
         fitted = all_fitted[(blend, conditioning)]
         cross = [settings[(blend, conditioning)] for settings in all_cross]
-        ties = (None, not params.tied_regions) if conditioning else (None,)
-        for tie in ties:   # conditioned variants: also the other way of serving the coarser levels
+        # a model with a head at the parent level: also its other way of serving the coarser levels
+        ties = (None, not params.tied_regions) if conditioning and model.output_levels[-2] in model.head_levels \
+            else (None,)
+        for tie in ties:
             label = name if tie is None else f"{name}, {'tied' if tie else 'head'} regions"
             in_sample = summary(score_rows(model, inputs, everything, *fitted, tie=tie))
             pieces = [(torch.nonzero(folds == fold).squeeze(1).numpy(),
@@ -203,8 +205,8 @@ def fit_post_training(model, batches: Iterable[tuple[dict[str, torch.Tensor], to
     if alpha is not None:
         model.conditioning_alpha.copy_(alpha)
     served = record["variants"][served_name]
-    record.update({"served": served_name, "examples": torch.bincount(inputs["buckets"], minlength=len(
-                       params.blend_count_edges) + 1).tolist(),
+    record.update({"served": served_name,
+                   "examples": torch.bincount(inputs["buckets"], minlength=model.n_blend_buckets).tolist(),
                    **{key: served[key] for key in ("weights", "alpha") if key in served},
                    "valid_alone": record["variants"]["model alone"]["fitted"],
                    "valid_fitted": served["fitted"], "valid_cross_fitted": served["cross_fitted"],
