@@ -409,7 +409,14 @@ def main() -> None:
            f"p = (1 - w) p_model + w p_reference, one w per level for examples with no check-in in the last "
            f"{params['blend_recent_days']:g} days and for those with some (edges {params['blend_count_edges']}), each "
            f"chosen from 0, 0.05, ..., 1 by that level's validation MRR; the test figures are the blended model's."
-           if params.get("reference_blend") else ""),
+           if params.get("reference_blend") else "")
+        + (f" Then the cells are conditioned on their region (region_conditioning): q(cell) ∝ p(cell) · "
+           f"p(region)^α, α per bucket from {params['conditioning_alphas']}, chosen together with the cell's blend "
+           f"weight by validation cell MRR"
+           + (", and the region served is the marginal of q (tied_regions), so region and cells agree"
+              if params.get("tied_regions") else "")
+           + "; a single-level model gets the same stage, its regions summed from its cells."
+           if params.get("region_conditioning") else ""),
         "",
         "**Overall (test)**", "", markdown_table(overall),
         f"Cell MRR, multi-level minus single-level: {gap:+.4f} (seed std {multi_std:.4f} multi-level, "

@@ -51,9 +51,12 @@ What else the model may read, each a switch (docs/geo.md has the ablations):
 - `reference_blend`: at prediction, p = (1 - w) · the model's distribution + w · geo-history-pop's,
   w per head level and per bucket of the example's number of actions in the last
   `blend_recent_days` (`blend_count_edges`; by default none / some), chosen after training on
-  held-out (validation) examples by `fit_reference_blend`; training never sees it (w is 0 until
+  held-out (validation) examples by `geo_post.fit_post_training`; training never sees it (w is 0 until
   then). Unlike `baseline_mix`'s gate, learned on the training examples the heads have fitted
-  themselves, the weights come from examples the network has not seen.
+  themselves, the weights come from examples the network has not seen;
+- `region_conditioning` (after the blend, fitted with it): the finest level q(c) ∝ p(c) ·
+  p(parent(c))^α, α per bucket; with `tied_regions` the coarser levels served are q's marginals.
+  `served` is the one place that turns the heads' probabilities into what `predict` returns.
 
 The last encoder layer computes the summary token's row only (the heads read nothing else), which
 is exactly that row of the full layer at a fraction of the cost; the pointer's keys are the action
@@ -113,7 +116,7 @@ class ActionTransformerParams(StrictModel):
     baseline_mix: bool = False               # mix geo-history-pop's distribution in beside the copy pointer
     factorized_weight: float = Field(0.0, ge=0, le=1)   # weight of log p(parent) + log p(node | parent)
     # blend the final distribution with geo-history-pop's, one weight per level and recent-activity
-    # bucket, fitted on validation after training (`fit_reference_blend`)
+    # bucket, fitted on validation after training (`geo_post.fit_post_training`)
     reference_blend: bool = False
     blend_recent_days: float = Field(7.0, gt=0)      # "recent" actions are younger than this at t
     blend_count_edges: list[float] = Field(default_factory=lambda: [1])   # buckets of recent actions (none / some)
@@ -213,7 +216,7 @@ class ActionTransformer(SequenceRecommender):
         n_buckets = self.n_blend_buckets
         if params.reference_blend:
             # weight of the reference per head level and bucket of recent actions; 0 (the model
-            # alone) until fit_reference_blend sets it; saved with the weights
+            # alone) until the post-training fit sets it; saved with the weights
             self.register_buffer("blend_weights", torch.zeros(len(self.head_levels), n_buckets))
         if params.region_conditioning:
             # α per bucket of recent actions; 0 (no conditioning) until fitted; saved with the weights
