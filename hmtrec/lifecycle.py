@@ -286,6 +286,9 @@ def refit(kind: RunKind, run_dir: str | Path, overrides: list[str], *, into: str
     source.require_done("`hmtrec refit`")
     config = source.read_config(overrides)          # validated again, overrides included
     allowed = refit_keys(config)
+    if not allowed:
+        raise ConfigError(f"`hmtrec refit`: a {kind.name} run has no stage fitted after training; "
+                          f"`hmtrec evaluate` re-evaluates it")
     for item in overrides:
         key = str(item).split("=", 1)[0].strip()
         if not any(key == prefix or key.startswith(prefix + ".") for prefix in (*kind.evaluation_overrides, *allowed)):
