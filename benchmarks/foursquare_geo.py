@@ -99,9 +99,12 @@ POST = {
         "model.reference_blend=true", "model.region_conditioning=true", "model.tied_regions=true",
         "model.blend_count_edges=[1,6]", "model.blend_last_repeat=true"],
 }
+POST_BUCKETS = {"blend + conditioning": "none / some",
+                "blend + conditioning, 3 buckets": "none / 1-5 / 6+",
+                "blend + conditioning, 3 buckets x last repeat": "none / 1-5 / 6+, x last repeat"}
 BASELINE = "geo-history-pop"
-VIEWS = {"alone": "model alone", "cross_fitted": "blend, cross-fitted (weights from the other half of the users)",
-         "fitted": "blend, weights fitted on all of validation (in-sample)"}
+VIEWS = {"alone": "model alone", "cross_fitted": "served stage, cross-fitted (settings from the other half of the users)",
+         "fitted": "served stage, settings fitted on all of validation (in-sample)"}
 QUICK = ["data.max_sequences=150", "examples.max_targets=1000", "train.epochs=1", "train.valid_max_targets=300",
          "eval.max_targets=500"]
 SWITCHES = ("copy_history", "copy_recency", "history_counts", "token_time", "user_buckets", "distance_bias",
@@ -356,7 +359,7 @@ def main() -> None:
             for variant in records[0]["variants"]:
                 per_seed = [r["variants"][variant] for r in records]
                 post_valid_rows.append({
-                    "model": name, "buckets": post, "variant": variant, "seeds": len(per_seed),
+                    "model": name, "buckets": POST_BUCKETS.get(post, post), "variant": variant, "seeds": len(per_seed),
                     **{f"{level} {metric}": cell_text([v["cross_fitted"]["overall"][level][metric] for v in per_seed])
                        for level in LEVELS for metric in ("Acc@1", "MRR")},
                     "active cell Acc@1": cell_text([v["cross_fitted"]["active"]["cell"]["Acc@1"] for v in per_seed]),
@@ -373,7 +376,9 @@ def main() -> None:
                        "epochs run": "/".join(str(len(m["history"])) for m in ms),
                        "best epoch": "/".join(str(m["best_epoch"]) for m in ms),
                        "s/epoch": cell_text([m["epoch_seconds"] for m in ms], 0),
-                       "train s (whole run)": cell_text([m["train_seconds"] for m in ms], 0)})
+                       "train s (whole run)": cell_text([m["train_seconds"] for m in ms], 0),
+                       "post-training fit s": cell_text([m["reference_blend"]["seconds"] for m in ms
+                                                         if "reference_blend" in m] or [float("nan")], 0)})
 
     model = config.model
     params = validate_model_params("sequence", model)[1].model_dump()
@@ -433,10 +438,11 @@ def main() -> None:
         f"epoch; every training target, at most {train.epochs} epochs, patience {train.patience}, seed {seed0}; "
         f"each switch flipped alone from the earlier defaults: constant lr, no blend; the last row is the "
         f"current defaults' run before its blend)", "", markdown_table(full_rows),
-        *([f"**The reference blend** (validation, {sum(runs[('multi-level', seed0)]['examples']['valid'].values())} "
-           f"examples: the model alone at its best epoch; blended with weights chosen on the other half of the "
-           f"users (cross-fitted, an out-of-sample estimate); blended with the weights the run keeps, fitted on "
-           f"all of validation)", "", markdown_table(blend_rows)] if blend_rows else []),
+        *([f"**The post-training stage served, per seed** (validation, "
+           f"{sum(runs[('multi-level', seed0)]['examples']['valid'].values())} "
+           f"examples: the model alone at its best epoch; the config's stage ({default_post}) with settings chosen "
+           f"on the other half of the users (cross-fitted, an out-of-sample estimate); with the settings the run "
+           f"keeps, fitted on all of validation)", "", markdown_table(blend_rows)] if blend_rows else []),
         *([f"**The post-training stage, variant by variant** (validation, "
            f"{sum(runs[('multi-level', seed0)]['examples']['valid'].values())} examples, cross-fitted: each half of "
            f"the users scored with the settings chosen on the other half; mean ± std over seeds; fitted by `hmtrec "
