@@ -15,7 +15,11 @@ overall, for active and dormant examples and by the target cell's training check
 hierarchy-violation rate; validation cell MRR (what settings were chosen on); training time.
 
 Runs go to bench-results/foursquare-geo/<variant>-seed<k>/; a run whose metrics.json exists and
-whose config.yaml equals the resolved config is reused, so an interrupted benchmark resumes.
+whose config.yaml equals the resolved config, but for the keys fitted after training, is reused, so
+an interrupted benchmark resumes. The post-training variants (`POST`: the reference blend, the
+region conditioning, the activity buckets) are fitted on each main run's trained weights by
+`hmtrec refit` into <run>--<post variant>/ (no retraining) and reported variant by variant; the
+main tables show the variant the config itself describes.
 `--jobs 2` trains two runs at once, one torch thread each (both cores).
 """
 
@@ -80,9 +84,27 @@ ABLATION_TARGETS = 30000
 ALL_ON = ["model.copy_history=true", "model.copy_recency=true", "model.token_time=true", "model.user_buckets=2048",
           "model.distance_bias=true", "model.consistency_weight=1.0"]
 ABLATION_RUN = ["train.epochs=1", f"examples.max_targets={ABLATION_TARGETS}", "baselines=[]", "eval.max_targets=200"]
+# The post-training stage, fitted by `hmtrec refit` on each main run's trained weights (no
+# retraining): the blend alone (what the main runs were trained with), and the blend with the
+# region conditioning (the cell weight and α chosen together, regions tied to the cells), with the
+# recent-activity buckets none / some and none / 1-5 / 6+ check-ins in the last week.
+POST = {
+    "blend": ["model.reference_blend=true", "model.region_conditioning=false", "model.tied_regions=false",
+              "model.blend_count_edges=[1]"],
+    "blend + conditioning": ["model.reference_blend=true", "model.region_conditioning=true",
+                             "model.tied_regions=true", "model.blend_count_edges=[1]"],
+    "blend + conditioning, 3 buckets": ["model.reference_blend=true", "model.region_conditioning=true",
+                                        "model.tied_regions=true", "model.blend_count_edges=[1,6]"],
+    "blend + conditioning, 3 buckets x last repeat": [
+        "model.reference_blend=true", "model.region_conditioning=true", "model.tied_regions=true",
+        "model.blend_count_edges=[1,6]", "model.blend_last_repeat=true"],
+}
+POST_BUCKETS = {"blend + conditioning": "none / some",
+                "blend + conditioning, 3 buckets": "none / 1-5 / 6+",
+                "blend + conditioning, 3 buckets x last repeat": "none / 1-5 / 6+, x last repeat"}
 BASELINE = "geo-history-pop"
-VIEWS = {"alone": "model alone", "cross_fitted": "blend, cross-fitted (weights from the other half of the users)",
-         "fitted": "blend, weights fitted on all of validation (in-sample)"}
+VIEWS = {"alone": "model alone", "cross_fitted": "served stage, cross-fitted (settings from the other half of the users)",
+         "fitted": "served stage, settings fitted on all of validation (in-sample)"}
 QUICK = ["data.max_sequences=150", "examples.max_targets=1000", "train.epochs=1", "train.valid_max_targets=300",
          "eval.max_targets=500"]
 SWITCHES = ("copy_history", "copy_recency", "history_counts", "token_time", "user_buckets", "distance_bias",
@@ -104,13 +126,57 @@ def resolved(config) -> dict:
     return tree
 
 
+def trained_identity(config) -> dict:
+    """The resolved config without the keys fitted after training: two configs with the same
+    identity describe the same trained network (`hmtrec refit` moves between them)."""
+    tree = resolved(config)
+    for key in config.refit_keys():
+        tree["model"].pop(key.split(".", 1)[1], None)
+    return tree
+
+
+def cli(command: list[str], log_name: str, out: Path) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (out / log_name).open("w") as log:
+        subprocess.run([sys.executable, "-m", "hmtrec.cli", *command], check=True, stdout=log,
+                       stderr=subprocess.STDOUT, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    return time.perf_counter() - started
+
+
+def refit_one(name: str, source: Path, overrides: list[str], post: list[str], out: Path, refit: bool = True
+              ) -> dict | None:
+    """The post-training variant `post` of a trained run: the run itself when its config already is
+    that variant, else a refit of its trained weights into <source>--<variant> (`hmtrec refit`,
+    reused when finished with the same config); its metrics.json (None when missing and `refit` is off)."""
+    config = load_config(CONFIG, overrides + post)
+    if not (source / "metrics.json").exists():
+        return None
+    if resolved(load_config(source / "config.yaml")) == resolved(config):
+        return read_json(source / "metrics.json")
+    target = out / f"{source.name}--{slug(name)}"
+    finished = target / "metrics.json"
+    if not (finished.exists() and resolved(load_config(target / "config.yaml")) == resolved(config)):
+        if not refit:
+            print(f"{source.name} {name}: no finished refit, left out", flush=True)
+            return None
+        keys = config.refit_keys()
+        command = ["refit", str(source), "-o", str(target)]
+        for item in overrides + post:
+            if item.split("=", 1)[0].strip() in keys:
+                command += ["--set", item]
+        print(f"{source.name} {name}: refitted in {cli(command, f'{target.name}.log', out):.0f} s", flush=True)
+    return read_json(finished)
+
+
 def run_one(name: str, overrides: list[str], out: Path, train: bool = True) -> dict | None:
-    """Train one run in its own process (unless an identical finished run exists); its metrics.json
-    (None when it is missing and `train` is off)."""
+    """Train one run in its own process (unless a finished run of the same trained network exists:
+    its post-training keys may differ, `refit_one` fits them); its metrics.json (None when it is
+    missing and `train` is off)."""
     run_dir = out / slug(name)
     config = load_config(CONFIG, overrides)
     finished = run_dir / "metrics.json"
-    if not (finished.exists() and resolved(load_config(run_dir / "config.yaml")) == resolved(config)):
+    if not (finished.exists() and trained_identity(load_config(run_dir / "config.yaml")) == trained_identity(config)):
         if not train:
             print(f"{name}: no finished run, left out", flush=True)
             return None
@@ -171,6 +237,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     parser.add_argument("--no-train", action="store_true",
                         help="report the finished runs only (a row's 'seeds' column says how many)")
+    parser.add_argument("--no-refit", action="store_true",
+                        help="report the finished post-training refits only (no `hmtrec refit`)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; does not touch docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "foursquare-geo")
     args = parser.parse_args()
@@ -195,6 +263,18 @@ def main() -> None:
                    for key, overrides in jobs.items()}
         runs = {key: future.result() for key, future in futures.items()}
     runs = {key: metrics for key, metrics in runs.items() if metrics is not None}
+    # the post-training variants of every main run, on its trained weights (`hmtrec refit`)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {(name, seed, post): pool.submit(refit_one, post, args.out / slug(f"{name} seed{seed}"),
+                                                   jobs[(name, seed)], items, args.out, not args.no_refit)
+                   for name in MAIN for seed in args.seeds for post, items in POST.items()}
+        post_runs = {key: future.result() for key, future in futures.items()}
+    post_runs = {key: metrics for key, metrics in post_runs.items() if metrics is not None}
+    default_post = next((post for post, items in POST.items()
+                         if resolved(load_config(CONFIG, base + items)) == resolved(load_config(CONFIG, base))), None)
+    for (name, seed, post), metrics in post_runs.items():    # the main rows: the config's own variant
+        if post == default_post:
+            runs[(name, seed)] = metrics
     wall = time.perf_counter() - started
     config = load_config(CONFIG, base)
     main_model = config.model["name"]
@@ -255,9 +335,40 @@ def main() -> None:
                                    **{f"{level} {kind} {metric}": figures[kind][level][metric]
                                       for level in head_levels for kind in ("overall", "active", "dormant")
                                       for metric in ("Acc@1", "MRR")},
-                                   "weights (none / some recent)": "; ".join(
-                                       f"{level} {' / '.join(f'{w:g}' for w in blend['weights'][level])}"
-                                       for level in head_levels) if view == "fitted" else ""})
+                                   "weights (per recent-activity bucket)": "; ".join(
+                                       [f"{level} {' / '.join(f'{w:g}' for w in blend['weights'][level])}"
+                                        for level in head_levels]
+                                       + ([f"α {' / '.join(f'{a:g}' for a in blend['alpha'])}"]
+                                          if "alpha" in blend else [])) if view == "fitted" else ""})
+    post_valid_rows, post_test_rows = [], []
+    for name in MAIN:
+        for post in POST:
+            metrics = [post_runs[(name, seed, post)] for seed in args.seeds if (name, seed, post) in post_runs]
+            tests = [m["test"][main_model] for m in metrics]
+            if tests:
+                post_test_rows.append({
+                    "model": name, "post-training (served)": post + (" (the default)" if post == default_post else ""),
+                    "seeds": len(tests),
+                    **{f"{level} {metric}": cell_text([t["overall"][level][metric] for t in tests])
+                       for level in LEVELS for metric in ("Acc@1", "MRR")},
+                    "active cell Acc@1": cell_text([t["by_kind"]["active"]["cell"]["Acc@1"] for t in tests]),
+                    "violation": cell_text([t["violation_rate"]["cell_in_region"] for t in tests], 3)})
+            records = [m["reference_blend"] for m in metrics if "variants" in m.get("reference_blend", {})]
+            if not records or post == "blend":       # the blend alone is a variant of every record
+                continue
+            for variant in records[0]["variants"]:
+                per_seed = [r["variants"][variant] for r in records]
+                post_valid_rows.append({
+                    "model": name, "buckets": POST_BUCKETS.get(post, post), "variant": variant, "seeds": len(per_seed),
+                    **{f"{level} {metric}": cell_text([v["cross_fitted"]["overall"][level][metric] for v in per_seed])
+                       for level in LEVELS for metric in ("Acc@1", "MRR")},
+                    "active cell Acc@1": cell_text([v["cross_fitted"]["active"]["cell"]["Acc@1"] for v in per_seed]),
+                    "violation": cell_text([v["violation_cross_fitted"]["overall"] for v in per_seed], 3),
+                    "settings (seed 0, fitted)": "; ".join(
+                        [f"{level} w {' / '.join(f'{w:g}' for w in ws)}" for level, ws in
+                         per_seed[0].get("weights", {}).items()]
+                        + ([f"α {' / '.join(f'{a:g}' for a in per_seed[0]['alpha'])}"] if "alpha" in per_seed[0]
+                           else []))})
     timing = []
     for name in MAIN:
         ms = [runs[(name, seed)] for seed in args.seeds if (name, seed) in runs]
@@ -265,7 +376,9 @@ def main() -> None:
                        "epochs run": "/".join(str(len(m["history"])) for m in ms),
                        "best epoch": "/".join(str(m["best_epoch"]) for m in ms),
                        "s/epoch": cell_text([m["epoch_seconds"] for m in ms], 0),
-                       "train s (whole run)": cell_text([m["train_seconds"] for m in ms], 0)})
+                       "train s (whole run)": cell_text([m["train_seconds"] for m in ms], 0),
+                       "post-training fit s": cell_text([m["reference_blend"]["seconds"] for m in ms
+                                                         if "reference_blend" in m] or [float("nan")], 0)})
 
     model = config.model
     params = validate_model_params("sequence", model)[1].model_dump()
@@ -301,7 +414,14 @@ def main() -> None:
            f"p = (1 - w) p_model + w p_reference, one w per level for examples with no check-in in the last "
            f"{params['blend_recent_days']:g} days and for those with some (edges {params['blend_count_edges']}), each "
            f"chosen from 0, 0.05, ..., 1 by that level's validation MRR; the test figures are the blended model's."
-           if params.get("reference_blend") else ""),
+           if params.get("reference_blend") else "")
+        + (f" Then the cells are conditioned on their region (region_conditioning): q(cell) ∝ p(cell) · "
+           f"p(region)^α, α per bucket from {params['conditioning_alphas']}, chosen together with the cell's blend "
+           f"weight by validation cell MRR"
+           + (", and the region served is the marginal of q (tied_regions), so region and cells agree"
+              if params.get("tied_regions") else "")
+           + "; a single-level model gets the same stage, its regions summed from its cells."
+           if params.get("region_conditioning") else ""),
         "",
         "**Overall (test)**", "", markdown_table(overall),
         f"Cell MRR, multi-level minus single-level: {gap:+.4f} (seed std {multi_std:.4f} multi-level, "
@@ -318,10 +438,24 @@ def main() -> None:
         f"epoch; every training target, at most {train.epochs} epochs, patience {train.patience}, seed {seed0}; "
         f"each switch flipped alone from the earlier defaults: constant lr, no blend; the last row is the "
         f"current defaults' run before its blend)", "", markdown_table(full_rows),
-        *([f"**The reference blend** (validation, {sum(runs[('multi-level', seed0)]['examples']['valid'].values())} "
-           f"examples: the model alone at its best epoch; blended with weights chosen on the other half of the "
-           f"users (cross-fitted, an out-of-sample estimate); blended with the weights the run keeps, fitted on "
-           f"all of validation)", "", markdown_table(blend_rows)] if blend_rows else []),
+        *([f"**The post-training stage served, per seed** (validation, "
+           f"{sum(runs[('multi-level', seed0)]['examples']['valid'].values())} "
+           f"examples: the model alone at its best epoch; the config's stage ({default_post}) with settings chosen "
+           f"on the other half of the users (cross-fitted, an out-of-sample estimate); with the settings the run "
+           f"keeps, fitted on all of validation)", "", markdown_table(blend_rows)] if blend_rows else []),
+        *([f"**The post-training stage, variant by variant** (validation, "
+           f"{sum(runs[('multi-level', seed0)]['examples']['valid'].values())} examples, cross-fitted: each half of "
+           f"the users scored with the settings chosen on the other half; mean ± std over seeds; fitted by `hmtrec "
+           f"refit` on each main run's trained weights). Variants: the model alone; the blend with the reference "
+           f"(one weight per level and bucket); the conditioning q(cell) ∝ p(cell) · p(region)^α alone; both, the "
+           f"cell weight and α chosen together; 'tied' / 'head' regions: the region served is the marginal of the "
+           f"conditioned cells / the (blended) region head. Buckets: recent check-ins in the last 7 days, edges "
+           f"[1] (none / some) or [1, 6] (none / 1-5 / 6+), 'x last repeat': each split by whether the two latest "
+           f"check-ins share a cell. Violation: top cell outside the top region.", "",
+           markdown_table(post_valid_rows)] if post_valid_rows else []),
+        *([f"**Test figures of each post-training variant served** (mean ± std over seeds; every setting chosen "
+           f"on validation as above; the main tables show the config's default)", "",
+           markdown_table(post_test_rows)] if post_test_rows else []),
         f"**Training time** (one torch thread per run, {args.jobs} runs at once on the shared machine; CPU flags: "
         f"{cpu_flags()}; training of every run listed here, ablations included, took "
         f"{sum(m['train_seconds'] for m in runs.values()) / 60:.0f} min in all"
@@ -339,6 +473,8 @@ def main() -> None:
         command += " --no-ablations"
     if args.no_train:
         command += " --no-train"
+    if args.no_refit:
+        command += " --no-refit"
     path = update_section("foursquare-geo", body, title="Foursquare NYC: next destination at region and cell level",
                           command=command)
     print(f"\nwrote {path}")

@@ -1,4 +1,4 @@
-"""The `hmtrec` command. `train` and `evaluate` run the one lifecycle (`hmtrec.lifecycle`) for the
+"""The `hmtrec` command. `train`, `evaluate` and `refit` run the one lifecycle (`hmtrec.lifecycle`) for the
 config's or run's `kind`; every module in hmtrec/commands with a `register(app)` function adds its
 own commands."""
 
@@ -79,6 +79,26 @@ def evaluate(
 
     kind = RunDir(run_dir).read_info()["kind"]
     return lifecycle.evaluate(lifecycle.get_kind(kind), run_dir, overrides or [])
+
+
+@app.command()
+def refit(
+    run_dir: Path = typer.Argument(..., help="A finished run directory written by `hmtrec train`."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                                  help="Override a key fitted after training (or an evaluation key)."),
+    into: Optional[Path] = typer.Option(None, "--run-dir", "-o",
+                                        help="Write the refitted run here (the source's files copied; the source "
+                                             "is left as it was). Default: refit the run in place."),
+):
+    """Fit the stages that follow training (e.g. a geo run's reference blend and region conditioning)
+    again on the trained weights, with keys overridden, and evaluate on test; no retraining."""
+    from hmtrec import lifecycle
+    from hmtrec.rundir import RunDir
+
+    kind = RunDir(run_dir).read_info()["kind"]
+    metrics = lifecycle.refit(lifecycle.get_kind(kind), run_dir, overrides or [], into=into)
+    console.print(f"run directory: {into or run_dir}")
+    return metrics
 
 
 def _register_command_modules() -> None:

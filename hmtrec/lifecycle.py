@@ -14,6 +14,10 @@ train:  the device is checked -> the same-run check (kind and resolved config; n
         seed, build, check its batch contract against the kind's (`hmtrec.models.families`), fit
         (a trainable model resumes from its checkpoint through the Trainer), evaluate on
         test -> metrics.json -> the kind's derived files and tables -> status "done", written last.
+refit:  only the keys fitted after training (the config's `refit_keys`) and the evaluation keys may
+        be overridden -> the run must be done -> the same-run check ignores those keys only -> the
+        trained weights are loaded (copied first into a new run directory, or in place), the stage
+        fitted again, every model evaluated on test -> metrics.json -> status "done", last.
 evaluate: only the kind's evaluation keys may be overridden -> the run must be done -> its config
         is read with the overrides and validated again -> lock and log -> the saved models are
         loaded, the data prepared, each model evaluated -> the kind's evaluation file.
@@ -196,6 +200,12 @@ class RunKind:
     def print_evaluation(self, config, data, results: dict[str, dict]) -> None:
         """The re-evaluated tables on the console."""
 
+    # `hmtrec refit`: the stages fitted after training, again, on the trained weights
+    def refit_main(self, label: str, run: RunDir, config, data, previous: dict) -> tuple[Any, dict]:
+        """The main model with its trained weights and its post-training stage fitted again under
+        `config` (its weights saved); its training summary (`previous`: the run's metrics.json)."""
+        raise ConfigError(f"`hmtrec refit`: a {self.name} run has no stage fitted after training")
+
     # the Pipeline interface (`get_pipeline(kind).train(config, run_dir)`)
     def train(self, config, run_dir: str | Path, *, on_epoch_end: Callable | None = None) -> dict:
         return train(self, config, run_dir, on_epoch_end=on_epoch_end)
@@ -255,6 +265,75 @@ def train(kind: RunKind, config, run_dir: str | Path, *, on_epoch_end: Callable 
         run.close()
 
 
+def refit_keys(config) -> tuple[str, ...]:
+    """The config keys fitted after training (the config's `refit_keys()`, none by default)."""
+    return tuple(getattr(config, "refit_keys", lambda: ())())
+
+
+def refit(kind: RunKind, run_dir: str | Path, overrides: list[str], *, into: str | Path | None = None) -> dict:
+    """Fit a finished run's post-training stage again on its trained weights, with post-training keys
+    (and evaluation keys) overridden, and evaluate it on test: into the run itself, or into `into`
+    (a new run directory, the source's files copied; the source is left as it was). A training key
+    is refused, as is an `into` holding another trained run. metrics.json's content."""
+    import shutil
+
+    from hmtrec.rundir import read_json
+    from hmtrec.train.trainer import seed_everything
+
+    overrides = list(overrides or [])
+    source = RunDir(run_dir)
+    source.read_info(kind.name)
+    source.require_done("`hmtrec refit`")
+    config = source.read_config(overrides)          # validated again, overrides included
+    allowed = refit_keys(config)
+    if not allowed:
+        raise ConfigError(f"`hmtrec refit`: a {kind.name} run has no stage fitted after training; "
+                          f"`hmtrec evaluate` re-evaluates it")
+    for item in overrides:
+        key = str(item).split("=", 1)[0].strip()
+        if not any(key == prefix or key.startswith(prefix + ".") for prefix in (*kind.evaluation_overrides, *allowed)):
+            raise ConfigError(f"--set {key}: `hmtrec refit` of a {kind.name} run can only change the keys fitted "
+                              f"after training ({', '.join(allowed) or 'none'}) and the evaluation keys "
+                              f"({', '.join(kind.evaluation_overrides)}); the rest describes the trained model: "
+                              f"train a new run")
+    check_device(config.train.device)
+    target = Path(into) if into is not None else source.path
+    in_place = target.resolve() == source.path.resolve()
+    RunDir(target).check_same_run(config, allowed)  # nothing written before it
+    previous = read_json(source.path / "metrics.json")
+    threads = set_threads(config.train.threads)
+    data = kind.prepare(config)
+    if not in_place:
+        target.mkdir(parents=True, exist_ok=True)
+        for item in source.path.iterdir():          # the trained state; the run's own records are rewritten
+            if item.name in (".lock", "log.txt", "run.json", "config.yaml", "metrics.json", kind.evaluation_file):
+                continue
+            (shutil.copytree(item, target / item.name, dirs_exist_ok=True) if item.is_dir()
+             else shutil.copy2(item, target / item.name))
+    labels = kind.model_labels(config)
+    run = RunDir.begin(target, config, models=labels, refittable=allowed, **kind.run_info(config, data))
+    try:
+        get_logger().info("refit of %s with overrides %s (torch CPU threads: %d)", source.path, overrides, threads)
+        results: dict[str, dict] = {}
+        training: dict[str, dict] = {}
+        for label in labels:
+            seed_everything(config.train.seed)
+            if label == labels[0]:
+                model, training[label] = kind.refit_main(label, run, config, data, previous)
+                training[label]["refit"] = {"from": str(source.path), "overrides": overrides}
+            else:
+                model = kind.build(label, run, config, data)
+                training[label] = kind.fit(label, model, run, config, data, None)
+            results[label] = kind.evaluate_model(label, model, run, config, data, training[label])
+        metrics = kind.summary(config, data, results, training)
+        write_json(run.path / "metrics.json", metrics)
+        kind.report(run, config, data, results, metrics)
+        run.finish()
+        return metrics
+    finally:
+        run.close()
+
+
 def check_evaluation_overrides(kind: RunKind, overrides: Iterable[str]) -> None:
     allowed = kind.evaluation_overrides
     for item in overrides:
@@ -301,5 +380,5 @@ def evaluate(kind: RunKind, run_dir: str | Path, overrides: list[str]) -> dict:
         run.close()
 
 
-__all__ = ["TrainSettings", "RunKind", "register_kind", "get_kind", "train", "evaluate", "open_finished",
+__all__ = ["TrainSettings", "RunKind", "register_kind", "get_kind", "train", "evaluate", "refit", "open_finished",
            "set_threads", "check_device", "fit_trainable", "check_evaluation_overrides"]

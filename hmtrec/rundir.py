@@ -478,18 +478,21 @@ class RunDir:
 
     # writing
     @classmethod
-    def begin(cls, path: str | Path, config, *, models: Iterable[str] = (), **extra) -> "RunDir":
+    def begin(cls, path: str | Path, config, *, models: Iterable[str] = (), refittable: Iterable[str] = (),
+              **extra) -> "RunDir":
         """Open a run directory for training `config`: check it holds nothing or the same run (kind
-        and resolved config) before writing anything, take its lock, remove a killed run's
-        temporary files, attach the log, then write config.yaml and run.json (status "training")."""
+        and resolved config, but for the `refittable` keys of a refit) before writing anything, take
+        its lock, remove a killed run's temporary files, attach the log, then write config.yaml and
+        run.json (status "training")."""
         run = cls(path)
         kind = config.kind
         models = [check_label(label, "model label") for label in models]
-        run.check_same_run(config)
+        refittable = tuple(refittable)
+        run.check_same_run(config, refittable)
         make_dir(run.path)
         _acquire(run.path)
         try:
-            run.check_same_run(config)  # again, now that no other process can write it
+            run.check_same_run(config, refittable)  # again, now that no other process can write it
             removed = remove_temporary_files(run.path)
             open_run_dir(run.path)
             run._open = True
@@ -505,8 +508,9 @@ class RunDir:
             raise
         return run
 
-    def check_same_run(self, config) -> None:
-        """Refuse a folder that is a file, or holds a run of another kind or another resolved config."""
+    def check_same_run(self, config, refittable: Iterable[str] = ()) -> None:
+        """Refuse a folder that is a file, or holds a run of another kind or another resolved config
+        (`refittable`: keys a refit may change besides the resumable ones)."""
         if self.path.exists() and not self.path.is_dir():
             raise ArtefactError(self.path, "is a file, not a folder", "give a folder (new or a run directory)")
         if not self.path.exists():
@@ -526,14 +530,17 @@ class RunDir:
         if saved.get("kind", kind) != kind:
             raise ConfigError(f"{self.path} holds a {saved.get('kind')!r} run; a {kind!r} config cannot be "
                               f"trained into it: use another --run-dir")
-        ignored = _resumable(config)
+        ignored = _resumable(config) + tuple(refittable)
         old, new = flatten(_with_current_defaults(saved)), flatten(current)
         different = sorted(key for key in set(old) | set(new)
                            if not _ignored(key, ignored) and old.get(key, _MISSING) != new.get(key, _MISSING))
         if different:
             shown = ", ".join(different[:12]) + (" ..." if len(different) > 12 else "")
+            post = tuple(getattr(config, "refit_keys", lambda: ())())
+            hint = ("; only keys fitted after training differ: `hmtrec refit RUN --set KEY=VALUE` refits them on "
+                    "the trained weights") if post and all(_ignored(key, post) for key in different) else ""
             raise ConfigError(f"{self.path} holds a run with a different config (differs in: {shown}); "
-                              f"use another --run-dir, or the same config to resume")
+                              f"use another --run-dir, or the same config to resume{hint}")
 
     def update(self, **fields) -> None:
         self.info.update(fields)

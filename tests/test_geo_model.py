@@ -12,6 +12,7 @@ from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo
 from hmtrec.models.registry import validate_model_params
 from hmtrec.models.sequence.geo import (ActionTransformer, ActionTransformerParams, HistoryPopularity,
                                         HistoryPopularityParams)
+from hmtrec.models.sequence.geo_post import fit_post_training
 from hmtrec.train.trainer import Trainer, TrainerSettings
 
 SETTINGS = ExampleSettings(streams=[StreamSettings(name="long", min_age_days=3, max_events=16, dormant=True),
@@ -411,8 +412,8 @@ def test_reference_blend_follows_recent_activity_and_its_weights_are_chosen_on_h
         torch.testing.assert_close(half[level][1].exp(), 0.5 * alone[level][1].exp() + 0.5 * reference[level][1].exp())
     # held-out targets: row 0 goes to cell 3 (the model is right), row 1 back to its recent cell 0
     # (only the reference knows): bucket 0 keeps the model alone, bucket 1 leans on the reference
-    fitted = model.fit_reference_blend(*model.blend_ranks([(batch, torch.tensor([6, 1]))]))
-    assert fitted["examples"] == [1, 1]
+    fitted = fit_post_training(model, [(batch, torch.tensor([6, 1]))], np.array([0, 1]), np.array([1, 0]), [1])
+    assert fitted["examples"] == [1, 1] and fitted["served"] == "blend"
     for head, level in enumerate(("region", "cell")):
         assert model.blend_weights[head, 0] == 0 and model.blend_weights[head, 1] > 0.5
         assert fitted["weights"][level] == [round(w, 4) for w in model.blend_weights[head].tolist()]

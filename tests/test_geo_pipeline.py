@@ -54,7 +54,7 @@ def test_the_reference_blend_is_chosen_on_validation_and_saved_with_the_weights(
     for head, level in enumerate(("region", "cell")):
         assert blend["weights"][level] == pytest.approx(saved[head].tolist(), abs=1e-4)
         assert all(0 <= w <= 1 for w in blend["weights"][level])
-        alone, fitted = blend["valid_alone"]["overall"][level], blend["valid_fitted"]["overall"][level]
+        alone, fitted = blend["valid_alone"]["overall"][level], blend["variants"]["blend"]["fitted"]["overall"][level]
         # weight 0 is a candidate in every bucket, so the fitted blend is never below the model alone
         assert fitted["MRR"] >= alone["MRR"]
         best = metrics["history"][metrics["best_epoch"] - 1]
@@ -228,3 +228,48 @@ def test_baseline_prior_gets_the_references_training_shares(data_dir):
     fresh = build_model(config, data.prepared.dataset.taxonomy, data.event_types)
     fresh.load_state_dict(model.state_dict())              # a saved model keeps its shares
     torch.testing.assert_close(fresh.prior_share_cell, model.prior_share_cell)
+
+
+def test_refit_changes_only_the_post_training_stage_on_the_trained_weights(geo_run, tmp_path):
+    run_dir, metrics = geo_run      # the Foursquare config: the blend and the tied region conditioning
+    source_metrics = (run_dir / "metrics.json").read_text()
+    trained = load_weights(run_dir / "model.safetensors")
+    record = metrics["reference_blend"]
+    assert record["served"] == "blend + conditioning"
+    assert {"model alone", "blend", "conditioning", "blend + conditioning",
+            "blend + conditioning, head regions"} <= set(record["variants"])
+    assert set(record["variants"]["blend + conditioning"]["violation_cross_fitted"]) == {"overall", "active", "dormant"}
+    assert trained["conditioning_alpha"].tolist() == pytest.approx(record["alpha"], abs=1e-4)
+    alone = record["variants"]["model alone"]["fitted"]["overall"]["cell"]["MRR"]
+    assert record["valid_fitted"]["overall"]["cell"]["MRR"] >= alone    # α 0 and weight 0 are candidates
+    target = tmp_path / "three-buckets"
+    outcome = CliRunner().invoke(app, ["refit", str(run_dir), "-o", str(target), "--set", "model.blend_count_edges=[1,6]"])
+    assert outcome.exit_code == 0, outcome.output
+    refitted = read_json(target / "metrics.json")
+    assert (run_dir / "metrics.json").read_text() == source_metrics          # the source is left as it was
+    assert refitted["history"] == metrics["history"] and refitted["refit"]["from"] == str(run_dir)
+    saved = load_weights(target / "model.safetensors")
+    assert saved["blend_weights"].shape == (2, 3) and len(refitted["reference_blend"]["alpha"]) == 3
+    for key, value in trained.items():                   # the network is the trained one
+        if key not in ("blend_weights", "conditioning_alpha"):
+            assert (saved[key] == value).all(), key
+    assert GeoSuggester(target).suggest(["698"], [2.0], k_coarse=2, k_fine=2)["levels"] == ["region", "cell"]
+    again = get_pipeline("geo").evaluate(target, [])      # evaluate serves the refitted stage
+    assert again["test"]["action-transformer"]["overall"] == refitted["test"]["action-transformer"]["overall"]
+    from hmtrec import lifecycle
+
+    geo = lifecycle.get_kind("geo")
+    with pytest.raises(ConfigError, match="model.dim.*refit"):
+        lifecycle.refit(geo, target, ["model.dim=8"])
+    with pytest.raises(ConfigError, match="model.dim"):
+        lifecycle.refit(geo, run_dir, ["model.dim=8"], into=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    # `hmtrec train` still refuses a post-training change into a trained run, and says how to refit
+    with pytest.raises(ConfigError, match="hmtrec refit"):
+        get_pipeline("geo").train(load_config(target / "config.yaml", ["model.blend_count_edges=[1]"]), target)
+    # back to the source's buckets, in place: the source's stage and test figures again
+    back = lifecycle.refit(geo, target, ["model.blend_count_edges=[1]"])
+    assert back["reference_blend"]["weights"] == record["weights"] and back["reference_blend"]["alpha"] == record["alpha"]
+    for name in metrics["test"]:
+        assert back["test"][name]["overall"] == metrics["test"][name]["overall"]
+    assert read_json(target / "run.json")["status"] == "done"

@@ -116,6 +116,18 @@ def test_evaluate_changes_only_evaluation_keys(trained):
         lifecycle.get_kind(kind).evaluate(run_dir, ["train.lr=0.1"])
 
 
+def test_refit_refuses_a_training_key_and_a_kind_without_a_post_training_stage(trained):
+    kind, _, _, run_dir, _ = trained
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file() and path.name != ".lock"}
+    with pytest.raises(ConfigError, match="train.lr|no stage fitted after training"):
+        lifecycle.refit(lifecycle.get_kind(kind), run_dir, ["train.lr=0.1"])
+    if kind != "geo":
+        with pytest.raises(ConfigError, match="no stage fitted after training"):
+            lifecycle.refit(lifecycle.get_kind(kind), run_dir, [])
+    after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file() and path.name != ".lock"}
+    assert after == before                                 # nothing written
+
+
 def test_the_default_run_directory_is_named_from_the_config_hash(trained):
     kind, folder, data_dir, _, _ = trained
     config = small_config(kind, folder, data_dir)

@@ -30,13 +30,12 @@ import torch
 from pydantic import Field, field_validator
 
 from hmtrec.config import StrictModel, register_config
-from hmtrec.data.actions import (KIND_NAMES, ActionStreams, Examples, ExampleSettings, log_event_types,
-                                 sample_examples)
+from hmtrec.data.actions import ActionStreams, Examples, ExampleSettings, log_event_types, sample_examples
 from hmtrec.data.loading import DataConfig, PreparedData, load_data
 from hmtrec.data.sequences import SequenceData
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
-from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results, rank_metrics
+from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results
 from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import get_model, validate_model_params
 from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind
@@ -91,6 +90,11 @@ class GeoRunConfig(StrictModel):
         validate_model_params("sequence", value)     # raises ConfigError naming model.<key>
         return value
 
+    def refit_keys(self) -> tuple[str, ...]:
+        """The model keys fitted after training (`hmtrec refit` changes them on the trained weights)."""
+        _, params = validate_model_params("sequence", self.model)
+        return tuple(f"model.{key}" for key in getattr(type(params), "post_training_keys", ()))
+
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, value):
@@ -130,45 +134,31 @@ def training_batches(streams: ActionStreams, examples: Examples, batch_size: int
         yield streams.batch(examples, order[start:start + batch_size])
 
 
-def fit_blend(model, streams: ActionStreams, examples: Examples, batch_size: int, ks: list[int]) -> dict | None:
-    """With `model.reference_blend`: set the trained (best-epoch) model's blend weights with the
-    reference, chosen on the validation examples. Returns the weights and validation metrics of the
-    model alone, blended with the weights fitted on all of validation (in-sample for the weights),
-    and cross-fitted (each half of the users scored with the weights chosen on the other half: an
-    out-of-sample estimate of what the blend adds). None for a model without the switch."""
-    if not getattr(getattr(model, "params", None), "reference_blend", False):
+def fit_post_training(model, streams: ActionStreams, examples: Examples, batch_size: int, ks: list[int]
+                      ) -> dict | None:
+    """With `model.reference_blend` and/or `model.region_conditioning`: fit the trained
+    (best-epoch) model's post-training stage on the validation examples (`hmtrec.models.sequence.
+    geo_post`); its record (the model alone, each step, fitted and cross-fitted), None for a model
+    without either switch."""
+    params = getattr(model, "params", None)
+    if not (getattr(params, "reference_blend", False) or getattr(params, "region_conditioning", False)):
         return None
-    started = time.perf_counter()
+    from hmtrec.models.sequence.geo_post import fit_post_training as fit
+
     order = np.arange(len(examples))
     batches = ((streams.batch(examples, rows), torch.from_numpy(examples.target[rows]))
                for rows in np.array_split(order, max(1, -(-len(examples) // batch_size))))
-    ranks, buckets = model.blend_ranks(batches)                      # [N, heads, candidates], [N]
-    n_candidates = ranks.shape[-1]
+    record = fit(model, batches, examples.user, examples.kind, ks)
+    finest = model.output_levels[-1]
+    get_logger().info("post-training stage fitted on validation (%s): weights %s, alpha %s, examples per bucket %s; "
+                      "%s MRR cross-fitted: %s", record["served"], record.get("weights"), record.get("alpha"),
+                      record["examples"], finest,
+                      {name: round(v["cross_fitted"]["overall"][finest]["MRR"], 4)
+                       for name, v in record["variants"].items()})
+    return record
 
-    def ranks_at(weights: torch.Tensor, rows: np.ndarray) -> torch.Tensor:   # [rows, heads]
-        index = (weights[:, buckets[rows]].T * (n_candidates - 1)).round().long()
-        return ranks[rows].gather(-1, index[..., None]).squeeze(-1)
 
-    folds = examples.user % 2
-    cross = torch.empty(len(examples), ranks.shape[1], dtype=torch.float64)
-    for fold in (0, 1):
-        fit_rows, scored = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-        cross[scored] = ranks_at(model.choose_blend(ranks[fit_rows], buckets[fit_rows]), scored)
-    summary = model.fit_reference_blend(ranks, buckets)
-    fitted = ranks_at(model.blend_weights, order)
-    views = {"overall": order, **{name: np.flatnonzero(examples.kind == code) for code, name in enumerate(KIND_NAMES)}}
-
-    def metrics(table: torch.Tensor) -> dict:
-        return {view: {level: rank_metrics(table[rows, head].numpy(), ks) for head, level in enumerate(model.head_levels)}
-                for view, rows in views.items()}
-
-    blend = {**summary, "valid_alone": metrics(ranks[..., 0]), "valid_fitted": metrics(fitted),
-             "valid_cross_fitted": metrics(cross), "seconds": time.perf_counter() - started}
-    get_logger().info("reference blend fitted on validation: weights %s, examples per bucket %s, cell MRR alone / "
-                      "cross-fitted / fitted: %s", blend["weights"], blend["examples"],
-                      [round(blend[key]["overall"][model.head_levels[-1]]["MRR"], 4)
-                       for key in ("valid_alone", "valid_cross_fitted", "valid_fitted")])
-    return blend
+fit_blend = fit_post_training  # the older name
 
 
 def flat_validation(results: dict) -> dict[str, float]:
@@ -268,13 +258,31 @@ class GeoKind(RunKind):
         started = time.perf_counter()
         state = fit_trainable(model, settings, run.path, batches, steps, validate=validate, on_epoch_end=on_epoch_end)
         train_seconds = time.perf_counter() - started
-        blend = fit_blend(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
+        blend = fit_post_training(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
         save_weights(run.path / WEIGHTS_FILE, model.state_dict())
         return {"history": state.history, "best_epoch": state.best_epoch, "train_seconds": train_seconds,
                 **({"reference_blend": blend} if blend else {}),
                 "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in state.history]))
                 if state.history else None,
                 "examples": {"valid": valid_examples.counts()}}
+
+    def refit_main(self, label: str, run: RunDir, config: GeoRunConfig, data: GeoData, previous: dict
+                   ) -> tuple[Any, dict]:
+        """The trained weights (the post-training buffers may be missing or left over), the
+        reference's training shares, then the post-training stage fitted on validation as `fit` does."""
+        from hmtrec.rundir import load_weights
+
+        model = self.build(label, run, config, data)
+        model.load_state_dict(load_weights(run.path / WEIGHTS_FILE))
+        valid_streams, valid_examples = split_examples(data.prepared.valid, config.examples,
+                                                       max_targets=config.train.valid_max_targets,
+                                                       seed=config.eval.seed)
+        started = time.perf_counter()
+        record = fit_post_training(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
+        save_weights(run.path / WEIGHTS_FILE, model.state_dict())
+        training = {key: value for key, value in previous.items() if key not in ("test", "reference_blend")}
+        return model, {**training, **({"reference_blend": record} if record else {}),
+                       "refit_seconds": time.perf_counter() - started}
 
     def evaluate_model(self, label: str, model, run: RunDir | None, config: GeoRunConfig, data: GeoData,
                        training: dict | None) -> dict:

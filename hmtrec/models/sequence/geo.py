@@ -51,9 +51,12 @@ What else the model may read, each a switch (docs/geo.md has the ablations):
 - `reference_blend`: at prediction, p = (1 - w) · the model's distribution + w · geo-history-pop's,
   w per head level and per bucket of the example's number of actions in the last
   `blend_recent_days` (`blend_count_edges`; by default none / some), chosen after training on
-  held-out (validation) examples by `fit_reference_blend`; training never sees it (w is 0 until
+  held-out (validation) examples by `geo_post.fit_post_training`; training never sees it (w is 0 until
   then). Unlike `baseline_mix`'s gate, learned on the training examples the heads have fitted
-  themselves, the weights come from examples the network has not seen.
+  themselves, the weights come from examples the network has not seen;
+- `region_conditioning` (after the blend, fitted with it): the finest level q(c) ∝ p(c) ·
+  p(parent(c))^α, α per bucket; with `tied_regions` the coarser levels served are q's marginals.
+  `served` is the one place that turns the heads' probabilities into what `predict` returns.
 
 The last encoder layer computes the summary token's row only (the heads read nothing else), which
 is exactly that row of the full layer at a fraction of the cost; the pointer's keys are the action
@@ -67,7 +70,7 @@ cell-only model) gets the finest head's probability mass summed up the taxonomy.
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
 import numpy as np
 import torch
@@ -81,7 +84,6 @@ from hmtrec.data.geo import KM_PER_DEGREE
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
-from hmtrec.evaluate.metrics import target_ranks
 from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import register_model
 from hmtrec.models.sequence.base import SequenceRecommender
@@ -89,7 +91,6 @@ from hmtrec.models.sequence.encoder import Block
 from hmtrec.models.sequence.heads import HierarchicalHeads, grouped_log_sum_exp
 
 LEAVES_SUFFIX = "_leaves"
-BLEND_GRID_STEPS = 20     # reference weights 0, 0.05, ..., 1 tried by fit_reference_blend
 
 
 class ActionTransformerParams(StrictModel):
@@ -115,10 +116,24 @@ class ActionTransformerParams(StrictModel):
     baseline_mix: bool = False               # mix geo-history-pop's distribution in beside the copy pointer
     factorized_weight: float = Field(0.0, ge=0, le=1)   # weight of log p(parent) + log p(node | parent)
     # blend the final distribution with geo-history-pop's, one weight per level and recent-activity
-    # bucket, fitted on validation after training (`fit_reference_blend`)
+    # bucket, fitted on validation after training (`geo_post.fit_post_training`)
     reference_blend: bool = False
     blend_recent_days: float = Field(7.0, gt=0)      # "recent" actions are younger than this at t
     blend_count_edges: list[float] = Field(default_factory=lambda: [1])   # buckets of recent actions (none / some)
+    # split every bucket by whether the two most recent actions lie in the same finest-head node
+    blend_last_repeat: bool = False
+    # after training (and the blend): the finest head's scores times its parent level's probability
+    # to the power α, α per recent-activity bucket chosen on validation from `conditioning_alphas`
+    # (`hmtrec.models.sequence.geo_post`); with `tied_regions` the coarser levels served are the
+    # marginals of those cells, so the levels served agree
+    region_conditioning: bool = False
+    conditioning_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0])
+    tied_regions: bool = False
+    # the keys fitted after training on held-out examples: changing them needs no retraining
+    # (`hmtrec refit`); every other key describes the trained network
+    post_training_keys: ClassVar[tuple[str, ...]] = ("reference_blend", "blend_recent_days", "blend_count_edges",
+                                                     "blend_last_repeat", "region_conditioning", "conditioning_alphas",
+                                                     "tied_regions")
 
     @field_validator("age_bucket_days", "distance_km_edges", "blend_count_edges")
     @classmethod
@@ -126,6 +141,13 @@ class ActionTransformerParams(StrictModel):
         if any(b <= a for a, b in zip(edges, edges[1:])) or any(edge <= 0 for edge in edges):
             raise ValueError(f"{info.field_name} must be positive and strictly increasing")
         return edges
+
+    @field_validator("conditioning_alphas")
+    @classmethod
+    def _alphas(cls, alphas: list[float]) -> list[float]:
+        if not alphas or any(not np.isfinite(a) or a < 0 for a in alphas):
+            raise ValueError("conditioning_alphas must be a non-empty list of finite numbers >= 0")
+        return sorted(set(alphas))
 
 
 class ActionTransformer(SequenceRecommender):
@@ -191,10 +213,18 @@ class ActionTransformer(SequenceRecommender):
             for level in self.head_levels:
                 n_nodes = taxonomy.n_nodes(level)
                 self.register_buffer(self._share_key(level), torch.full((n_nodes,), 1.0 / n_nodes))
+        n_buckets = self.n_blend_buckets
         if params.reference_blend:
             # weight of the reference per head level and bucket of recent actions; 0 (the model
-            # alone) until fit_reference_blend sets it; saved with the weights
-            self.register_buffer("blend_weights", torch.zeros(len(self.head_levels), len(params.blend_count_edges) + 1))
+            # alone) until the post-training fit sets it; saved with the weights
+            self.register_buffer("blend_weights", torch.zeros(len(self.head_levels), n_buckets))
+        if params.region_conditioning:
+            # α per bucket of recent actions; 0 (no conditioning) until fitted; saved with the weights
+            self.register_buffer("conditioning_alpha", torch.zeros(n_buckets))
+        elif params.tied_regions:
+            raise ConfigError("key 'model.tied_regions': ties the coarser levels to the conditioned cells, "
+                              "which needs model.region_conditioning: true")
+        if params.reference_blend or params.region_conditioning:
             self.register_buffer("blend_edges", torch.tensor(params.blend_count_edges), persistent=False)
         if params.baseline_mix:
             # per level, softmax over (head, copy, reference) from the summary state
@@ -222,6 +252,18 @@ class ActionTransformer(SequenceRecommender):
             if level not in self.head_levels:
                 parent = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(finest)), finest, level)
                 self.register_buffer(f"derived_parent_{level}", torch.from_numpy(parent), persistent=False)
+        if params.region_conditioning:
+            if len(self.output_levels) < 2:
+                raise ConfigError("key 'model.region_conditioning': conditions the finest head on the level above "
+                                  f"it, and {finest!r} has none")
+            for level in self.output_levels[:-1]:     # each finest node's ancestor at every coarser level
+                ancestor = taxonomy.node_ancestors(np.arange(taxonomy.n_nodes(finest)), finest, level)
+                self.register_buffer(f"finest_ancestor_{level}", torch.from_numpy(ancestor), persistent=False)
+
+    @property
+    def n_blend_buckets(self) -> int:
+        """Recent-activity buckets of the post-training stage (`recent_activity_buckets`)."""
+        return (len(self.params.blend_count_edges) + 1) * (2 if self.params.blend_last_repeat else 1)
 
     @property
     def uses_reference(self) -> bool:
@@ -466,74 +508,110 @@ class ActionTransformer(SequenceRecommender):
     def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{level: log-probabilities [B, n_nodes]} for every example of the batch."""
         logits = self.logits(batch)
-        if self.params.reference_blend and bool(self.blend_weights.any()):
-            logits = self.blend_reference(logits, batch, self.blend_weights)
-        return self.log_probabilities(logits)
+        blend = self.params.reference_blend and bool(self.blend_weights.any())
+        conditioning = self.params.region_conditioning and bool(self.conditioning_alpha.any())
+        if not (blend or conditioning):
+            return self.log_probabilities(logits)
+        leaves, ages = self.action_leaves(batch), self.action_ages(batch)
+        bucket = self.recent_activity_buckets(leaves, ages)
+        reference = {level: scores.exp() for level, scores in self.reference_log_scores(leaves, ages).items()} \
+            if blend else None
+        return self.served({level: torch.softmax(logits[level], dim=-1) for level in self.head_levels}, reference,
+                           self.blend_weights[:, bucket].T if blend else None,
+                           self.conditioning_alpha[bucket] if conditioning else None)
+
+    # ---- after training: the blend and the region conditioning (fitted by geo_post) ----------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The trained network's weights strictly; the post-training buffers may be missing or of
+        another shape (a run trained without that switch or with other buckets, or a checkpoint from
+        before the refit: they stay at 0, the step off, until fitted) or left over (a switch turned
+        off by `hmtrec refit`)."""
+        own = self.state_dict()
+        post = self.post_training_buffers
+        # a post-training buffer of another shape (other activity buckets) is refitted, not loaded
+        state = {key: value for key, value in state_dict.items()
+                 if key not in post or (key in own and own[key].shape == value.shape)}
+        missing = [key for key in post if key in own and key not in state]
+        if missing:
+            from hmtrec.rundir import get_logger
+
+            get_logger().info("weights without the post-training buffers %s: kept at 0 until fitted", missing)
+            state.update({key: own[key] for key in missing})
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    @property
+    def post_training_buffers(self) -> set[str]:
+        """State-dict keys fitted after training (or from the training log): a refit may find them
+        missing from, or left over in, the trained weights."""
+        names = {"blend_weights", "conditioning_alpha"}
+        return names | {self._share_key(level) for level in self.head_levels}
+
+    def served(self, model_p: dict[str, torch.Tensor], reference_p: dict[str, torch.Tensor] | None,
+               weights: torch.Tensor | None, alpha: torch.Tensor | None, tie: bool | None = None
+               ) -> dict[str, torch.Tensor]:
+        """The distributions served, from the heads' probabilities `model_p` {head level: [B, n]}:
+        per head level p = (1 - w) · model + w · reference (weights [B, n_heads], when given); the
+        levels without a head summed from the finest; then, with alpha [B], the finest level q(c) ∝
+        p(c) · p(parent(c))^α, and with `tied_regions` (or `tie`, when given) every coarser level the
+        marginal of q.
+        {output level: log-probabilities [B, n]} (what `predict` returns)."""
+        if weights is not None:
+            model_p = {level: (1 - weights[:, head, None]) * model_p[level] + weights[:, head, None] * reference_p[level]
+                       for head, level in enumerate(self.head_levels)}
+        out = self.log_probabilities({level: p.clamp_min(1e-30).log() for level, p in model_p.items()})
+        if alpha is None:
+            return out
+        finest, parent_level = self.output_levels[-1], self.output_levels[-2]
+        parent = getattr(self, f"finest_ancestor_{parent_level}")
+        conditioned = torch.log_softmax(out[finest] + alpha[:, None] * out[parent_level][:, parent], dim=-1)
+        out[finest] = conditioned
+        if self.params.tied_regions if tie is None else tie:
+            for level in self.output_levels[:-1]:
+                out[level] = grouped_log_sum_exp(conditioned, getattr(self, f"finest_ancestor_{level}"),
+                                                 self.taxonomy.n_nodes(level))
+        return out
 
     # ---- the validation-fitted blend with the reference -------------------------------------
     def recent_activity_buckets(self, leaves: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         """[B] bucket (by `blend_count_edges`) of each example's number of actions (leaves, ages
         [B, L]) younger than `blend_recent_days`: 0 for a dormant example, higher for a busier week."""
-        recent = ((leaves != PAD) & (ages < self.params.blend_recent_days)).sum(1)
-        return torch.bucketize(recent.to(self.blend_edges.dtype), self.blend_edges, right=True)
-
-    def blend_reference(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                        weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per head level: log((1 - w) · softmax(logits) + w · reference), w = weights[level, the
-        example's recent-activity bucket] (weights [n_heads, n_buckets])."""
-        leaves, ages = self.action_leaves(batch), self.action_ages(batch)
-        reference = self.reference_log_scores(leaves, ages)
-        bucket = self.recent_activity_buckets(leaves, ages)
-        out = {}
-        for head, level in enumerate(self.head_levels):
-            w = weights[head, bucket][:, None]
-            out[level] = ((1 - w) * torch.softmax(logits[level], dim=-1) + w * reference[level].exp()
-                          ).clamp_min(1e-30).log()
-        return out
+        real = leaves != PAD
+        recent = (real & (ages < self.params.blend_recent_days)).sum(1)
+        bucket = torch.bucketize(recent.to(self.blend_edges.dtype), self.blend_edges, right=True)
+        if not self.params.blend_last_repeat:
+            return bucket
+        # with blend_last_repeat: + n_count_buckets when the two most recent actions share a finest node
+        latest = ages.masked_fill(~real, float("inf")).topk(min(2, ages.shape[1]), dim=1, largest=False).indices
+        nodes = self.leaf_ancestors[leaves.clamp_min(0), self.taxonomy.level_index(self.head_levels[-1])]
+        pair = nodes.gather(1, latest)
+        repeat = (real.sum(1) >= 2) & (pair[:, 0] == pair[:, -1])
+        return bucket + (len(self.params.blend_count_edges) + 1) * repeat
 
     @torch.no_grad()
-    def blend_ranks(self, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]],
-                    grid: int = BLEND_GRID_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-        """For (batch, target leaves [B]) pairs of held-out examples: the target's rank at every head
-        level under every candidate reference weight 0, 1/grid, ..., 1, [N, n_heads, grid + 1], and
-        each example's recent-activity bucket [N]. One forward pass per batch."""
+    def post_training_inputs(self, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> dict:
+        """What the post-training fit reads of held-out examples ((batch, target leaves [B]) pairs), one
+        forward pass each: {"model": {head level: probabilities [N, n]}, "reference": the same of
+        geo-history-pop (None without `reference_blend`), "targets": {output level: [N]}, "buckets": [N]}."""
         was_training = self.training
         self.eval()
-        candidates = torch.linspace(0, 1, grid + 1)
-        all_ranks, all_buckets = [], []
+        parts: dict[str, list] = {"model": [], "reference": [], "targets": [], "buckets": []}
         for batch, target_leaves in batches:
             logits = self.logits(batch)
             leaves, ages = self.action_leaves(batch), self.action_ages(batch)
-            reference = self.reference_log_scores(leaves, ages)
-            ranks = torch.empty(len(target_leaves), len(self.head_levels), len(candidates), dtype=torch.float64)
-            for head, level in enumerate(self.head_levels):
-                model_p, reference_p = torch.softmax(logits[level], dim=-1), reference[level].exp()
-                targets = self.leaf_ancestors[target_leaves, self.taxonomy.level_index(level)]
-                for index, weight in enumerate(candidates.tolist()):
-                    ranks[:, head, index] = target_ranks((1 - weight) * model_p + weight * reference_p, targets)
-            all_ranks.append(ranks)
-            all_buckets.append(self.recent_activity_buckets(leaves, ages))
+            parts["model"].append({level: torch.softmax(logits[level], dim=-1) for level in self.head_levels})
+            if self.params.reference_blend:
+                parts["reference"].append({level: scores.exp()
+                                           for level, scores in self.reference_log_scores(leaves, ages).items()})
+            parts["targets"].append({level: self.leaf_ancestors[target_leaves, self.taxonomy.level_index(level)]
+                                     for level in self.output_levels})
+            parts["buckets"].append(self.recent_activity_buckets(leaves, ages))
         self.train(was_training)
-        return torch.cat(all_ranks), torch.cat(all_buckets)
 
-    def choose_blend(self, ranks: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        """[n_heads, n_buckets] weights: per level and bucket the candidate (ranks' last axis, as
-        `blend_ranks` lays them out) with the highest MRR; 0 (the model alone) for an empty bucket."""
-        n_heads, n_buckets = self.blend_weights.shape
-        candidates = torch.linspace(0, 1, ranks.shape[-1])
-        reciprocal = torch.zeros(n_buckets, n_heads, ranks.shape[-1], dtype=torch.float64).index_add_(
-            0, buckets, 1.0 / ranks)
-        present = torch.bincount(buckets, minlength=n_buckets) > 0
-        return torch.where(present[None], candidates[reciprocal.argmax(-1)].T, 0.0)
+        def joined(dicts: list[dict]) -> dict | None:
+            return {key: torch.cat([d[key] for d in dicts]) for key in dicts[0]} if dicts else None
 
-    def fit_reference_blend(self, ranks: torch.Tensor, buckets: torch.Tensor) -> dict:
-        """Set each (head level, recent-activity bucket)'s reference weight to the candidate with the
-        best MRR of that level, from `blend_ranks` of held-out examples (validation, never test).
-        Returns {"weights": {level: [per bucket]}, "examples": [per bucket]}."""
-        self.blend_weights.copy_(self.choose_blend(ranks, buckets))
-        return {"weights": {level: [round(w, 4) for w in self.blend_weights[head].tolist()]
-                            for head, level in enumerate(self.head_levels)},
-                "examples": torch.bincount(buckets, minlength=self.blend_weights.shape[1]).tolist()}
+        return {"model": joined(parts["model"]), "reference": joined(parts["reference"]),
+                "targets": joined(parts["targets"]), "buckets": torch.cat(parts["buckets"])}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.heads.loss(self.logits(batch), batch["targets"])
