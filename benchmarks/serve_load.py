@@ -243,22 +243,39 @@ def measure(run_dir: Path, backend: str, args) -> list[dict]:
                 bodies = [json.dumps({"history": h, "k": 20, **options}).encode() for h in histories]
                 run_level(url, bodies, 4, 64, 3, args, Path(folder))          # warm-up
                 for clients in CLIENTS:
-                    before = cpu_seconds(process.pid)
-                    level = run_level(url, bodies, clients, args.requests, args.seconds, args, Path(folder))
-                    used = cpu_seconds(process.pid) - before
-                    rows.append({"model": f"{run_dir.name} ({model['n_items']:,} items)", "backend": backend,
-                                 "scoring": mode, "clients": clients, "requests": level["requests"],
-                                 "p50 ms": level["p50 ms"], "p95 ms": level["p95 ms"], "p99 ms": level["p99 ms"],
-                                 "requests/s": level["requests"] / level["wall"],
-                                 "server CPU ms/request": 1000 * used / max(1, level["requests"]),
-                                 "connections per worker": level["split"]})
-                    print(rows[-1], flush=True)
+                    repeats = []
+                    for _ in range(args.repeats):
+                        before = cpu_seconds(process.pid)
+                        level = run_level(url, bodies, clients, args.requests, args.seconds, args, Path(folder))
+                        used = cpu_seconds(process.pid) - before
+                        repeats.append({**level, "requests/s": level["requests"] / level["wall"],
+                                        "server CPU ms/request": 1000 * used / max(1, level["requests"])})
+                        print(run_dir.name, backend, mode, clients, repeats[-1], flush=True)
+                    rows.append(summarised(repeats, {"model": f"{run_dir.name} ({model['n_items']:,} items)",
+                                                     "backend": backend, "scoring": mode, "clients": clients}))
         batches = httpx.get(f"{url}/model", timeout=10).json().get("batches", {})
         print(f"{run_dir.name} {backend}: {batches}", flush=True)
     finally:
         process.terminate()
         process.wait(timeout=60)
     return rows
+
+
+def summarised(repeats: list[dict], row: dict) -> dict:
+    """One table row from a level's repeats: the median of each figure, and with several repeats
+    the range of p99 and of the throughput (the shared machine's spread between identical rows)."""
+    def median(key: str) -> float:
+        return float(np.median([r[key] for r in repeats]))
+
+    row = {**row, "requests": int(sum(r["requests"] for r in repeats))}
+    for key in ("p50 ms", "p95 ms", "p99 ms", "requests/s", "server CPU ms/request"):
+        row[key] = median(key)
+    if len(repeats) > 1:
+        p99s, rates = [r["p99 ms"] for r in repeats], [r["requests/s"] for r in repeats]
+        row["p99 range"] = f"{min(p99s):.2f}-{max(p99s):.2f}"
+        row["requests/s range"] = f"{min(rates):.0f}-{max(rates):.0f}"
+    row["connections per worker"] = repeats[-1]["split"]
+    return row
 
 
 def machine() -> str:
@@ -278,6 +295,8 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,onnx")
     parser.add_argument("--requests", type=int, default=20_000, help="most requests per (setting, clients)")
     parser.add_argument("--seconds", type=float, default=8.0, help="longest time per (setting, clients)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure each (setting, clients) this many times: the row gives the medians and the ranges")
     parser.add_argument("--threads", type=int, default=1, help="scoring threads of the server")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (hmtrec serve --workers)")
     parser.add_argument("--batch-wait-ms", type=float, default=0.0)
@@ -315,7 +334,9 @@ def main() -> None:
             f"`--workers {args.workers}`, `--threads {args.threads}` for scoring, `--batch-wait-ms {args.batch_wait_ms:g}`"
             f"{''.join(' `' + a + '`' for a in args.server_arg)}), load from "
             f"{client}{pins}; POST /recommend with k=20, histories of 1-20 random catalogue items; at most "
-            f"{args.requests} requests or {args.seconds:.0f} s per row, after a warm-up. Machine: {machine()}, "
+            f"{args.requests} requests or {args.seconds:.0f} s per measurement, after a warm-up"
+            f"{f'; each row the median of {args.repeats} measurements in a row (ranges beside: the spread between identical measurements)' if args.repeats > 1 else ''}. "
+            f"Machine: {machine()}, "
             f"shared: load average {load_before[0]:.1f} at the start, {load[0]:.1f} at the end (other jobs "
             f"inflate latency; 'server CPU ms/request' is the server's own CPU time per answered request). "
             f"'candidates 5%': items under the best categories until they cover 5% of the catalogue. "
