@@ -119,6 +119,24 @@ def test_a_recorded_run_matches_its_config_once_model_defaults_are_resolved(tmp_
 
 
 # ---- aggregation -------------------------------------------------------------------------------
+def test_best_valid_reads_a_choice_made_after_training():
+    """knn-hybrid picks its weight on validation after the epochs: the column shows the validation
+    figure at the chosen weight, not the neural part's best epoch."""
+    from hmtrec.bench.runner import tuned_validation
+
+    suite = tiny_suite()
+    tuned = {"knn_weight": 0.6, "valid_by_weight": {"0": 0.03, "0.6": 0.08, "1": 0.05}, "metric": "item/MRR@20"}
+    assert tuned_validation(tuned, ["category", "item"]) == {"item/MRR@20": 0.08}
+    assert tuned_validation(tuned, []) == {} and tuned_validation(None, ["item"]) == {}
+    old = {key: value for key, value in tuned.items() if key != "metric"}   # runs before the metric was recorded
+    assert tuned_validation(old, ["category", "item"]) == {"item/MRR@20": 0.08}
+    history = [{"epoch": 1, "valid_item/MRR@20": 0.03}]
+    hybrid = record("sasrec", 0, 0.1, 0.3, history, epoch_seconds=1.0)
+    hybrid.tuned_valid = tuned_validation(tuned, ["category", "item"])
+    rows = {row["model"]: row for row in summary_rows(suite, summarize(suite, [hybrid]))}
+    assert rows["sasrec"]["best valid item/MRR@20"] == "8.00"
+
+
 def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     suite = tiny_suite()
     history = [{"epoch": 1, "epoch_seconds": 10.0, "valid_item/MRR@20": 0.03},

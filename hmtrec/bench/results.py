@@ -85,12 +85,14 @@ def time_to_quality_cell(summary: ModelSummary, suite: Suite) -> str:
 
 def best_valid_cell(summary: ModelSummary, suite: Suite) -> str:
     """The quality metric at each run's best validation epoch (validation cases come from the
-    training data), mean ± std over the runs that validated: what a choice of settings may read."""
+    training data), or of the model as finally chosen where a choice after training changed it
+    (knn-hybrid's weight), mean ± std over the runs that validated: what a choice of settings may read."""
     if suite.quality is None:
         return "—"
     key = f"valid_{suite.quality.metric}"
-    best = [max(record[key] for record in r.history if key in record)
-            for r in summary.runs if any(key in record for record in r.history)]
+    best = [r.tuned_valid[suite.quality.metric] if suite.quality.metric in r.tuned_valid
+            else max(record[key] for record in r.history if key in record)
+            for r in summary.runs if suite.quality.metric in r.tuned_valid or any(key in record for record in r.history)]
     return format_stat(summary.stat(best), len(best)) if best else "n/a"
 
 

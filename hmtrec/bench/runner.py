@@ -51,6 +51,9 @@ class RunRecord:
     wall_seconds: float = 0.0                       # the whole child process (data, training, evaluation)
     cpu_seconds: float = 0.0                        # its CPU time: below wall time when the machine is shared
     history: list[dict] = field(default_factory=list)
+    # validation figures of the model as finally chosen, where a post-training choice changed it
+    # (knn-hybrid's weight): "level/metric" -> value
+    tuned_valid: dict[str, float] = field(default_factory=dict)
     # test metrics by the target item's training frequency: bucket -> "level/metric" -> value
     frequency_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     frequency_cases: dict[str, int] = field(default_factory=dict)
@@ -118,10 +121,22 @@ def read_record(run_dir: Path, model: SuiteModel, seed: int) -> RunRecord:
     record.train_targets = int(metrics.get("data", {}).get("train", {}).get("targets", 0))
     record.parameters = int(training.get("parameters", 0))
     record.history = training.get("history", [])
+    record.tuned_valid = tuned_validation(training.get("tuned"), result.get("levels", []))
     record.frequency_metrics = {bucket: flat(by_level) for bucket, by_level in
                                 result.get("segments", {}).get("target_frequency", {}).items()}
     record.frequency_cases = dict(result.get("segment_cases", {}).get("target_frequency", {}))
     return record
+
+
+def tuned_validation(tuned: dict | None, levels: list[str]) -> dict[str, float]:
+    """{"level/metric": value} of a post-training choice on validation (knn-hybrid's `tuned`: the
+    figure at the chosen weight). Runs from before the metric was recorded tuned the default,
+    MRR@20 at the leaf level."""
+    if not tuned or "valid_by_weight" not in tuned or not levels:
+        return {}
+    metric = tuned.get("metric", f"{levels[-1]}/MRR@20")
+    value = tuned["valid_by_weight"].get(f"{tuned['knn_weight']:g}")
+    return {metric: float(value)} if value is not None else {}
 
 
 def run_suite(suite: Suite, out_dir: str | Path, *, labels: list[str] | None = None,

@@ -146,7 +146,8 @@ class KNNHybrid(SequenceRecommender):
         self.knn_weight.fill_(best)
         get_logger().info("knn-hybrid: validation %s by kNN weight %s -> w = %g", self.params.select_metric,
                           {f"{w:g}": round(v, 5) for w, v in measured.items()}, best)
-        return {"knn_weight": best, "valid_by_weight": {f"{w:g}": v for w, v in measured.items()}}
+        return {"knn_weight": best, "valid_by_weight": {f"{w:g}": v for w, v in measured.items()},
+                "metric": f"{leaf}/{self.params.select_metric}"}
 
 
 @register_model("sequence", "knn-hybrid", params=HybridParams)
