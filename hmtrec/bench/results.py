@@ -89,10 +89,14 @@ def best_valid_cell(summary: ModelSummary, suite: Suite) -> str:
     (knn-hybrid's weight), mean ± std over the runs that validated: what a choice of settings may read."""
     if suite.quality is None:
         return "—"
-    key = f"valid_{suite.quality.metric}"
-    best = [r.tuned_valid[suite.quality.metric] if suite.quality.metric in r.tuned_valid
-            else max(record[key] for record in r.history if key in record)
-            for r in summary.runs if suite.quality.metric in r.tuned_valid or any(key in record for record in r.history)]
+    metric, key = suite.quality.metric, f"valid_{suite.quality.metric}"
+
+    def chosen(run) -> float | None:
+        if metric in run.tuned_valid:
+            return run.tuned_valid[metric]
+        return max((record[key] for record in run.history if key in record), default=None)
+
+    best = [value for value in map(chosen, summary.runs) if value is not None]
     return format_stat(summary.stat(best), len(best)) if best else "n/a"
 
 

@@ -20,7 +20,7 @@ when those nodes hold over half of the catalogue (many different queries in a ba
 over the whole catalogue and a gather of each row's candidate columns, which is then cheaper
 (between half and all of the catalogue the two cost about the same on the 43k-item Diginetica
 model). The whole-catalogue product reads the item table stored column-major ([D + 1, N],
-`item_columns`): about a third cheaper than the row-major table at serving batch sizes.
+`item_columns`), cheaper to stream than the row-major table at serving batch sizes.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class HeadScorer(HistoryScorer):
         self.stage = QueryStage(self).eval()
         self.traced = None                  # the stage's TorchScript trace, once `trace` made one
         self.blocks: dict[str, NodeBlocks] = {}
-        self.leaf_counts = {level: torch.from_numpy(taxonomy.leaf_counts(level))
+        # float64 NumPy, as adaptive_nodes reads them (no conversion per batch)
+        self.leaf_counts = {level: taxonomy.leaf_counts(level).astype(np.float64)
                             for level in taxonomy.level_names[:-1]}
 
     @property
