@@ -330,9 +330,19 @@ def main() -> None:
               else "raw asyncio HTTP/1.1 streams in the harness process")
     pins = (f"; taskset: server on CPU {args.server_cpus or 'any'}, clients on CPU {args.client_cpus or 'any'}"
             if args.server_cpus or args.client_cpus else "")
+    from hmtrec.serve import kernels
+    from hmtrec.serve.app import score_in_loop_for
+
+    chosen = {"--score-in-loop": True, "--score-in-thread": False}
+    in_loop = next((chosen[a] for a in args.server_arg if a in chosen), None)
+    where = ("on the event loop" if (score_in_loop_for(args.workers) if in_loop is None else in_loop)
+             else "on a scoring thread") + (" (the default for this worker count)" if in_loop is None else "")
+    candidates_by = (f"the compiled kernels (Numba {kernels.numba.__version__})" if kernels.available()
+                     else "NumPy / torch (no Numba)")
     body = (f"Closed-loop clients (no think time) on loopback against `hmtrec serve` (uvicorn, "
             f"`--workers {args.workers}`, `--threads {args.threads}` for scoring, `--batch-wait-ms {args.batch_wait_ms:g}`"
-            f"{''.join(' `' + a + '`' for a in args.server_arg)}), load from "
+            f"{''.join(' `' + a + '`' for a in args.server_arg)}; batches scored {where}, candidates by "
+            f"{candidates_by}), load from "
             f"{client}{pins}; POST /recommend with k=20, histories of 1-20 random catalogue items; at most "
             f"{args.requests} requests or {args.seconds:.0f} s per measurement, after a warm-up"
             f"{f'; each row the median of {args.repeats} measurements in a row (ranges beside: the spread between identical measurements)' if args.repeats > 1 else ''}. "

@@ -196,3 +196,44 @@ def test_candidate_leaf_index_skips_padding_and_lists_candidates_as_node_blocks_
     for row in range(len(nodes)):
         chosen = nodes[row][nodes[row] >= 0].numpy()
         assert sorted(index[row][index[row] >= 0].tolist()) == taxonomy.leaves_under(chosen, "cat").tolist()
+
+
+def test_kernel_nodes_are_top_and_adaptive_nodes_with_their_ties_and_order():
+    """The compiled node choice against the torch / NumPy definitions: tied scores (small integers),
+    rows that stop inside the held buffer and rows that need a full sort (tiny nodes, large targets)."""
+    from hmtrec.serve import kernels
+    from hmtrec.serve.candidates import adaptive_nodes
+
+    rng = np.random.default_rng(11)
+    for n_nodes, guess_overflow in ((5, False), (200, False), (200, True)):
+        scores = torch.from_numpy(rng.integers(0, 6, size=(17, n_nodes)).astype(np.float32))
+        counts = rng.integers(1, 4 if guess_overflow else 40, size=n_nodes).astype(np.float64)
+        for fraction in (0.01, 0.3, 0.9, 1.0):
+            want = adaptive_nodes(scores, counts, fraction)
+            got = kernels.select_nodes(scores.numpy(), counts, target=fraction * counts.sum())
+            assert np.array_equal(got, want.numpy()), (n_nodes, fraction)
+        for top in (1, 3, n_nodes, n_nodes + 4):
+            assert np.array_equal(kernels.select_nodes(scores.numpy(), counts, top=top), top_nodes(scores, top).numpy())
+    with pytest.raises(ValueError, match="top or target"):
+        kernels.select_nodes(scores.numpy(), counts)
+
+
+def test_kernel_scores_are_the_node_blocks_candidates():
+    """Same candidates in the same order as `NodeBlocks.scores`, scores equal up to float rounding,
+    padding -inf / -1; odd dimensions exercise the kernel's remainder loop."""
+    from hmtrec.serve import kernels
+
+    taxonomy = random_taxonomy()
+    generator = torch.Generator().manual_seed(6)
+    for dim in (7, 8):
+        embeddings = torch.randn(taxonomy.n_leaves, dim, generator=generator)
+        blocks = NodeBlocks(embeddings, taxonomy, "cat")
+        queries = torch.randn(12, dim, generator=generator)
+        nodes = top_nodes(torch.rand(12, 25, generator=generator), 4)
+        nodes[::3, 1:] = -1
+        want_scores, want_leaves = blocks.scores(queries, nodes)
+        scores, leaves = kernels.score_nodes(queries.numpy(), nodes.numpy(), blocks.offsets, blocks.columns,
+                                             blocks.leaf_ids.numpy())
+        assert np.array_equal(leaves, want_leaves.numpy())
+        assert np.array_equal(np.isinf(scores), leaves < 0)
+        np.testing.assert_allclose(scores[leaves >= 0], want_scores.numpy()[leaves >= 0], rtol=1e-5, atol=1e-5)

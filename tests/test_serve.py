@@ -194,18 +194,18 @@ def test_a_batch_of_concurrent_requests_answers_as_many_single_ones(sequence_run
         assert a["levels"].keys() == b["levels"].keys() and a["scored"] == pytest.approx(b["scored"])
 
 
-@pytest.mark.parametrize("path", ["dense", "union"])
-def test_both_candidate_paths_rank_as_the_candidate_definition(sequence_run, items, path):
-    """Candidates scored as full-product columns (small catalogues) or as the chosen nodes' rows
-    (large ones) rank exactly as the definition: the full item scores with every item outside the
-    chosen nodes removed."""
+@pytest.mark.parametrize("path", ["dense", "union", "kernel"])
+def test_every_candidate_path_ranks_as_the_candidate_definition(sequence_run, items, path):
+    """Candidates scored as full-product columns, as the chosen nodes' rows (without Numba: nodes
+    chosen in NumPy too) or by the compiled kernels rank exactly as the definition: the full item
+    scores with every item outside the chosen nodes removed."""
     import numpy as np
 
     artefact = sequence_run.artefact()
     scorer = artefact.scorer()
     rng = np.random.default_rng(5)
     histories = [[items[i] for i in rng.integers(0, len(items), size=n)] for n in rng.integers(1, 12, size=9)]
-    scorer.candidate_path = path
+    scorer.candidate_path, scorer.kernels = path, path != "union"
     try:
         for options in ({"candidate_fraction": 0.15}, {"top_nodes": 2}, {"top_nodes": 1, "candidate_level": "L1"}):
             served = artefact.recommend_many(histories, 15, **options)
@@ -221,7 +221,7 @@ def test_both_candidate_paths_rank_as_the_candidate_definition(sequence_run, ite
                 assert_same_ranking(got["recommendations"], want["recommendations"])
                 assert got["scored"]["fraction"] == pytest.approx(want["scored"]["fraction"])
     finally:
-        scorer.candidate_path = "auto"
+        scorer.candidate_path, scorer.kernels = "auto", True
 
 
 def test_the_lean_route_and_fastapi_agree_on_bad_bodies(client, items):
@@ -452,3 +452,10 @@ def test_the_traced_query_stage_answers_as_the_eager_one(sequence_run, monkeypat
     monkeypatch.setattr(scoring, "TRACE_TOLERANCE", -1.0)     # no trace can match: the eager stage stays
     untraced = HeadScorer(model, artefact.taxonomy, max_len)
     assert not untraced.trace() and untraced.traced is None
+
+
+def test_batches_are_scored_on_the_loop_only_when_every_core_has_a_worker(monkeypatch):
+    from hmtrec.serve import app as serve_app
+
+    monkeypatch.setattr(serve_app, "usable_cores", lambda: 2)
+    assert [serve_app.score_in_loop_for(workers) for workers in (1, 2, 3)] == [False, True, True]

@@ -34,9 +34,11 @@ def register(app: typer.Typer) -> None:
         trace: bool = typer.Option(True, "--trace/--no-trace",
                                    help="torch backend: run the encoder as a frozen TorchScript trace (checked "
                                         "against the eager model at start; eager if it differs)."),
-        score_in_loop: bool = typer.Option(False, "--score-in-loop/--score-in-thread",
-                                           help="Score batches on the HTTP event loop (no thread hand-over; the loop "
-                                                "answers nothing else meanwhile) or on a scoring thread."),
+        score_in_loop: Optional[bool] = typer.Option(
+            None, "--score-in-loop/--score-in-thread",
+            help="Score batches on the HTTP event loop (no thread hand-over; the loop answers nothing else "
+                 "meanwhile) or on a scoring thread (default: on the loop when --workers is at least the "
+                 "number of cores, so that no worker has two busy threads)."),
         workers: int = typer.Option(1, "--workers", min=1,
                                     help="Server processes behind the port, each with its own copy of the model; "
                                          "each new connection goes to the one holding the fewest (on a machine "
@@ -47,13 +49,19 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from hmtrec.errors import HmtrecError
-        from hmtrec.serve.app import ServeSettings, check_bind, create_app
+        from hmtrec.rundir import get_logger
+        from hmtrec.serve.app import ServeSettings, check_bind, create_app, score_in_loop_for, usable_cores
 
         if backend not in ("torch", "onnx"):
             raise HmtrecError(f"--backend {backend!r}: choose torch or onnx")
         if unknown not in ("error", "ignore"):
             raise HmtrecError(f"--unknown {unknown!r}: choose error or ignore")
         check_bind(host, api_key)
+        if score_in_loop is None:
+            score_in_loop = score_in_loop_for(workers)
+            get_logger().info("scoring batches %s (%d worker(s), %d core(s) usable; --score-in-loop/--score-in-thread "
+                              "to choose)", "on the event loop" if score_in_loop else "on a scoring thread",
+                              workers, usable_cores())
         settings = ServeSettings(api_key=api_key or None, backend=backend, max_k=max_k, max_history=max_history,
                                  max_rows=max_rows, max_body_bytes=max_body_bytes, unknown=unknown,
                                  batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads,

@@ -16,10 +16,14 @@ once; requests that arrive while it is busy wait, and when it is free everything
 same scoring options (up to `batch_size`) is scored in one pass through the model (the encoder and
 item head are matrix products, much cheaper per row in a batch). `batch_wait_ms` (default 0) makes
 a batch after the first wait up to that long for more requests. Where a batch is scored:
-`score_in_loop` False (the default), on one scoring thread while the event loop goes on reading
-requests; True, on the event loop itself, which then reads what arrived meanwhile before the
-next batch: no hand-over between threads and no contention for the interpreter lock, at the cost
-of a loop that answers nothing else (/health included) while a batch is scored.
+`score_in_loop` False, on one scoring thread while the event loop goes on reading requests; True,
+on the event loop itself, which then reads what arrived meanwhile before the next batch: no
+hand-over between threads and no contention for the interpreter lock, at the cost of a loop that
+answers nothing else (/health included) while a batch is scored. `hmtrec serve` picks the loop
+when it runs at least one worker per usable core (`score_in_loop_for`): a scoring thread beside
+each loop would then put two busy threads per core, and the tail latency measured worse
+(docs/serving.md); one process on several cores keeps the thread, which overlaps scoring with
+reading requests.
 
 POST /recommend is answered by a lean ASGI handler in front of FastAPI's routing (`HmtrecApp`): the
 same request model validates the raw body (pydantic's JSON parser), the same checks run, and the
@@ -306,6 +310,16 @@ class Batcher:
                         pending.future.set_result(result)
         finally:
             self.busy = False
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def score_in_loop_for(workers: int) -> bool:
+    """Where `hmtrec serve --workers N` scores by default: on the event loop when N covers every usable core."""
+    return workers >= usable_cores()
 
 
 def _set_threads(threads: int | None) -> None:

@@ -282,7 +282,31 @@ class NodeBlocks:
         order, offsets = taxonomy._leaves_by_node(level)
         self.leaf_ids = torch.from_numpy(order).to(leaf_embeddings.device)            # block position -> leaf
         self.offsets = offsets                                                        # node -> block range
-        self.embeddings = leaf_embeddings.index_select(0, self.leaf_ids).contiguous()  # [N, d] by node
+        self.source = leaf_embeddings
+        self._rows: torch.Tensor | None = None
+        self._columns: np.ndarray | None = None
+
+    # each layout is built on first use: a server that scores through the kernels never copies the
+    # table row-major (260 MB at a million items of 65 floats)
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """[N, d]: the leaf vectors, grouped by node."""
+        if self._rows is None:
+            self._rows = self.source.index_select(0, self.leaf_ids).contiguous()
+        return self._rows
+
+    @property
+    def columns(self) -> np.ndarray:
+        """[d, N] float32: the leaf vectors column-major, grouped by node (what `kernels.score_nodes` reads)."""
+        if self._columns is None:
+            self._columns = np.ascontiguousarray(self.source.T.float().cpu().numpy()[:, self.leaf_ids.cpu().numpy()])
+        return self._columns
+
+    def candidate_count(self, nodes: torch.Tensor) -> int:
+        """How many leaves lie under the chosen nodes, summed over the rows."""
+        chosen = nodes.cpu().numpy()
+        chosen = chosen[chosen >= 0]
+        return int((self.offsets[chosen + 1] - self.offsets[chosen]).sum())
 
     def union_size(self, nodes: torch.Tensor) -> int:
         """How many leaves lie under the nodes chosen by any row."""

@@ -142,8 +142,9 @@ def parity(reference: HeadScorer, other: "OnnxScorer", histories: list[np.ndarra
     batch = pad_histories(histories, reference.max_len)
     worst = 0.0
     paths = reference.candidate_path, other.candidate_path
-    ways = [("auto", "auto")] + [(mine, theirs) for mine in ("dense", "union")
-                                 for theirs in ("dense", "union", "gather") if other.rows_session or theirs != "union"]
+    mine = ("dense", "union", "kernel") if reference.kernels else ("dense", "union")
+    ways = [("auto", "auto")] + [(a, b) for a in mine for b in ("dense", "union", "gather")
+                                 if other.rows_session or b != "union"]
     try:
         for options in ({}, {"top": 2}, {"fraction": 0.05}):
             for reference.candidate_path, other.candidate_path in ways[:1] if not options else ways:
@@ -232,15 +233,19 @@ class OnnxScorer(HeadScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        # the ways of HeadScorer.score, each product run by ONNX Runtime (an export without
-        # items_rows.onnx: the full product up to LEGACY_DENSE_ITEMS items, else items.onnx)
-        if self.rows_session is None and self.candidate_path == "auto":
+        # the ways of HeadScorer.score, each product run by ONNX Runtime but the kernels' (the same
+        # item table, compiled by Numba); without kernels, an export without items_rows.onnx takes
+        # the full product up to LEGACY_DENSE_ITEMS items, else items.onnx
+        if self.rows_session is None and self.candidate_path == "auto" and not self.kernels:
             self.candidate_path = "dense" if self.taxonomy.n_leaves <= LEGACY_DENSE_ITEMS else "gather"
-        if self.dense_for(level, nodes):
+        way = "gather" if self.candidate_path == "gather" else self.candidate_way(level, nodes)
+        if way == "dense":
             ids = candidate_leaf_index(self.taxonomy, level, nodes)
             full = self.full_session.run(None, {"query": query.numpy()})[0]
             logits = self.gather_candidates(torch.from_numpy(full), ids)
-        elif self.rows_session is not None and self.candidate_path != "gather":
+        elif way == "kernel":
+            logits, ids = self.kernel_scores(level, query, nodes)
+        elif way == "union" and self.rows_session is not None:
             logits, ids = self.node_blocks(level).union_scores(query, nodes, score_rows=self._score_rows)
         else:
             ids = candidate_leaf_index(self.taxonomy, level, nodes)

@@ -36,9 +36,11 @@ from torch import nn
 from hmtrec.data.sequences import PAD
 from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.rundir import get_logger
+from hmtrec.serve import kernels
 from hmtrec.serve.candidates import NodeBlocks, adaptive_nodes, candidate_leaf_index, top_nodes
 
 DENSE_SHARE = 0.5   # above this share of the catalogue under a batch's chosen nodes, the full product wins
+KERNEL_DENSE_SHARE = 0.5   # the same for the kernels: candidates per query, as a share of the catalogue
 TRACE_TOLERANCE = 1e-4   # the traced query stage must match the eager one this closely, or it is not used
 
 
@@ -108,7 +110,8 @@ class HeadScorer(HistoryScorer):
 
     def __init__(self, model, taxonomy: Taxonomy, max_len: int):
         super().__init__(model, taxonomy, max_len)
-        self.candidate_path = "auto"        # or "dense" / "union": one way for every batch (tests, parity)
+        self.candidate_path = "auto"        # or "dense" / "union" / "kernel": one way for every batch (tests, parity)
+        self.kernels = kernels.available()  # compiled kernels choose the nodes and score the candidates
         heads = model.heads
         with torch.no_grad():
             self.leaf_table = model.leaf_vectors().detach().float().contiguous()     # [N, D] input vectors
@@ -187,6 +190,10 @@ class HeadScorer(HistoryScorer):
                         fraction: float | None = None) -> torch.Tensor:
         """Chosen nodes [Q, k] (-1: padding): a row's `top` best nodes, or its nodes by descending
         score until their leaves reach `fraction` of the catalogue."""
+        if self.kernels:
+            counts = self.leaf_counts[level]
+            return torch.from_numpy(kernels.select_nodes(
+                level_logits.float().numpy(), counts, top=top, target=None if top is not None else fraction * float(counts.sum())))
         if top is not None:
             return top_nodes(level_logits, top)
         return adaptive_nodes(level_logits, self.leaf_counts[level], fraction)
@@ -204,9 +211,12 @@ class HeadScorer(HistoryScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
-        if self.dense_for(level, nodes):
+        way = self.candidate_way(level, nodes)
+        if way == "dense":
             ids = candidate_leaf_index(self.taxonomy, level, nodes)
             scores = self.gather_candidates(query @ self.item_columns, ids)
+        elif way == "kernel":
+            scores, ids = self.kernel_scores(level, query, nodes)
         else:
             scores, ids = self.node_blocks(level).union_scores(query, nodes)
         share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
@@ -216,19 +226,38 @@ class HeadScorer(HistoryScorer):
         """Build the default level's node blocks now, so that a server's first request with
         candidates does not wait for them."""
         if self.supports_candidates:
-            self.node_blocks(self.coarse_levels[-1])
+            blocks = self.node_blocks(self.coarse_levels[-1])
+            if self.kernels:
+                kernels.warm_up()
+            _ = blocks.columns if self.kernels else blocks.embeddings   # the layout it will read, built now
 
     def node_blocks(self, level: str) -> NodeBlocks:
         if level not in self.blocks:
             self.blocks[level] = NodeBlocks(self.item_rows, self.taxonomy, level)
         return self.blocks[level]
 
-    def dense_for(self, level: str, nodes: torch.Tensor) -> bool:
-        """Score these candidates through the full product? When the nodes chosen by the batch hold
-        over `DENSE_SHARE` of the catalogue (copying their rows would cost more than it saves)."""
+    def candidate_way(self, level: str, nodes: torch.Tensor) -> str:
+        """How to score these candidates: "dense" (the full product, then each row's columns),
+        "kernel" (each row's own leaves, compiled) or "union" (the rows of every chosen node copied
+        once). The full product wins when the work saved is small: with the kernels, when a query's
+        candidates average over `KERNEL_DENSE_SHARE` of the catalogue; without, when the nodes
+        chosen by the batch hold over `DENSE_SHARE` of it (copying their rows would cost more than
+        it saves)."""
         if self.candidate_path != "auto":
-            return self.candidate_path == "dense"
-        return self.node_blocks(level).union_size(nodes) > DENSE_SHARE * self.taxonomy.n_leaves
+            if self.candidate_path == "kernel" and not kernels.available():
+                raise RuntimeError("candidate_path 'kernel' needs Numba (pip install numba)")
+            return self.candidate_path
+        blocks = self.node_blocks(level)
+        n_leaves = self.taxonomy.n_leaves
+        if self.kernels:
+            return "dense" if blocks.candidate_count(nodes) > KERNEL_DENSE_SHARE * nodes.shape[0] * n_leaves else "kernel"
+        return "dense" if blocks.union_size(nodes) > DENSE_SHARE * n_leaves else "union"
+
+    def kernel_scores(self, level: str, query: torch.Tensor, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = self.node_blocks(level)
+        scores, ids = kernels.score_nodes(query.numpy(), nodes.numpy(), blocks.offsets, blocks.columns,
+                                          blocks.leaf_ids.numpy())
+        return torch.from_numpy(scores), torch.from_numpy(ids)
 
 
     @staticmethod
