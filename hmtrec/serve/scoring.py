@@ -13,14 +13,16 @@ embeddings + metadata projections) do not change after training: they are comput
 The item head's bias is folded into the leaf vectors (query [h, 1] against rows [w, b]), so full
 and candidate scoring are both plain dot products.
 
-Candidates are scored one of two ways, chosen per batch, with the same candidates in the same
-order: the rows of every node the batch chose are copied side by side once (`NodeBlocks`, rows
-grouped by node) and multiplied with all its queries, each row then picking its own columns; or,
-when those nodes hold over half of the catalogue (many different queries in a batch), one product
-over the whole catalogue and a gather of each row's candidate columns, which is then cheaper
-(between half and all of the catalogue the two cost about the same on the 43k-item Diginetica
-model). The whole-catalogue product reads the item table stored column-major ([D + 1, N],
-`item_columns`), cheaper to stream than the row-major table at serving batch sizes.
+Candidates are scored one of three ways, chosen per batch, with the same candidates in the same
+order: by the compiled kernels (`kernels.py`, Numba: each query's nodes chosen and its own leaves
+scored, read column-major by node); without Numba, the rows of every node the batch chose copied
+side by side once (`NodeBlocks`, rows grouped by node) and multiplied with all its queries, each
+row then picking its own columns; or, when the candidates are a large share of the catalogue (over
+`KERNEL_DENSE_SHARE` per query with the kernels: 30%, where they measured slower than the full
+product at 32 queries; over `DENSE_SHARE` of it under the batch's nodes without them), one product
+over the whole catalogue and a gather of each row's candidate columns. The whole-catalogue product
+reads the item table stored column-major ([D + 1, N], `item_columns`), cheaper to stream than the
+row-major table at serving batch sizes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from hmtrec.serve import kernels
 from hmtrec.serve.candidates import NodeBlocks, adaptive_nodes, candidate_leaf_index, top_nodes
 
 DENSE_SHARE = 0.5   # above this share of the catalogue under a batch's chosen nodes, the full product wins
-KERNEL_DENSE_SHARE = 0.5   # the same for the kernels: candidates per query, as a share of the catalogue
+KERNEL_DENSE_SHARE = 0.3   # the same for the kernels: candidates per query, as a share of the catalogue
 TRACE_TOLERANCE = 1e-4   # the traced query stage must match the eager one this closely, or it is not used
 
 
