@@ -152,7 +152,8 @@ def _train_mmoe(run_dir: Path, epochs: int) -> Path:
     if (run_dir / "predictions_valid.csv").exists():
         return run_dir
     config = load_config(REPO / "configs" / "ranking" / "ml1m_mmoe.yaml",
-                         [f"train.epochs={epochs}", "eval.write_predictions=true"])
+                         # the network's own probabilities, as when these figures were first taken
+                         [f"train.epochs={epochs}", "eval.write_predictions=true", "model.rate_blend=null"])
     get_pipeline("ranking").train(config, run_dir)
     return run_dir
 

@@ -200,6 +200,13 @@ def main() -> None:
         row["train s / run"] = f"{np.mean([r['train_seconds'] for r in runs]):.0f}"
         row["seeds"] = ", ".join(map(str, seeds_of[model]))
         row["vs best rate"] = f"{100 * (np.mean([r['test']['auc'] for r in runs]) - best_rate):+.2f}"
+        blends = [r["rate_blend"] for r in runs if "weights" in r.get("rate_blend", {})]
+        if blends:
+            row["network alone"] = mean_std([r["test"]["without_rate_blend"]["auc"] if "without_rate_blend" in r["test"]
+                                             else r["test"]["auc"] for r in runs])
+            row["rate blend"] = "; ".join(sorted({f"{b['kind']} {b['smoothing']:g}" for b in blends})) + ", w " + ", ".join(
+                f"{task} {min(b['weights'][task] for b in blends):g}-{max(b['weights'][task] for b in blends):g}"
+                for task in tasks)
         rows.append(row)
     for name, value in published_others.items():
         rows.append({"model": name, "published average": f"{value:.2f}"})
@@ -224,8 +231,15 @@ def main() -> None:
         "25-34 = {25}, 35+ = {35, 45, 50, 56}; click = rating > 3, like = rating > 4; features user_id, "
         "movie_id, gender, age, occupation, zip, first genre. Rate rows (no network, docs/ranking.md) are fitted "
         "on the training rows, their smoothing picked on validation; 'vs best rate' is the ranker's average "
-        f"minus the best rate row's. Published figures: {published_protocol}.\n\n"
+        f"minus the best rate row's."
+        + (" 'network alone': the same runs' networks without the rate blend that follows training "
+           "(`model.rate_blend`: each task's logit mixed with the best rate row's, (1 - w) network + w rate, the rate "
+           "and w chosen on validation; 'rate blend' gives the rate chosen and the range of w over the seeds; "
+           "docs/ranking.md)." if any("rate blend" in row for row in rows) else "")
+        + f" Published figures: {published_protocol}.\n\n"
         + markdown_table(rows, columns=["model", *pairs, "average", "valid average", "vs best rate",
+                                        *(["network alone", "rate blend"] if any("rate blend" in row for row in rows)
+                                          else []),
                                         "published average", "epochs (best)", "train s / run", "seeds"])
         + "\nThe same runs, test AUC x 100 per facet group: 'users' = at most 50 ratings in the whole log; "
         + ("'history' = at most 50 earlier ratings by the user at the time of the rating; "

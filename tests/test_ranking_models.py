@@ -263,3 +263,55 @@ def test_rate_prior_names_unknown_columns():
     encoder, _ = rate_prior_rows()
     with pytest.raises(ValueError, match=r"model.rate_prior names columns .*\['occupation'\]"):
         prior_model(encoder, kind="movie-demographic", demographics=["gender", "occupation"])
+
+
+def test_rate_blend_mixes_logits_by_the_weights_chosen_on_validation():
+    """Untrained network (noise) against an informative rate: the mix is (1 - w) network + w rate
+    with w > 0; before fitting the forward pass is the network's alone; saved with the weights."""
+    from hmtrec.models.ranking.rate_blend import fit_rate_blend
+
+    rng = np.random.default_rng(0)
+    n = 400
+    movies = rng.integers(0, 8, n)
+    frame = pd.DataFrame({"movie_id": [f"m{m}" for m in movies], "user_id": [f"u{u}" for u in rng.integers(0, 5, n)],
+                          "gender": rng.choice(["F", "M"], n), "surface": rng.choice(["home", "feed"], n),
+                          "click": (rng.random(n) < np.where(movies < 4, 0.8, 0.2)).astype(int),
+                          "watch": rng.normal(size=n)})
+    schema = FeatureSchema(categorical=["user_id", "movie_id", "gender"], scenario="surface")
+    encoder = FeatureEncoder(schema, [TaskSpec(name="click"), TaskSpec(name="watch", type="regression")]).fit(frame)
+    entry, params = validate_model_params("ranking", {"name": "mmoe", "expert_hidden": [8], "tower_hidden": [4],
+                                                      "embedding_init_std": 0.5,
+                                                      "rate_blend": {"demographics": ["gender"], "smoothings": [2.0]}})
+    model = entry.builder(params, layout=encoder.layout()).eval()
+    train, valid = encoder.transform(frame.iloc[:300]), encoder.transform(frame.iloc[300:])
+    batch = valid.batch(slice(None))
+    network = model(batch)
+    assert torch.equal(network["click"], model.task_logits(batch)["click"])     # not fitted: the network alone
+    record = fit_rate_blend(model, train, valid, params.rate_blend)
+    w = record["weights"]["click"]
+    assert 0 < w <= 1 and record["valid"]["blend"] > record["valid"]["network"]
+    rate = model.rate_blend.chosen(batch)[:, 0]
+    assert torch.allclose(model(batch)["click"], (1 - w) * network["click"] + w * rate, atol=1e-6)
+    assert torch.equal(model(batch)["watch"], network["watch"])                  # regression tasks untouched
+    with model.rate_blend.suspended():
+        assert torch.equal(model(batch)["click"], network["click"])
+    reloaded = entry.builder(params, layout=encoder.layout()).eval()
+    reloaded.load_state_dict(model.state_dict())
+    assert torch.allclose(reloaded(batch)["click"], model(batch)["click"])
+
+
+def test_rate_blend_keeps_the_network_alone_when_the_mix_does_not_help():
+    """A network that already ranks validation perfectly: no w above 0 scores higher, and ties go
+    to the smaller weight, so w = 0."""
+    from hmtrec.models.ranking.rate_blend import fit_rate_blend
+
+    encoder, frame = rate_prior_rows()
+    entry, params = validate_model_params("ranking", {"name": "mmoe", "expert_hidden": [8], "tower_hidden": [4],
+                                                      "rate_blend": {"kinds": ["movie"], "smoothings": [2.0]}})
+    model = entry.builder(params, layout=encoder.layout()).eval()
+    rows = encoder.transform(frame)
+    labels = rows.labels[:, 0]
+    model.task_logits = lambda batch: {"click": 50 * (batch["labels"][:, 0] - 0.5), "watch": batch["labels"][:, 1]}
+    record = fit_rate_blend(model, rows, rows, params.rate_blend)
+    assert record["weights"] == {"click": 0.0} and not model.rate_blend.active
+    assert labels.sum() > 0

@@ -89,7 +89,11 @@ def write_config(tmp_path, model, **extra):
                                          # the weights: `evaluate` and `predict` reproduce the run's scores
                                          ("mmoe", {"expert_hidden": [16], "rate_prior": {
                                              "kind": "movie-demographic", "item": "item",
-                                             "demographics": ["scenario"], "smoothing": 5}})])
+                                             "demographics": ["scenario"], "smoothing": 5}}),
+                                         # the rate blend is fitted after training and saved with the weights
+                                         ("mmoe", {"expert_hidden": [16], "rate_blend": {
+                                             "item": "item", "user": "user", "demographics": ["scenario"],
+                                             "smoothings": [5, 50]}})])
 def test_train_evaluate_predict_round_trip(tmp_path, model, extra):
     config = load_config(write_config(tmp_path, model, **extra))
     run_dir = tmp_path / "run"
@@ -207,3 +211,29 @@ def test_one_table_is_split_by_row_order(tmp_path):
         load_splits(RankingData(train=str(tmp_path / "all.csv")))
     with pytest.raises(ValueError, match="data.split=random are for source movielens-1m"):
         RankingData(path=str(tmp_path / "all.csv"), split="random")
+
+
+def test_refit_adds_the_rate_blend_to_a_trained_run_and_keeps_the_network(tmp_path):
+    """`hmtrec refit` fits the blend on a run trained without it: the network's own test scores are
+    those of the source run (the ablation in the same metrics), the weights are chosen on
+    validation, and the blend comes off again with rate_blend=null."""
+    from hmtrec.lifecycle import get_kind, refit
+
+    config = load_config(write_config(tmp_path, "mmoe", expert_hidden=[16]))
+    source = tmp_path / "run"
+    trained = get_pipeline("ranking").train(config, source)
+    assert "rate_blend" not in trained and "without_rate_blend" not in trained["test"]
+    blend = '{item: item, user: user, demographics: [scenario], smoothings: [5]}'
+    metrics = refit(get_kind("ranking"), source, [f"model.rate_blend={blend}"], into=tmp_path / "blended")
+    record = metrics["rate_blend"]
+    assert record["kind"] in ("movie", "movie+user", "movie-demographic") and len(record["candidates"]) == 3
+    assert set(record["weights"]) == {"click", "like"}
+    assert record["valid"]["blend"] >= record["valid"]["network"] - 1e-12
+    assert metrics["test"]["without_rate_blend"]["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-9)
+    assert metrics["best_epoch"] == trained["best_epoch"]          # the training record carried over
+    evaluated = get_pipeline("ranking").evaluate(tmp_path / "blended", [])
+    assert evaluated["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+    off = refit(get_kind("ranking"), tmp_path / "blended", ["model.rate_blend=null"], into=tmp_path / "off")
+    assert "rate_blend" not in off and off["test"]["auc"] == pytest.approx(trained["test"]["auc"], abs=1e-9)
+    with pytest.raises(ConfigError, match="keys fitted after training"):
+        refit(get_kind("ranking"), source, ["model.expert_hidden=[8]"], into=tmp_path / "other")

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from hmtrec.config import StrictModel, register_config
 from hmtrec.data.features import EncodedRows, FeatureEncoder, FeatureSchema, TaskSpec, log_report, read_rows
-from hmtrec.errors import ConfigError, DataError
+from hmtrec.errors import ConfigError, DataError, HmtrecError
 from hmtrec.evaluate.classification import metrics_rows, task_metrics
 from hmtrec.models.families import MULTI_TASK_ROWS
 from hmtrec.models.ranking.base import LossSettings, RankingModel
@@ -131,6 +131,11 @@ class RankingConfig(StrictModel):
     def _known_model(cls, value):
         validate_model_params("ranking", value)     # raises ConfigError naming model.<key>
         return value
+
+    def refit_keys(self) -> tuple[str, ...]:
+        """The model keys fitted after training (`hmtrec refit` changes them on the trained weights)."""
+        _, params = validate_model_params("ranking", self.model)
+        return tuple(f"model.{key}" for key in getattr(type(params), "post_training_keys", ()))
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -295,10 +300,54 @@ class RankingKind(RunKind):
         state = fit_trainable(model, trainer_settings, run.path, batches, lambda epoch: steps,
                               validate=validate if has_validation else None, on_epoch_end=on_epoch_end)
         model.cpu()
+        blend = self.fit_post_training(model, config, data)
         save_weights(run.path / WEIGHTS_FILE, model.state_dict())
         return {"model": config.model["name"], "parameters": n_parameters, "best_epoch": state.best_epoch,
                 "epochs_run": state.epoch, "train_seconds": state.train_seconds,
-                "seconds": time.perf_counter() - started, "history": state.history}
+                "seconds": time.perf_counter() - started, "history": state.history, **blend}
+
+    @staticmethod
+    def fit_post_training(model: RankingModel, config: RankingConfig, data: RankingRows) -> dict:
+        """`model.rate_blend`, when on: the mix with a rate baseline, chosen on validation."""
+        if model.rate_blend is None:
+            return {}
+        from hmtrec.models.ranking.rate_blend import fit_rate_blend
+
+        _, params = validate_model_params("ranking", config.model)
+        started = time.perf_counter()
+        record = fit_rate_blend(model, data.encoded["train"], data.encoded["valid"], params.rate_blend,
+                                monitor=config.train.monitor, batch_size=config.train.eval_batch_size)
+        record["seconds"] = time.perf_counter() - started
+        if "weights" in record:
+            get_logger().info("rate blend: %s (smoothing %g), weights %s; valid %s %.4f -> %.4f (rate alone %.4f)",
+                              record["kind"], record["smoothing"], record["weights"], record["monitor"],
+                              record["valid"]["network"], record["valid"]["blend"], record["valid"]["rate"])
+        else:
+            get_logger().info("rate blend: %s", record["skipped"])
+        return {"rate_blend": record}
+
+    def refit_main(self, label: str, run: RunDir, config: RankingConfig, data: RankingRows, previous: dict
+                   ) -> tuple[RankingModel, dict]:
+        """The trained weights (the rate blend's buffers may be missing or left over), then the
+        post-training stage fitted on validation as `fit` does."""
+        from hmtrec.rundir import load_weights
+
+        data.encoder = FeatureEncoder.load(run.path / FEATURES_FILE)
+        for split, frame in data.frames.items():
+            data.encoded[split] = data.encoder.transform(frame, file=data.files[split],
+                                                         first_row=frame.attrs.get("first_row", 1))
+        model = self.build(label, run, config, data)
+        missing, unexpected = model.load_state_dict(load_weights(run.path / WEIGHTS_FILE), strict=False)
+        stray = [key for key in [*missing, *unexpected] if not key.startswith("rate_blend.")]
+        if stray:
+            raise HmtrecError(f"{run.path / WEIGHTS_FILE}: the weights do not match the model of config.yaml "
+                              f"({stray[:5]}); train a new run")
+        started = time.perf_counter()
+        blend = self.fit_post_training(model, config, data)
+        save_weights(run.path / WEIGHTS_FILE, model.state_dict())
+        training = {key: value for key, value in previous.items()
+                    if key not in ("valid", "test", "data", "encoding", "rate_blend", "refit", "refit_seconds")}
+        return model, {**training, **blend, "refit_seconds": time.perf_counter() - started}
 
     def evaluate_model(self, label: str, model, run: RunDir | None, config: RankingConfig, data: RankingRows,
                        training: dict | None) -> dict:
@@ -310,6 +359,12 @@ class RankingKind(RunKind):
                                      data.encoded[split], data.frames[split], data.encoder,
                                      list(dict.fromkeys([*config.eval.groups, *config.eval.keep])))
             metrics[split] = frame_metrics(frame, data.encoder, config.eval.groups)
+            if model.rate_blend is not None and model.rate_blend.active:   # the ablation, in the same run
+                with model.rate_blend.suspended():
+                    alone = prediction_frame(predict_encoded(model, data.encoded[split], config.train.eval_batch_size),
+                                             data.encoded[split], data.frames[split], data.encoder)
+                network = frame_metrics(alone, data.encoder, [])
+                metrics[split]["without_rate_blend"] = {"auc": network["auc"], "logloss": network["logloss"]}
             if config.eval.write_predictions:
                 write_frame(run.path / f"predictions_{split}.csv", frame)
         return metrics

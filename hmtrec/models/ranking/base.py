@@ -8,17 +8,17 @@ configured weighting; `predict(batch)` returns probabilities (binary) or values 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hmtrec.config import StrictModel
 from hmtrec.data.features import FeatureLayout
 from hmtrec.models.families import MULTI_TASK_ROWS
-from hmtrec.models.ranking.blocks import FeatureEmbedding, LinearTerms, RatePrior
+from hmtrec.models.ranking.blocks import FeatureEmbedding, LinearTerms, RateBlend, RatePrior
 from hmtrec.train.losses import build_weighting, masked_task_losses
 
 
@@ -33,8 +33,45 @@ class RatePriorSettings(StrictModel):
     smoothing: float = Field(100.0, ge=0)                   # pseudo-rows of shrinkage, as the baselines
 
 
+class RateBlendSettings(StrictModel):
+    """`model.rate_blend`: after training, each binary task's logit mixed with the rate baseline
+    that scores best on validation, (1 - w) * network + w * rate, w per task chosen on validation
+    from `weights` (hmtrec/models/ranking/rate_blend.py; docs/ranking.md)."""
+
+    kinds: list[Literal["movie", "movie+user", "movie-demographic"]] = ["movie", "movie+user", "movie-demographic"]
+    smoothings: list[float] = [5.0, 10.0, 30.0, 100.0]     # pseudo-rows of shrinkage tried per kind
+    weights: list[float] = [round(0.1 * i, 1) for i in range(11)]
+    item: str = "movie_id"
+    user: str = "user_id"                                   # movie+user
+    demographics: list[str] = ["gender", "scenario", "occupation"]   # movie-demographic
+
+    @field_validator("kinds", "smoothings", "weights")
+    @classmethod
+    def _not_empty(cls, value):
+        if not value:
+            raise ValueError("give at least one value")
+        return value
+
+    @field_validator("smoothings")
+    @classmethod
+    def _non_negative(cls, value):
+        if any(not v >= 0 for v in value):
+            raise ValueError("smoothings are >= 0")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _unit_interval(cls, value):
+        if any(not 0 <= v <= 1 for v in value):
+            raise ValueError("weights are in [0, 1]")
+        return sorted(set(value))
+
+
 class RankingParams(StrictModel):
     """Parameters every ranking model has (the model section of the config adds its own)."""
+
+    # fitted after training on validation (`hmtrec refit RUN --set model.rate_blend=...` fits them again)
+    post_training_keys: ClassVar[tuple[str, ...]] = ("rate_blend",)
 
     embedding_dim: int = 16
     embedding_init_std: float = 1e-4
@@ -63,6 +100,9 @@ class RankingParams(StrictModel):
     # a fixed offset per task: the logit of a smoothed rate fitted on the training rows (off: null), so
     # the network learns the residual of the rate baseline rather than the item effect itself
     rate_prior: RatePriorSettings | None = None
+    # after training: the network's logit mixed with the best rate baseline's, the mix chosen on
+    # validation (off: null); the shipped MovieLens configs turn it on (docs/ranking.md)
+    rate_blend: RateBlendSettings | None = None
 
 
 class LossSettings(StrictModel):
@@ -94,6 +134,9 @@ class RankingModel(nn.Module):
         prior = params.rate_prior
         self.rate_prior = (RatePrior(layout, prior.kind, prior.item, prior.user, prior.demographics, prior.smoothing)
                            if prior is not None else None)
+        blend = params.rate_blend
+        self.rate_blend = (RateBlend(layout, blend.kinds, blend.item, blend.user, blend.demographics)
+                           if blend is not None else None)
         loss = loss or LossSettings()
         self.weighting = build_weighting(loss.weighting, self.task_types, [t.weight for t in layout.tasks])
 
@@ -125,10 +168,12 @@ class RankingModel(nn.Module):
         batch = self.drop_ids(batch)          # the body and the linear term see the same ids
         outputs = self.task_logits(batch)
         offsets = [term(batch) for term in (self.linear, self.rate_prior) if term is not None]  # [B, n_tasks]
-        if not offsets:
-            return outputs
-        offset = sum(offsets)
-        return {name: outputs[name] + offset[:, i] for i, name in enumerate(self.task_names)}
+        if offsets:
+            offset = sum(offsets)
+            outputs = {name: outputs[name] + offset[:, i] for i, name in enumerate(self.task_names)}
+        if self.rate_blend is not None and self.rate_blend.active:
+            outputs = self.rate_blend.mix(outputs, batch, self.task_names)
+        return outputs
 
     def outputs_matrix(self, batch: dict) -> torch.Tensor:
         outputs = self(batch)

@@ -8,6 +8,7 @@ than a Python loop over experts, which is what makes MMoE/PLE/HiNet/MFH cheap on
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -251,7 +252,7 @@ class RatePrior(nn.Module):
     scenario column (or the word `scenario`). Regression tasks get no offset."""
 
     def __init__(self, layout: FeatureLayout, kind: str, item: str, user: str, demographics: Sequence[str],
-                 smoothing: float):
+                 smoothing: float, key: str = "model.rate_prior"):
         super().__init__()
         positions = {name: i for i, (name, _) in enumerate(layout.categorical)}
         self.sizes = {name: size for name, size in layout.categorical}
@@ -264,7 +265,7 @@ class RatePrior(nn.Module):
         needed = [item] + ([user] if kind == "movie+user" else []) + self.demographics
         unknown = [c for c in needed if c not in positions]
         if unknown:
-            raise ValueError(f"model.rate_prior names columns that are not categorical features or the scenario: "
+            raise ValueError(f"{key} names columns that are not categorical features or the scenario: "
                              f"{unknown}; known: {list(positions)}")
         self.positions = {c: positions[c] for c in needed}
         self.binary = [i for i, task in enumerate(layout.tasks) if task.type == "binary"]
@@ -315,3 +316,48 @@ class RatePrior(nn.Module):
         for j, column in enumerate(self.demographics):
             offset = offset + getattr(self, f"demographic_{j}")[items, self._codes(batch, column)]
         return offset
+
+
+class RateBlend(nn.Module):
+    """`model.rate_blend`: after training, each binary task's logit mixed with a rate baseline's,
+    (1 - w) * network + w * rate, the rate (kind and smoothing) and w per task chosen on the
+    validation rows (hmtrec/models/ranking/rate_blend.py). One `RatePrior` per candidate kind holds
+    its tables; `choice` (the chosen kind's index, -1 before fitting) and `weights` [n_tasks] are
+    buffers saved with the weights. Until fitted the weights are 0 and the forward pass is the
+    network's alone, so training is exactly that of a model without it."""
+
+    def __init__(self, layout: FeatureLayout, kinds: Sequence[str], item: str, user: str,
+                 demographics: Sequence[str]):
+        super().__init__()
+        self.kinds = list(kinds)
+        self.priors = nn.ModuleDict({kind: RatePrior(layout, kind, item, user, demographics, 0.0,
+                                                     key="model.rate_blend") for kind in self.kinds})
+        self.binary = [i for i, task in enumerate(layout.tasks) if task.type == "binary"]
+        self.register_buffer("choice", torch.tensor(-1))
+        self.register_buffer("weights", torch.zeros(len(layout.tasks)))
+
+    @property
+    def active(self) -> bool:
+        return int(self.choice) >= 0 and bool((self.weights > 0).any())
+
+    @property
+    def chosen(self) -> RatePrior:
+        return self.priors[self.kinds[int(self.choice)]]
+
+    @contextmanager
+    def suspended(self):
+        """The network alone for the time of the block (the ablation figures)."""
+        weights = self.weights.clone()
+        self.weights.zero_()
+        try:
+            yield
+        finally:
+            self.weights.copy_(weights)
+
+    def mix(self, outputs: dict[str, torch.Tensor], batch: dict, task_names: Sequence[str]) -> dict[str, torch.Tensor]:
+        rate = self.chosen(batch)
+        mixed = dict(outputs)
+        for i in self.binary:
+            w = self.weights[i]
+            mixed[task_names[i]] = (1 - w) * outputs[task_names[i]] + w * rate[:, i]
+        return mixed
