@@ -20,7 +20,11 @@ import torch
 
 from hmtrec.data.features import EncodedRows
 from hmtrec.evaluate.classification import binary_metrics_by_group
-from hmtrec.serve.ranker import iterate_batches
+
+
+def _batches(rows: EncodedRows, batch_size: int):
+    for start in range(0, len(rows), batch_size):
+        yield rows.batch(slice(start, start + batch_size))
 
 
 def _logits(model, rows: EncodedRows, batch_size: int) -> np.ndarray:
@@ -29,7 +33,7 @@ def _logits(model, rows: EncodedRows, batch_size: int) -> np.ndarray:
     model.eval()
     parts = []
     with torch.no_grad():
-        for batch in iterate_batches(rows, batch_size):
+        for batch in _batches(rows, batch_size):
             outputs = model(batch)
             parts.append(torch.stack([outputs[name] for name in model.task_names], dim=1).float())
     model.train(was_training)
@@ -38,7 +42,7 @@ def _logits(model, rows: EncodedRows, batch_size: int) -> np.ndarray:
 
 def _rate_logits(prior, rows: EncodedRows, batch_size: int) -> np.ndarray:
     with torch.no_grad():
-        parts = [prior(batch) for batch in iterate_batches(rows, batch_size)]
+        parts = [prior(batch) for batch in _batches(rows, batch_size)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, 0), dtype=np.float32)
 
 
