@@ -113,6 +113,8 @@ def test_a_recorded_run_matches_its_config_once_model_defaults_are_resolved(tmp_
     assert _same_config(recorded, config) and _same_config(recorded, spelled_out)
     assert not _same_config(recorded, {**config, "model": {**config["model"], "dim": 16}})
     assert not _same_config(recorded, {**config, "train": {**config["train"], "lr": 0.5}})
+    # another thread count is the same run (a report rerun with --threads must not retrain it)
+    assert _same_config(recorded, {**config, "train": {**config["train"], "threads": 7}})
     assert not _same_config(tmp_path / "missing.yaml", config)
     recorded.write_text(yaml.safe_dump({**config, "model": {**config["model"], "removed_option": 1}}))
     assert not _same_config(recorded, config)   # a recorded model that no longer validates

@@ -156,7 +156,7 @@ def collect_finished(suite: Suite, out_dir: str | Path, *, threads: int | None =
                      overrides: dict | None = None) -> list[RunRecord]:
     """Records of every finished run of the suite in `out_dir`, whichever invocation ran it: the
     complete picture for tables, even when models or seeds were run separately. A run counts only
-    if its config is still what the suite asks for (same threads and overrides)."""
+    if its config is still what the suite asks for (same overrides; its thread count may differ)."""
     out_dir = Path(out_dir)
     records = []
     for model in suite.models:
@@ -208,14 +208,22 @@ def run_one(suite: Suite, model: SuiteModel, seed: int, out_dir: Path, *, thread
 
 def _same_config(path: Path, config: dict) -> bool:
     """Whether the run recorded at `path` is this config's run: the same config once model
-    parameters are resolved, so spelling out a default (`coupling: cascade`) is not a new run."""
+    parameters are resolved, so spelling out a default (`coupling: cascade`) is not a new run, and
+    whatever its thread count (`--threads` changes how fast a run goes, not what it is: a finished
+    run is reused, never deleted and trained again, when only that differs)."""
     if not path.exists():
         return False
     recorded, wanted = yaml.safe_load(path.read_text()), yaml.safe_load(yaml.safe_dump(config))
     try:
-        return _with_resolved_model(recorded) == _with_resolved_model(wanted)
+        return _identity(recorded) == _identity(wanted)
     except ConfigError:   # a recorded model that no longer validates is another run
         return False
+
+
+def _identity(config: dict) -> dict:
+    config = _with_resolved_model(config)
+    train = {key: value for key, value in (config.get("train") or {}).items() if key != "threads"}
+    return {**config, "train": train}
 
 
 def _with_resolved_model(config: dict) -> dict:
