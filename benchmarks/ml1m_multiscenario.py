@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--section", help="section of docs/benchmarks.md to write (default: ml1m-ranking-<preset>)")
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: report the (model, seed) runs that have finished, seeds listed per row")
     args = parser.parse_args()
@@ -257,9 +258,10 @@ def main() -> None:
                + (f" --out {os.path.relpath(args.out, REPO)}" if args.out.resolve() != DEFAULT_OUT.resolve() else "")
                + "".join(f" --set {o}" for o in args.overrides)
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
-               + (" --finished-only" if args.finished_only else ""))
+               + (" --finished-only" if args.finished_only else "")
+               + (f" --section {args.section}" if args.section else ""))
     if not args.no_report:
-        path = update_section(f"ml1m-ranking-{tag}", body, title=f"MovieLens-1M multi-scenario rankers, preset "
+        path = update_section(args.section or f"ml1m-ranking-{tag}", body, title=f"MovieLens-1M multi-scenario rankers, preset "
                               f"`{args.preset}`" + (f" (single task {', '.join(tasks)})" if single else ""),
                               command=command)
         print(f"wrote {path}")
