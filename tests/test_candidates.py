@@ -214,6 +214,7 @@ def test_kernel_nodes_are_top_and_adaptive_nodes_with_their_ties_and_order():
             assert np.array_equal(got, want.numpy()), (n_nodes, fraction)
         for top in (1, 3, n_nodes, n_nodes + 4):
             assert np.array_equal(kernels.select_nodes(scores.numpy(), counts, top=top), top_nodes(scores, top).numpy())
+    assert kernels.select_nodes(np.zeros((0, 5), np.float32), np.ones(5), target=2.0).shape == (0, 0)
     with pytest.raises(ValueError, match="top or target"):
         kernels.select_nodes(scores.numpy(), counts)
 

@@ -81,6 +81,8 @@ def _select_nodes(scores, leaf_counts, target, top, guess):
         if top <= 0 and count == filled and filled < n_nodes and leaves < target:
             unsorted_rows.append(row)
         taken[row] = count
+    if n_rows == 0:
+        return chosen[:, :0].copy()
     if len(unsorted_rows) == 0:
         return chosen[:, :taken.max()].copy()
     wide = np.full((n_rows, n_nodes), -1, np.int64)
