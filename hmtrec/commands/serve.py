@@ -49,7 +49,6 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from hmtrec.errors import HmtrecError
-        from hmtrec.rundir import get_logger
         from hmtrec.serve.app import ServeSettings, check_bind, create_app, score_in_loop_for, usable_cores
 
         if backend not in ("torch", "onnx"):
@@ -59,9 +58,9 @@ def register(app: typer.Typer) -> None:
         check_bind(host, api_key)
         if score_in_loop is None:
             score_in_loop = score_in_loop_for(workers)
-            get_logger().info("scoring batches %s (%d worker(s), %d core(s) usable; --score-in-loop/--score-in-thread "
-                              "to choose)", "on the event loop" if score_in_loop else "on a scoring thread",
-                              workers, usable_cores())
+            typer.echo(f"hmtrec serve: scoring batches {'on the event loop' if score_in_loop else 'on a scoring thread'} "
+                       f"({workers} worker(s), {usable_cores()} usable core(s); --score-in-loop / --score-in-thread "
+                       f"to choose)", err=True)
         settings = ServeSettings(api_key=api_key or None, backend=backend, max_k=max_k, max_history=max_history,
                                  max_rows=max_rows, max_body_bytes=max_body_bytes, unknown=unknown,
                                  batch_size=batch_size, batch_wait_ms=batch_wait_ms, threads=threads,
