@@ -315,3 +315,17 @@ def test_rate_blend_keeps_the_network_alone_when_the_mix_does_not_help():
     record = fit_rate_blend(model, rows, rows, params.rate_blend)
     assert record["weights"] == {"click": 0.0} and not model.rate_blend.active
     assert labels.sum() > 0
+
+
+def test_rate_blend_skips_a_run_without_binary_tasks_or_validation_rows():
+    from hmtrec.models.ranking.rate_blend import fit_rate_blend
+
+    encoder, frame = rate_prior_rows()
+    entry, params = validate_model_params("ranking", {"name": "mmoe", "expert_hidden": [8], "tower_hidden": [4],
+                                                      "rate_blend": {"kinds": ["movie"]}})
+    model = entry.builder(params, layout=encoder.layout())
+    rows = encoder.transform(frame)
+    assert "no validation rows" in fit_rate_blend(model, rows, encoder.transform(frame.iloc[:0]), params.rate_blend)["skipped"]
+    model.rate_blend.binary = []
+    assert "no binary task" in fit_rate_blend(model, rows, rows, params.rate_blend)["skipped"]
+    assert not model.rate_blend.active

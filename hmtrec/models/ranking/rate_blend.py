@@ -74,6 +74,8 @@ def fit_rate_blend(model, train: EncodedRows, valid: EncodedRows, settings, *, m
     blend.weights.zero_()
     if len(valid) == 0:
         return {"skipped": "no validation rows: the network alone serves"}
+    if not blend.binary:
+        return {"skipped": "no binary task: the network alone serves (rates blend only binary tasks)"}
     score = _Scorer(valid, monitor)
     binary = blend.binary
     network = _logits(model, valid, batch_size)
