@@ -42,7 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
-    parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 0.35],
+                        help="candidate shares of the catalogue (the server's default is a request's choice; 5% in serve-load)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=100, help="calls per measurement")
@@ -71,47 +72,48 @@ def main() -> None:
 
     rows = []
     with torch.inference_mode():
-        for size in args.batches:
-            chunks = [histories[(i * size) % 512:(i * size) % 512 + size] for i in range(args.calls)]
-            chunks = [c if len(c) == size else histories[:size] for c in chunks]
-            batch = pad_histories([artefact.encode_history(h)[0] for h in chunks[0]], artefact.config.eval_max_len)
-            coarse, query = scorer.query(batch)
+        for fraction in args.fractions:
+            for size in args.batches:
+                chunks = [histories[(i * size) % 512:(i * size) % 512 + size] for i in range(args.calls)]
+                chunks = [c if len(c) == size else histories[:size] for c in chunks]
+                batch = pad_histories([artefact.encode_history(h)[0] for h in chunks[0]], artefact.config.eval_max_len)
+                coarse, query = scorer.query(batch)
 
-            def stage():
-                nodes = scorer.candidate_nodes(coarse[level], level, fraction=args.fraction)
-                way = scorer.candidate_way(level, nodes)
-                if way == "kernel":
-                    return scorer.kernel_scores(level, query, nodes)
-                if way == "union":
-                    return scorer.node_blocks(level).union_scores(query, nodes)
-                from hmtrec.serve.candidates import candidate_leaf_index
-                return scorer.gather_candidates(query @ scorer.item_columns, candidate_leaf_index(scorer.taxonomy, level, nodes))
+                def stage():
+                    nodes = scorer.candidate_nodes(coarse[level], level, fraction=fraction)
+                    way = scorer.candidate_way(level, nodes)
+                    if way == "kernel":
+                        return scorer.kernel_scores(level, query, nodes)
+                    if way == "union":
+                        return scorer.node_blocks(level).union_scores(query, nodes)
+                    from hmtrec.serve.candidates import candidate_leaf_index
+                    return scorer.gather_candidates(query @ scorer.item_columns, candidate_leaf_index(scorer.taxonomy, level, nodes))
 
-            def whole():
-                for chunk in chunks[:max(1, args.calls // 4)]:
-                    artefact.recommend_many(chunk, args.k, candidate_fraction=args.fraction)
+                def whole():
+                    for chunk in chunks[:max(1, args.calls // 4)]:
+                        artefact.recommend_many(chunk, args.k, candidate_fraction=fraction)
 
-            measured = {way: {"stage": [], "request": []} for way in WAYS}
-            for _ in range(args.repeats):
+                measured = {way: {"stage": [], "request": []} for way in WAYS}
+                for _ in range(args.repeats):
+                    for way in WAYS:
+                        set_way(way)
+                        stage()                                   # warm (node blocks, layouts)
+                        measured[way]["stage"].append(cpu_ms(stage, args.calls))
+                        per_call = cpu_ms(whole, 1) / max(1, args.calls // 4)
+                        measured[way]["request"].append(per_call / size)
+                set_way("auto")
+                _, ids = scorer.kernel_scores(level, query, scorer.candidate_nodes(coarse[level], level, fraction=fraction))
+                candidates = float((ids >= 0).sum()) / size
                 for way in WAYS:
-                    set_way(way)
-                    stage()                                   # warm (node blocks, layouts)
-                    measured[way]["stage"].append(cpu_ms(stage, args.calls))
-                    per_call = cpu_ms(whole, 1) / max(1, args.calls // 4)
-                    measured[way]["request"].append(per_call / size)
-            set_way("auto")
-            _, ids = scorer.kernel_scores(level, query, scorer.candidate_nodes(coarse[level], level, fraction=args.fraction))
-            candidates = float((ids >= 0).sum()) / size
-            for way in WAYS:
-                stage_ms, request_ms = (float(np.median(measured[way][part])) for part in ("stage", "request"))
-                rows.append({"batch": size, "way": way, "candidate stage ms / batch": stage_ms,
-                             "vs kernel": stage_ms / float(np.median(measured["kernel"]["stage"])),
-                             "recommend_many CPU ms / request": request_ms,
-                             "candidates / query": f"{candidates:,.0f}"})
-                print(rows[-1], flush=True)
+                    stage_ms, request_ms = (float(np.median(measured[way][part])) for part in ("stage", "request"))
+                    rows.append({"fraction": f"{fraction:.0%}", "batch": size, "way": way, "candidate stage ms / batch": stage_ms,
+                                 "vs kernel": stage_ms / float(np.median(measured["kernel"]["stage"])),
+                                 "recommend_many CPU ms / request": request_ms,
+                                 "candidates / query": f"{candidates:,.0f}"})
+                    print(rows[-1], flush=True)
     body = (f"In-process CPU time (one torch thread) of the candidate stage of `hmtrec serve` on the run "
             f"`{args.run_dir.name}` ({artefact.taxonomy.n_leaves:,} items under {artefact.taxonomy.n_nodes(level):,} "
-            f"nodes of `{level}`): choosing each query's nodes until they cover {args.fraction:.0%} of the "
+            f"nodes of `{level}`): choosing each query's nodes until they cover a fraction of the "
             f"catalogue and scoring the items under them, given the query vectors; and a whole `recommend_many` "
             f"batch (encoder, candidates, answers with k={args.k}) per request. Ways: kernel = the compiled "
             f"kernels (Numba {kernels.numba.__version__}; the default), union = the nodes chosen in NumPy and "
@@ -123,7 +125,7 @@ def main() -> None:
             + markdown_table(rows, float_format="{:.3f}"))
     command = (f"python benchmarks/serve_stages.py {args.run_dir}"
                + (f" --batches {' '.join(map(str, args.batches))}" if args.batches != [1, 8, 16, 32] else "")
-               + (f" --fraction {args.fraction:g}" if args.fraction != 0.05 else "")
+               + (f" --fractions {' '.join(f'{f:g}' for f in args.fractions)}" if args.fractions != [0.05, 0.2, 0.35] else "")
                + (f" --repeats {args.repeats}" if args.repeats != 5 else ""))
     print(body)
     if not args.no_report:

@@ -17,10 +17,11 @@ Candidates are scored one of three ways, chosen per batch, with the same candida
 order: by the compiled kernels (`kernels.py`, Numba: each query's nodes chosen and its own leaves
 scored, read column-major by node); without Numba, the rows of every node the batch chose copied
 side by side once (`NodeBlocks`, rows grouped by node) and multiplied with all its queries, each
-row then picking its own columns; or, when the candidates are a large share of the catalogue (over
-`KERNEL_DENSE_SHARE` per query with the kernels: 30%, where they measured slower than the full
-product at 32 queries; over `DENSE_SHARE` of it under the batch's nodes without them), one product
-over the whole catalogue and a gather of each row's candidate columns. The whole-catalogue product
+row then picking its own columns; or, when the candidates are a large share of the catalogue, one
+product over the whole catalogue and a gather of each row's candidate columns: over
+`KERNEL_DENSE_SHARE` per query with the kernels (30%, between 20%, where they are 1.1-1.3x cheaper
+than the full product at 8-32 queries, and 35%, where the two cost the same; section
+`serve-stages` of docs/benchmarks.md), over `DENSE_SHARE` under the batch's nodes without them. The whole-catalogue product
 reads the item table stored column-major ([D + 1, N], `item_columns`), cheaper to stream than the
 row-major table at serving batch sizes.
 """
