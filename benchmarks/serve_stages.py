@@ -81,13 +81,7 @@ def main() -> None:
 
                 def stage():
                     nodes = scorer.candidate_nodes(coarse[level], level, fraction=fraction)
-                    way = scorer.candidate_way(level, nodes)
-                    if way == "kernel":
-                        return scorer.kernel_scores(level, query, nodes)
-                    if way == "union":
-                        return scorer.node_blocks(level).union_scores(query, nodes)
-                    from hmtrec.serve.candidates import candidate_leaf_index
-                    return scorer.gather_candidates(query @ scorer.item_columns, candidate_leaf_index(scorer.taxonomy, level, nodes))
+                    return scorer.candidate_scores(level, query, nodes)
 
                 def whole():
                     for chunk in chunks[:max(1, args.calls // 4)]:

@@ -281,7 +281,7 @@ def test_rate_blend_mixes_logits_by_the_weights_chosen_on_validation():
     encoder = FeatureEncoder(schema, [TaskSpec(name="click"), TaskSpec(name="watch", type="regression")]).fit(frame)
     entry, params = validate_model_params("ranking", {"name": "mmoe", "expert_hidden": [8], "tower_hidden": [4],
                                                       "embedding_init_std": 0.5,
-                                                      "rate_blend": {"demographics": ["gender"], "smoothings": [2.0]}})
+                                                      "rate_blend": {"demographics": ["gender"], "smoothings": [2.0, 50.0]}})
     model = entry.builder(params, layout=encoder.layout()).eval()
     train, valid = encoder.transform(frame.iloc[:300]), encoder.transform(frame.iloc[300:])
     batch = valid.batch(slice(None))
@@ -291,6 +291,11 @@ def test_rate_blend_mixes_logits_by_the_weights_chosen_on_validation():
     w = record["weights"]["click"]
     assert 0 < w <= 1 and record["valid"]["blend"] > record["valid"]["network"]
     rate = model.rate_blend.chosen(batch)[:, 0]
+    # the chosen rate's tables are those of its smoothing, whichever was tried last
+    from hmtrec.models.ranking.blocks import RatePrior
+
+    refitted = RatePrior(encoder.layout(), record["kind"], "movie_id", "user_id", ["gender"], record["smoothing"]).fit(train)
+    assert torch.allclose(refitted(batch)[:, 0], rate)
     assert torch.allclose(model(batch)["click"], (1 - w) * network["click"] + w * rate, atol=1e-6)
     assert torch.equal(model(batch)["watch"], network["watch"])                  # regression tasks untouched
     with model.rate_blend.suspended():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -113,6 +113,14 @@ class EncodedRows:
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None,
+                max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive batches of `batch_size` rows (in `order` when given), at most `max_batches`."""
+        for i, start in enumerate(range(0, len(self), batch_size)):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield self.batch(order[start:start + batch_size] if order is not None else slice(start, start + batch_size))
 
     def batch(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         batch = {"categorical": self.categorical[index], "numeric": self.numeric[index],

@@ -104,3 +104,10 @@ def saved_config_as_trained(raw: dict) -> dict:
     if isinstance(raw.get("baselines"), list):
         raw["baselines"] = [with_keys_added_since(spec) for spec in raw["baselines"]]
     return raw
+
+
+def post_training_keys(family: str, section: dict) -> tuple[str, ...]:
+    """The config keys of `section`'s model fitted after training (its params class's
+    `post_training_keys`, as `model.<key>`): what `hmtrec refit` may change on trained weights."""
+    _, params = validate_model_params(family, section)
+    return tuple(f"model.{key}" for key in getattr(type(params), "post_training_keys", ()))

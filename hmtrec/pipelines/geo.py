@@ -37,7 +37,7 @@ from hmtrec.data.taxonomy import Taxonomy
 from hmtrec.errors import ConfigError
 from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results
 from hmtrec.models.families import GEO_ACTIONS
-from hmtrec.models.registry import get_model, validate_model_params
+from hmtrec.models.registry import get_model, post_training_keys, validate_model_params
 from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind
 from hmtrec.rundir import RunDir, get_logger, save_weights
 from hmtrec.serve.artefact import build_geo_model as build_model, load_geo_run  # noqa: F401 (re-exported)
@@ -92,8 +92,7 @@ class GeoRunConfig(StrictModel):
 
     def refit_keys(self) -> tuple[str, ...]:
         """The model keys fitted after training (`hmtrec refit` changes them on the trained weights)."""
-        _, params = validate_model_params("sequence", self.model)
-        return tuple(f"model.{key}" for key in getattr(type(params), "post_training_keys", ()))
+        return post_training_keys("sequence", self.model)
 
     @field_validator("baselines")
     @classmethod

@@ -32,11 +32,11 @@ from hmtrec.errors import ConfigError, DataError, HmtrecError
 from hmtrec.evaluate.classification import metrics_rows, task_metrics
 from hmtrec.models.families import MULTI_TASK_ROWS
 from hmtrec.models.ranking.base import LossSettings, RankingModel
-from hmtrec.models.registry import validate_model_params
+from hmtrec.models.registry import post_training_keys, validate_model_params
 from hmtrec.lifecycle import RunKind, TrainSettings, fit_trainable, register_kind
 from hmtrec.progress import console
 from hmtrec.rundir import RunDir, get_logger, save_weights, write_frame
-from hmtrec.serve.ranker import (Ranker, build_model, iterate_batches, predict_encoded,  # noqa: F401
+from hmtrec.serve.ranker import (Ranker, build_model, predict_encoded,  # noqa: F401
                                  prediction_frame)
 
 FEATURES_FILE = "features.json"
@@ -134,8 +134,7 @@ class RankingConfig(StrictModel):
 
     def refit_keys(self) -> tuple[str, ...]:
         """The model keys fitted after training (`hmtrec refit` changes them on the trained weights)."""
-        _, params = validate_model_params("ranking", self.model)
-        return tuple(f"model.{key}" for key in getattr(type(params), "post_training_keys", ()))
+        return post_training_keys("ranking", self.model)
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -258,10 +257,16 @@ class RankingKind(RunKind):
             console.print(f"data: {line}")
         data.encoder = FeatureEncoder(config.features, config.tasks).fit(data.frames["train"], file=data.files["train"])
         data.encoder.save(run.path / FEATURES_FILE)
+        self.encode(data)
+        for split, rows in data.encoded.items():
+            log_report(rows.report, split)
+
+    @staticmethod
+    def encode(data: RankingRows) -> None:
+        """Every split's rows through the run's encoder (`data.encoder`)."""
         for split, frame in data.frames.items():
             data.encoded[split] = data.encoder.transform(frame, file=data.files[split],
                                                          first_row=frame.attrs.get("first_row", 1))
-            log_report(data.encoded[split].report, split)
 
     def build(self, label: str, run: RunDir, config: RankingConfig, data: RankingRows) -> RankingModel:
         model = build_model(config, data.encoder)
@@ -289,7 +294,7 @@ class RankingKind(RunKind):
         def batches(epoch: int):
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
             order = torch.randperm(len(train_rows), generator=generator)
-            return iterate_batches(train_rows, settings.batch_size, order, settings.max_steps_per_epoch)
+            return train_rows.batches(settings.batch_size, order, settings.max_steps_per_epoch)
 
         has_validation = len(frames["valid"]) > 0
         trainer_settings = settings.trainer_settings(
@@ -333,9 +338,7 @@ class RankingKind(RunKind):
         from hmtrec.rundir import load_weights
 
         data.encoder = FeatureEncoder.load(run.path / FEATURES_FILE)
-        for split, frame in data.frames.items():
-            data.encoded[split] = data.encoder.transform(frame, file=data.files[split],
-                                                         first_row=frame.attrs.get("first_row", 1))
+        self.encode(data)
         model = self.build(label, run, config, data)
         missing, unexpected = model.load_state_dict(load_weights(run.path / WEIGHTS_FILE), strict=False)
         stray = [key for key in [*missing, *unexpected] if not key.startswith("rate_blend.")]

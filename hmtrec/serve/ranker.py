@@ -24,16 +24,6 @@ from hmtrec.rundir import WEIGHTS_FILE, load_weights
 FEATURES_FILE = "features.json"
 
 
-def iterate_batches(rows: EncodedRows, batch_size: int, order: torch.Tensor | None = None,
-                    max_batches: int | None = None) -> Iterable[dict]:
-    n = len(rows)
-    for i, start in enumerate(range(0, n, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            return
-        index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
-        yield rows.batch(index)
-
-
 @torch.no_grad()
 def predict_encoded(model: RankingModel, rows: EncodedRows, batch_size: int = 32768) -> dict[str, np.ndarray]:
     """Probabilities (binary tasks) or values (regression tasks) for every row, per task."""
@@ -41,7 +31,7 @@ def predict_encoded(model: RankingModel, rows: EncodedRows, batch_size: int = 32
     model.eval()
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in model.task_names}
-    for batch in iterate_batches(rows, batch_size):
+    for batch in rows.batches(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         for name, values in model.predict(batch).items():
             parts[name].append(values.float().cpu())

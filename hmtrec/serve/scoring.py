@@ -214,16 +214,20 @@ class HeadScorer(HistoryScorer):
         if level not in coarse:
             raise ValueError(f"candidate level {level!r} has no head; heads: {self.coarse_levels}")
         nodes = self.candidate_nodes(coarse[level], level, top=top, fraction=fraction)
+        scores, ids = self.candidate_scores(level, query, nodes)
+        share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
+        return Scores(coarse, leaf, scores, ids, level, share)
+
+    def candidate_scores(self, level: str, query: torch.Tensor, nodes: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [Q, C], leaf ids [Q, C]) of the leaves under `nodes`, the way `candidate_way` picks."""
         way = self.candidate_way(level, nodes)
         if way == "dense":
             ids = candidate_leaf_index(self.taxonomy, level, nodes)
-            scores = self.gather_candidates(query @ self.item_columns, ids)
-        elif way == "kernel":
-            scores, ids = self.kernel_scores(level, query, nodes)
-        else:
-            scores, ids = self.node_blocks(level).union_scores(query, nodes)
-        share = (ids >= 0).sum(1).float() / self.taxonomy.n_leaves
-        return Scores(coarse, leaf, scores, ids, level, share)
+            return self.gather_candidates(query @ self.item_columns, ids), ids
+        if way == "kernel":
+            return self.kernel_scores(level, query, nodes)
+        return self.node_blocks(level).union_scores(query, nodes)
 
     def prepare_candidates(self) -> None:
         """Build the default level's node blocks now, so that a server's first request with

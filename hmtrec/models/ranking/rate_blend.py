@@ -22,18 +22,13 @@ from hmtrec.data.features import EncodedRows
 from hmtrec.evaluate.classification import binary_metrics_by_group
 
 
-def _batches(rows: EncodedRows, batch_size: int):
-    for start in range(0, len(rows), batch_size):
-        yield rows.batch(slice(start, start + batch_size))
-
-
 def _logits(model, rows: EncodedRows, batch_size: int) -> np.ndarray:
     """[N, n_tasks] network outputs (logits for binary tasks), the blend left out."""
     was_training = model.training
     model.eval()
     parts = []
     with torch.no_grad():
-        for batch in _batches(rows, batch_size):
+        for batch in rows.batches(batch_size):
             outputs = model(batch)
             parts.append(torch.stack([outputs[name] for name in model.task_names], dim=1).float())
     model.train(was_training)
@@ -42,7 +37,7 @@ def _logits(model, rows: EncodedRows, batch_size: int) -> np.ndarray:
 
 def _rate_logits(prior, rows: EncodedRows, batch_size: int) -> np.ndarray:
     with torch.no_grad():
-        parts = [prior(batch) for batch in _batches(rows, batch_size)]
+        parts = [prior(batch) for batch in rows.batches(batch_size)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -90,11 +85,13 @@ def fit_rate_blend(model, train: EncodedRows, valid: EncodedRows, settings, *, m
             value = float(np.mean([score(rate[:, i], i) for i in binary]))
             candidates.append({"kind": kind, "smoothing": smoothing, "valid": value})
             if best is None or value > best[0]:
-                best = (value, index, smoothing, rate)
-    value, index, smoothing, rate = best
+                tables = {name: table.clone() for name, table in prior.named_buffers()}
+                best = (value, index, smoothing, rate, tables)
+    value, index, smoothing, rate, tables = best
     prior = blend.priors[blend.kinds[index]]
     prior.smoothing = smoothing
-    prior.fit(train)                  # its tables hold the last smoothing tried: fitted again with the best
+    for name, table in prior.named_buffers():   # its tables hold the last smoothing tried
+        table.copy_(tables[name])
     weights, per_task = {}, {}
     for i in binary:
         name = model.task_names[i]
