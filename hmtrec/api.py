@@ -155,9 +155,9 @@ class Run:
             self.run_dir.require_done("recommendation")
             artefact = load_sequence_run(self.path, labels=[label] if label else None)
             if artefact.needs_fit:
-                from hmtrec.data.loading import load_data
+                from hmtrec.data.loading import load_fitting_split
 
-                artefact.fit_missing(load_data(artefact.config.data).train)
+                artefact.fit_missing(load_fitting_split(artefact.config.data, artefact.config.train.final_fit))
             self._artefacts[label] = artefact
         return self._artefacts[label]
 

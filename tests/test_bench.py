@@ -218,6 +218,18 @@ def test_frequency_breakdown_is_mean_and_std_per_bucket():
     assert frequency_breakdown(suite, summarize(suite, records[3:])) == ""
 
 
+def test_final_fit_effects_set_each_run_against_its_selection_model():
+    from hmtrec.bench.sections import final_fit_effects
+    suite = tiny_suite(metrics=["item/MRR@20", "item/Recall@20"])
+    records = [record("hiersrec", s, 0.20 + 0.01 * s, 0.50, best_epoch=3 + s,
+                      selection_metrics={"item/MRR@20": 0.19, "item/Recall@20": 0.48}) for s in range(2)]
+    records.append(record("pop", 0, 0.1, 0.2))           # no final fit: no row
+    text = final_fit_effects(suite, summarize(suite, records))
+    assert "| hiersrec | 2 | 3/4 | 20.50 ± 0.71 | 19.00 ± 0.00 | 1.50 ± 0.71 | 50.00 ± 0.00 | 48.00 ± 0.00 | 2.00 ± 0.00 |" in text
+    assert "| pop |" not in text
+    assert final_fit_effects(suite, summarize(suite, records[2:])) == ""
+
+
 def test_report_rewrites_only_the_suite_section(tmp_path):
     report = tmp_path / "benchmarks.md"
     report.write_text("# Benchmarks\n\n<!-- BEGIN other -->\nkeep me\n<!-- END other -->\n")

@@ -54,6 +54,8 @@ class RunRecord:
     # validation figures of the model as finally chosen, where a post-training choice changed it
     # (knn-hybrid's weight): "level/metric" -> value
     tuned_valid: dict[str, float] = field(default_factory=dict)
+    # with train.final_fit: the selection model's test metrics (trained on the training split alone)
+    selection_metrics: dict[str, float] = field(default_factory=dict)
     # test metrics by the target item's training frequency: bucket -> "level/metric" -> value
     frequency_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     frequency_cases: dict[str, int] = field(default_factory=dict)
@@ -122,6 +124,7 @@ def read_record(run_dir: Path, model: SuiteModel, seed: int) -> RunRecord:
     record.parameters = int(training.get("parameters", 0))
     record.history = training.get("history", [])
     record.tuned_valid = tuned_validation(training.get("tuned"), result.get("levels", []))
+    record.selection_metrics = flat((training.get("selection") or {}).get("test", {}).get("full"))
     record.frequency_metrics = {bucket: flat(by_level) for bucket, by_level in
                                 result.get("segments", {}).get("target_frequency", {}).items()}
     record.frequency_cases = dict(result.get("segment_cases", {}).get("target_frequency", {}))

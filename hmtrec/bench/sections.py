@@ -102,6 +102,32 @@ def ablation_effects(suite: Suite, summaries: list[ModelSummary], metrics: list[
     return "\n**Ablations against full HierSRec** (negative = the ablated part helps):\n\n" + "\n".join(lines) + "\n"
 
 
+def final_fit_effects(suite: Suite, summaries: list[ModelSummary], metrics: list[str] | None = None) -> str:
+    """With `train.final_fit`: each model's test figures against its own selection model's (the
+    same run before the final fit on train + valid): what training on the validation tail too adds."""
+    metrics = metrics or suite.metrics[:2]
+    rows = []
+    for summary in summaries:
+        runs = [r for r in summary.runs if r.selection_metrics]
+        if not runs:
+            continue
+        row = {"model": summary.label, "runs": str(len(runs)),
+               "epochs (final fit)": "/".join(str(r.best_epoch) for r in runs)}
+        for metric in metrics:
+            final = [r.metrics[metric] for r in runs if metric in r.metrics and metric in r.selection_metrics]
+            selection = [r.selection_metrics[metric] for r in runs if metric in r.metrics and metric in r.selection_metrics]
+            gain = [a - b for a, b in zip(final, selection)]
+            row[f"{metric} final fit"] = format_stat(summary.stat(final), len(final))
+            row[f"{metric} selection model"] = format_stat(summary.stat(selection), len(selection))
+            row[f"{metric} gain"] = format_stat(summary.stat(gain), len(gain))
+        rows.append(row)
+    if not rows:
+        return ""
+    return ("\n**Final fit against the selection model** (test; the selection model trains on the training "
+            "split alone and chooses the epoch on valid; the final fit trains afresh on train + valid for that "
+            "many epochs: the table's figures):\n\n" + markdown_table(rows) + "\n")
+
+
 def frequency_breakdown(suite: Suite, summaries: list[ModelSummary], metrics: list[str] | None = None) -> str:
     """Test metrics by the target item's training frequency (mean ± std over seeds), one row per model
     whose runs recorded the breakdown: where a model's accuracy comes from (rare, unseen, popular items)."""
@@ -145,6 +171,7 @@ def report_suite(suite: Suite, records: list[RunRecord], plots: dict[str, Path],
     failed = [r for r in records if r.status != "done"]
     if failed:
         body += "\nRuns that did not finish: " + "; ".join(f"{r.label} seed {r.seed} ({r.error})" for r in failed) + "\n"
+    body += final_fit_effects(suite, summaries)
     body += frequency_breakdown(suite, summaries)
     body += "\n**HierSRec against the single-task baselines:**\n\n" + verdict(suite, summaries)
     body += ablation_effects(suite, summaries)

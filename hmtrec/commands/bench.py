@@ -133,9 +133,10 @@ def register(app: typer.Typer) -> None:
         sweeps, rows, descriptions = {}, {}, []
         for run_dir in run_dirs:
             artefact = load_sequence_run(run_dir)
-            prepared = load_data(artefact.config.data)
+            final_fit = artefact.config.train.final_fit
+            prepared = load_data(artefact.config.data, with_train_all=final_fit)
             artefact.check_catalogue(prepared.taxonomy)
-            artefact.fit_missing(prepared.train)
+            artefact.fit_missing(prepared.fitting_split(final_fit))
             label = f"{artefact.main} ({run_dir})"
             chosen = level or prepared.taxonomy.level_names[-2]
             sweep = candidate_sweep(artefact.model(), prepared.test, prepared.taxonomy, chosen,

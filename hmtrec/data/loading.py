@@ -130,10 +130,20 @@ class PreparedData:
     test: SequenceData
     reports: list[FilterReport] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    train_all: SequenceData | None = None   # train + valid (`load_data(with_train_all=True)`): a final fit's data
 
     @property
     def taxonomy(self):
         return self.dataset.taxonomy
+
+    def fitting_split(self, final_fit: bool) -> SequenceData:
+        """What the models learn from: the training split, or train + valid for a run with
+        `train.final_fit` (its models are trained, and their statistics fitted, on both)."""
+        if not final_fit:
+            return self.train
+        if self.train_all is None:
+            raise ValueError("a final fit's data needs load_data(..., with_train_all=True)")
+        return self.train_all
 
     def summary(self) -> str:
         lines = [f"{self.dataset.name}: {self.dataset.taxonomy}"]
@@ -186,8 +196,13 @@ def read_source(cfg: DataConfig) -> SourceData:
     return module.read(cfg)
 
 
-def load_data(cfg: DataConfig) -> PreparedData:
+def load_data(cfg: DataConfig, *, with_train_all: bool = False) -> PreparedData:
+    """The splits `cfg` describes; `with_train_all` also gives train + valid merged (`train_all`, what
+    a final fit trains on), merged as `data.split.train_on_all` merges them."""
     if cfg.source == "prepared":  # memory-mapped shards of a log prepared by `hmtrec prepare`
+        if with_train_all:
+            raise ConfigError("train.final_fit: not supported for source 'prepared' (streaming preparation); "
+                              "set data.split.train_on_all in a second run instead")
         from hmtrec.data.streaming import load_prepared
         return load_prepared(cfg)
     started = time.perf_counter()
@@ -236,8 +251,11 @@ def load_data(cfg: DataConfig) -> PreparedData:
     warnings = list(source.warnings) + check_splits(train, valid, test, protocol, split.cutoffs)
     if cfg.split.train_on_all:
         train = _merge_train_valid(train, valid, protocol)
+    train_all = _merge_train_valid(train, valid, protocol) if with_train_all and not cfg.split.train_on_all else None
     if cfg.max_train_sequences is not None:
         train = _keep_latest_sequences(train, cfg.max_train_sequences, reports)
+        if train_all is not None:   # the same cut; its report would repeat the training split's
+            train_all = _keep_latest_sequences(train_all, cfg.max_train_sequences, [])
 
     taxonomy, leaf_text = source.taxonomy, source.leaf_text
     if not cfg.keep_unused_items:
@@ -249,6 +267,8 @@ def load_data(cfg: DataConfig) -> PreparedData:
             before = taxonomy.n_leaves
             taxonomy, new_index = taxonomy.subset(used)
             train, valid, test = (part.assign(leaf=new_index[part["leaf"].to_numpy()]) for part in (train, valid, test))
+            if train_all is not None:
+                train_all = train_all.assign(leaf=new_index[train_all["leaf"].to_numpy()])
             if leaf_text is not None:
                 leaf_text = [leaf_text[i] for i in used]
             reports.append(FilterReport("catalogue restricted to items that occur", 0, 0, 0, before - taxonomy.n_leaves,
@@ -274,8 +294,19 @@ def load_data(cfg: DataConfig) -> PreparedData:
                    for name, part in (("train", train_seq), ("valid", valid_seq), ("test", test_seq))},
         "seconds": round(time.perf_counter() - started, 3),
     }
+    train_all_seq = None
+    if with_train_all:   # with train_on_all the training split already is train + valid
+        train_all_seq = train_seq if train_all is None else _to_sequences(train_all, source.has_time, names)
+        info["counts"]["train_all"] = {"sequences": train_all_seq.n_sequences, "events": train_all_seq.n_events,
+                                       "targets": train_all_seq.n_targets}
     logger.info("loaded %s in %.1fs: %s", source.name, info["seconds"], info["counts"])
-    return PreparedData(dataset, train_seq, valid_seq, test_seq, reports, info)
+    return PreparedData(dataset, train_seq, valid_seq, test_seq, reports, info, train_all_seq)
+
+
+def load_fitting_split(cfg: DataConfig, final_fit: bool) -> SequenceData:
+    """The split a run's models learnt from (train, or train + valid after `train.final_fit`): what
+    statistics a saved run does not keep (a kNN's sessions) are fitted on again."""
+    return load_data(cfg, with_train_all=final_fit).fitting_split(final_fit)
 
 
 MIN_TEST_SEQUENCES = 2   # fewer test sequences than this: the metrics are one case's luck

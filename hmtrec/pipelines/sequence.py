@@ -32,6 +32,8 @@ Run directory:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ from hmtrec.rundir import RunDir, check_label, get_logger, save_weights, version
 from hmtrec.train.trainer import TrainerSettings, TrainState, resolve_device
 
 MAIN_WEIGHTS = "model.safetensors"
+SELECTION_DIR = "selection"   # a final fit's selection run (train.final_fit)
 BASELINES_DIR = "baselines"
 LENGTH_POOL_BATCHES = 50  # batches per pool of windows sorted by length
 
@@ -84,6 +87,11 @@ class TrainSection(TrainSettings, LrScheduleSettings):
     valid_max_sequences: int | None = Field(
         None, ge=1, description="validate on a fixed random subset of this many valid sequences (speed)")
     resume: bool = Field(True, description="continue from checkpoint.pt when the run directory has one")
+    final_fit: bool = Field(
+        False, description="after the epoch is chosen on valid, train the model afresh on train + valid for that "
+                           "many epochs along the same learning-rate curve, and keep that model (evaluated, saved, "
+                           "served); the selection model's test figures are recorded beside it (training.selection). "
+                           "Costs a second training; models without training are fitted on train + valid")
     sparse_updates: bool | Literal["auto"] = Field(
         "auto", description="sparse gradients and lazy Adam (hmtrec.train.trainer.LazyAdam) for the item tables a "
                             "model trains sparsely (HierSRec with item_loss: sampled): a step updates only the rows "
@@ -156,6 +164,12 @@ class SequenceConfig(StrictModel):
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise ConfigError(f"key 'baselines': label(s) {duplicates} used twice; give each a distinct 'label'")
+        if self.train.final_fit and self.train.monitor is None:
+            raise ConfigError("key 'train.final_fit': needs train.monitor, the validation metric that chooses the "
+                              "number of epochs the final fit trains")
+        if self.train.final_fit and self.data.split.train_on_all:
+            raise ConfigError("keys 'train.final_fit' and 'data.split.train_on_all': choose one; a final fit "
+                              "chooses its epochs on the valid split, which train_on_all trains on")
         if self.eval.max_len is not None and self.eval.max_len > self.train.max_len:
             raise ConfigError(f"key 'eval.max_len': {self.eval.max_len} exceeds train.max_len "
                               f"{self.train.max_len}, the longest window the models are built for")
@@ -293,7 +307,7 @@ class SequenceKind(RunKind):
 
     def prepare(self, config: SequenceConfig, *, for_evaluation: bool = False) -> PreparedData:
         console.print(f"[bold]loading data[/bold] ({config.data.source})")
-        prepared = load_data(config.data)
+        prepared = load_data(config.data, with_train_all=config.train.final_fit)
         check_eval_levels(config.eval, prepared.taxonomy)   # an eval level the data lacks fails first
         return prepared
 
@@ -316,18 +330,91 @@ class SequenceKind(RunKind):
             on_epoch_end: Callable[[TrainState], None] | None) -> dict:
         directory = run.model_dir(label, config.model["label"])
         started = time.perf_counter()
-        if getattr(model, "trainable", True):
-            model.fit(prepared.train)   # statistics a trainable model keeps beside its weights (a hybrid's kNN)
-            training = self._fit_trainable(model, prepared, config, directory, on_epoch_end)
-            tune = getattr(model, "tune_on_validation", None)
-            if callable(tune):          # settings chosen after training, on the valid split (never test)
-                training["tuned"] = tune(_validation_subset(prepared.valid, config.train), max_len=config.eval_max_len)
-        else:
-            model.fit(prepared.train)
+        if not getattr(model, "trainable", True):
+            model.fit(prepared.fitting_split(config.train.final_fit))
             training = {"fit_seconds": time.perf_counter() - started}
+        elif config.train.final_fit:
+            training = self._final_fit(model, prepared, config, directory, on_epoch_end)
+        else:
+            training = self._train_and_tune(model, prepared, config, directory, on_epoch_end)
         save_weights(directory / MAIN_WEIGHTS, model.state_dict())
         training["parameters"] = count_parameters(model)
         return training
+
+    def _train_and_tune(self, model, prepared: PreparedData, config: SequenceConfig, directory: Path,
+                        on_epoch_end) -> dict:
+        """Train on the training split, the epoch chosen on valid, then the settings a model chooses
+        after training (a hybrid's kNN weight), on valid too (never test)."""
+        model.fit(prepared.train)   # statistics a trainable model keeps beside its weights (a hybrid's kNN)
+        training = self._fit_trainable(model, prepared, config, directory, on_epoch_end)
+        tune = getattr(model, "tune_on_validation", None)
+        if callable(tune):
+            training["tuned"] = tune(_validation_subset(prepared.valid, config.train), max_len=config.eval_max_len)
+        return training
+
+    def _final_fit(self, model, prepared: PreparedData, config: SequenceConfig, directory: Path,
+                   on_epoch_end) -> dict:
+        """`train.final_fit`: a copy of the untrained model is trained as usual in `selection/` (the
+        epoch and any post-training setting chosen on valid) and scored on test; then `model` is
+        trained on train + valid for the selection's best number of epochs, its learning rate
+        following the selection run's curve epoch by epoch (the same horizon in epochs), and takes
+        the selection's post-training settings. Both stages resume from their own checkpoints."""
+        tune, adopt = getattr(model, "tune_on_validation", None), getattr(model, "adopt_tuned", None)
+        if callable(tune) and not callable(adopt):
+            raise ConfigError(f"key 'train.final_fit': model {type(model).__name__} chooses settings on valid "
+                              f"after training but cannot pass them on to a final fit (no adopt_tuned)")
+        selection = copy.deepcopy(model)        # the same initial weights as `model`
+        selection_dir = directory / SELECTION_DIR
+        selection_dir.mkdir(parents=True, exist_ok=True)
+        chosen = self._train_and_tune(selection, prepared, config, selection_dir, on_epoch_end)
+        result = evaluate_model(selection, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len,
+                                train=prepared.train)
+        chosen["test"] = {mode: result[mode] for mode in ("full", "candidate") if mode in result}
+        get_logger().info("final fit: the selection model (best epoch %d of %d) test: %s", chosen["best_epoch"],
+                          chosen["epochs"], flat_metrics(result))
+        del selection
+
+        train_all, settings = prepared.train_all, config.train
+        model.fit(train_all)
+        final_settings = dataclasses.replace(
+            settings.trainer_settings(), epochs=chosen["best_epoch"], schedule_epochs=settings.epochs,
+            monitor=None, patience=None, budget_minutes=None, precision=chosen["precision"])
+        batches, steps = self._batches(model, train_all, settings)
+        state = fit_trainable(model, final_settings, directory, batches, steps, on_epoch_end=on_epoch_end)
+        if "tuned" in chosen:
+            adopt(chosen["tuned"])
+        get_logger().info("final fit: %d epoch(s) on train + valid (%s targets) in %.0f s", state.epoch,
+                          f"{train_all.n_targets:,}", state.train_seconds)
+        final = self._summary(state, final_settings.budget_minutes, settings.precision)
+        final.update(train_targets=train_all.n_targets, schedule_epochs=settings.epochs)
+        # the bench tables read the selection's validation curve and best epoch; training time is both stages'
+        training = {key: value for key, value in chosen.items() if key not in ("test",)}
+        training.update(final_fit=final, selection={"test": chosen["test"], "best_epoch": chosen["best_epoch"],
+                                                    "epochs": chosen["epochs"]},
+                        train_seconds=chosen["train_seconds"] + state.train_seconds,
+                        fit_seconds=chosen["fit_seconds"] + state.fit_seconds,
+                        fit_cpu_seconds=chosen["fit_cpu_seconds"] + state.fit_cpu_seconds)
+        return training
+
+    @staticmethod
+    def _batches(model, train: SequenceData, settings: TrainSection):
+        batches, steps = training_batches(model, train, settings)
+        own_steps = getattr(model, "training_steps", None)
+        if steps is None and callable(own_steps):
+            n_steps = own_steps(train, settings.batch_size, settings.max_len)
+            steps = lambda epoch: n_steps  # noqa: E731
+        return batches, steps
+
+    @staticmethod
+    def _summary(state: TrainState, budget_minutes: float | None, precision: str) -> dict:
+        epoch_seconds = [record["epoch_seconds"] for record in state.history]
+        return {"epochs": state.epoch, "best_epoch": state.best_epoch or state.epoch,
+                "stopped_early": state.stopped_early, "stopped_by_budget": state.stopped_by_budget,
+                "budget_minutes": budget_minutes, "precision": state.precision or precision,
+                "precision_reason": state.precision_reason, "train_seconds": state.train_seconds,
+                "fit_seconds": state.fit_seconds, "fit_cpu_seconds": state.fit_cpu_seconds,
+                "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
+                "history": state.history}
 
     def _fit_trainable(self, model, prepared: PreparedData, config: SequenceConfig, directory: Path,
                        on_epoch_end) -> dict:
@@ -346,27 +433,16 @@ class SequenceKind(RunKind):
                                       f"metrics {sorted(metrics)}")
                 return {**metrics, "monitored": metrics[monitor_key]}
 
-        batches, steps = training_batches(model, prepared.train, settings)
-        own_steps = getattr(model, "training_steps", None)
-        if steps is None and callable(own_steps):
-            n_steps = own_steps(prepared.train, settings.batch_size, settings.max_len)
-            steps = lambda epoch: n_steps  # noqa: E731
+        batches, steps = self._batches(model, prepared.train, settings)
         state = fit_trainable(model, settings.trainer_settings(), directory, batches, steps, validate=validate,
                               on_epoch_end=on_epoch_end)
-        epoch_seconds = [record["epoch_seconds"] for record in state.history]
-        return {"epochs": state.epoch, "best_epoch": state.best_epoch or state.epoch,
-                "stopped_early": state.stopped_early, "stopped_by_budget": state.stopped_by_budget,
-                "budget_minutes": settings.budget_minutes, "precision": state.precision or settings.precision,
-                "precision_reason": state.precision_reason, "train_seconds": state.train_seconds,
-                "fit_seconds": state.fit_seconds, "fit_cpu_seconds": state.fit_cpu_seconds,
-                "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
-                "history": state.history}
+        return self._summary(state, settings.budget_minutes, settings.precision)
 
     def evaluate_model(self, label: str, model, run: RunDir | None, config: SequenceConfig,
                        prepared: PreparedData, training: dict | None) -> dict:
         console.print(f"[bold]evaluating {label}[/bold] on {prepared.test.n_targets:,} test cases")
         result = evaluate_model(model, prepared.test, prepared.taxonomy, config.eval, max_len=config.eval_max_len,
-                                train=prepared.train)
+                                train=prepared.fitting_split(config.train.final_fit))
         if training is not None:
             result["training"] = training
         get_logger().info("%s test: %s", label, flat_metrics(result))
@@ -391,7 +467,7 @@ class SequenceKind(RunKind):
 
     def ready(self, artefact, config: SequenceConfig, prepared: PreparedData, info: dict) -> dict[str, Any]:
         artefact.check_catalogue(prepared.taxonomy)
-        artefact.fit_missing(prepared.train)
+        artefact.fit_missing(prepared.fitting_split(config.train.final_fit))
         device = resolve_device(config.train.device)
         return {label: model.to(device) for label, model in artefact.models.items()}
 

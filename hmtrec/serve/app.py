@@ -554,9 +554,9 @@ def _load_sequence(run: RunDir, settings: ServeSettings) -> dict:
 
     artefact: SequenceArtefact = load_sequence_run(run.path)
     if artefact.needs_fit:
-        from hmtrec.data.loading import load_data
+        from hmtrec.data.loading import load_fitting_split
 
-        artefact.fit_missing(load_data(artefact.config.data).train)
+        artefact.fit_missing(load_fitting_split(artefact.config.data, artefact.config.train.final_fit))
     if settings.backend == "onnx":
         from hmtrec.serve.onnx import OnnxScorer
 

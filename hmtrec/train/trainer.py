@@ -192,6 +192,8 @@ class TrainerSettings:
     sparse_updates: bool | str = False  # True, False or "auto": sparse gradients and lazy Adam for the
                                         # tables the model's `enable_sparse_gradients` names (see
                                         # resolve_sparse_updates)
+    schedule_epochs: int | None = None  # the lr schedule's horizon in epochs (None: epochs); a final fit
+                                        # trains fewer epochs along the selection run's curve
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -312,7 +314,7 @@ class Trainer:
             if steps_per_epoch is None:
                 raise ValueError("an lr schedule needs the number of steps per epoch, which this model's "
                                  "batches do not report")
-            self.state.total_steps = settings.epochs * steps_per_epoch(1)
+            self.state.total_steps = (settings.schedule_epochs or settings.epochs) * steps_per_epoch(1)
         return self.state.total_steps
 
     def _set_lr(self, horizon: int | None) -> float:

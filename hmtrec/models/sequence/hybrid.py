@@ -149,6 +149,11 @@ class KNNHybrid(SequenceRecommender):
         return {"knn_weight": best, "valid_by_weight": {f"{w:g}": v for w, v in measured.items()},
                 "metric": f"{leaf}/{self.params.select_metric}"}
 
+    def adopt_tuned(self, tuned: dict) -> None:
+        """Take the weight another instance chose on validation (`tune_on_validation`'s result): a
+        final fit, which has no validation split left, keeps its selection run's choice."""
+        self.knn_weight.fill_(float(tuned["knn_weight"]))
+
 
 @register_model("sequence", "knn-hybrid", params=HybridParams)
 def build_knn_hybrid(params: HybridParams, *, taxonomy: Taxonomy, **context) -> KNNHybrid:
