@@ -273,3 +273,35 @@ def test_refit_changes_only_the_post_training_stage_on_the_trained_weights(geo_r
     for name in metrics["test"]:
         assert back["test"][name]["overall"] == metrics["test"][name]["overall"]
     assert read_json(target / "run.json")["status"] == "done"
+
+
+def test_a_final_fit_keeps_the_selections_epochs_and_post_training_stage(tmp_path, data_dir):
+    config = load_config("configs/geo/foursquare-nyc.yaml",
+                         QUICK + [f"data.path={data_dir / 'foursquare-nyc'}", "train.epochs=2", "train.patience=1",
+                                  "train.final_fit=true"])
+    metrics = get_pipeline("geo").train(config, tmp_path)
+    selection, final = metrics["selection"], metrics["final_fit"]
+    assert final["best_epoch"] == len(final["history"]) == selection["best_epoch"] == metrics["best_epoch"]
+    # trained on train + valid: more targets than the training split alone
+    from hmtrec.data.loading import load_data
+    prepared = load_data(config.data, with_train_all=True)
+    assert final["train_targets"] == prepared.train_all.n_targets > prepared.train.n_targets
+    # the post-training stage is the selection model's, fitted on validation, and served by the kept model
+    kept, chosen = load_weights(tmp_path / "model.safetensors"), load_weights(tmp_path / "selection" / "model.safetensors")
+    for name in ("blend_weights", "conditioning_alpha"):
+        assert kept[name].tolist() == chosen[name].tolist()
+    trained = [name for name in kept if name not in ("blend_weights", "conditioning_alpha") and kept[name].is_floating_point()]
+    assert trained and not all(kept[name].equal(chosen[name]) for name in trained)
+    # the selection model's test figures are kept beside the final model's, on the same examples
+    assert selection["test"]["n_examples"] == metrics["test"]["action-transformer"]["n_examples"]
+    again = get_pipeline("geo").evaluate(tmp_path, [])
+    for name in ("action-transformer", "geo-history-pop"):
+        for level in ("region", "cell"):
+            assert again["test"][name]["overall"][level] == pytest.approx(metrics["test"][name]["overall"][level])
+    target = tmp_path.parent / f"{tmp_path.name}-refitted"
+    outcome = CliRunner().invoke(app, ["refit", str(tmp_path), "-o", str(target)])
+    assert outcome.exit_code == 0, outcome.output
+    refitted = read_json(target / "metrics.json")
+    for level in ("region", "cell"):
+        assert refitted["test"]["action-transformer"]["overall"][level] == pytest.approx(
+            metrics["test"]["action-transformer"]["overall"][level])

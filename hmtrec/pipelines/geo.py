@@ -21,13 +21,15 @@ Run directory:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from hmtrec.config import StrictModel, register_config
 from hmtrec.data.actions import ActionStreams, Examples, ExampleSettings, log_event_types, sample_examples
@@ -43,6 +45,7 @@ from hmtrec.rundir import RunDir, get_logger, save_weights
 from hmtrec.serve.artefact import build_geo_model as build_model, load_geo_run  # noqa: F401 (re-exported)
 
 WEIGHTS_FILE = "model.safetensors"
+SELECTION_DIR = "selection"   # a final fit's selection run (train.final_fit)
 TAXONOMY_FILE = "taxonomy.json"
 
 
@@ -61,6 +64,11 @@ class GeoTrain(TrainSettings, LrScheduleSettings):
     # active examples per training target and epoch, drawn from T-1 .. T-active_days (None: all of
     # them); the days of one target share most of their history, so fewer cost little signal
     active_per_target: int | None = Field(None, ge=1)
+    final_fit: bool = Field(
+        False, description="after the epoch and the post-training stage are chosen on valid, train the model "
+                           "afresh on train + valid for that many epochs along the same lr curve, with the "
+                           "selection's post-training settings, and keep it; the selection model's test figures "
+                           "are recorded beside it (training.selection); baselines are fitted on train + valid")
 
 
 class GeoEval(GeoEvalSettings):
@@ -89,6 +97,13 @@ class GeoRunConfig(StrictModel):
     def _known_model(cls, value):
         validate_model_params("sequence", value)     # raises ConfigError naming model.<key>
         return value
+
+    @model_validator(mode="after")
+    def _final_fit_needs_valid(self) -> "GeoRunConfig":
+        if self.train.final_fit and self.data.split.train_on_all:
+            raise ConfigError("keys 'train.final_fit' and 'data.split.train_on_all': choose one; a final fit "
+                              "chooses its epochs on the valid split, which train_on_all trains on")
+        return self
 
     def refit_keys(self) -> tuple[str, ...]:
         """The model keys fitted after training (`hmtrec refit` changes them on the trained weights)."""
@@ -173,10 +188,17 @@ class GeoData:
     prepared: PreparedData
     event_types: list[str]
     test: tuple[ActionStreams, Examples] | None = None
+    final_fit: bool = False
+
+    @property
+    def fitting_log(self) -> SequenceData:
+        """What the kept model and the baselines learn from: train, or train + valid (final fit)."""
+        return self.prepared.fitting_split(self.final_fit)
 
     @property
     def train_leaves(self) -> np.ndarray:
-        return self.prepared.train.leaves[self.prepared.train.targets()]
+        log = self.fitting_log
+        return log.leaves[log.targets()]
 
 
 @register_kind
@@ -196,12 +218,12 @@ class GeoKind(RunKind):
         return {"model": config.model["name"], "event_types": data.event_types}
 
     def prepare(self, config: GeoRunConfig, *, for_evaluation: bool = False) -> GeoData:
-        prepared = load_data(config.data)
+        prepared = load_data(config.data, with_train_all=config.train.final_fit)
         for split in ("train", "valid", "test"):
             if getattr(prepared, split).timestamps is None:
                 raise ConfigError(f"key 'data.source': {config.data.source!r} gives no timestamps; "
                                   "geo examples need event times")
-        return GeoData(prepared, log_event_types(prepared.train))
+        return GeoData(prepared, log_event_types(prepared.train), final_fit=config.train.final_fit)
 
     def save_data(self, run: RunDir, config: GeoRunConfig, data: GeoData) -> None:
         data.prepared.dataset.taxonomy.save(run.path / TAXONOMY_FILE)
@@ -213,29 +235,68 @@ class GeoKind(RunKind):
         model = build_model(config, taxonomy, data.event_types)
         set_coordinates(model, config.data, taxonomy)
         if getattr(model, "uses_reference", False):
-            model.fit_prior(data.prepared.train)       # the reference's popularity, from training only
+            model.fit_prior(data.fitting_log)          # the reference's popularity, from what the model learns from
         return model
 
     def fit(self, label: str, model, run: RunDir, config: GeoRunConfig, data: GeoData, on_epoch_end) -> dict:
         prepared = data.prepared
         if label != config.model["name"]:                # a baseline: fitted, not trained
-            model.fit(prepared.train)
+            model.fit(data.fitting_log)
             return {}
-        train_streams = ActionStreams(prepared.train, config.examples)
+        if not config.train.final_fit:
+            return self._train_and_fit_post(model, prepared.train, run.path, config, data, on_epoch_end)
+        # train.final_fit: the selection run (epoch and post-training stage chosen on valid) from the
+        # same initial weights, then `model` on train + valid for its best number of epochs
+        selection = copy.deepcopy(model)
+        if getattr(selection, "uses_reference", False):
+            selection.fit_prior(prepared.train)
+        selection_dir = run.path / SELECTION_DIR
+        selection_dir.mkdir(parents=True, exist_ok=True)
+        chosen = self._train_and_fit_post(selection, prepared.train, selection_dir, config, data, on_epoch_end)
+        test_streams, test_examples = self.test_examples(config, data)
+        chosen["test"] = evaluate_geo(selection, test_streams, test_examples, config.eval,
+                                      train_leaves=prepared.train.leaves[prepared.train.targets()])
+        get_logger().info("final fit: the selection model (best epoch %d of %d) test: %s", chosen["best_epoch"],
+                          len(chosen["history"]), chosen["test"]["overall"])
+        final = self._train_and_fit_post(model, prepared.train_all, run.path, config, data, on_epoch_end,
+                                         epochs=chosen["best_epoch"], precision=chosen.get("precision"))
+        from hmtrec.models.sequence.geo_post import adopt_post_training
+
+        adopt_post_training(model, selection)
+        save_weights(run.path / WEIGHTS_FILE, model.state_dict())
+        get_logger().info("final fit: %d epoch(s) on train + valid in %.0f s", chosen["best_epoch"],
+                          final["train_seconds"])
+        final["train_targets"] = int(prepared.train_all.n_targets)
+        training = {key: value for key, value in chosen.items() if key != "test"}
+        training.update(final_fit=final, selection={"test": chosen["test"], "best_epoch": chosen["best_epoch"]},
+                        train_seconds=chosen["train_seconds"] + final["train_seconds"])
+        return training
+
+    def _train_and_fit_post(self, model, log: SequenceData, directory, config: GeoRunConfig, data: GeoData,
+                            on_epoch_end, *, epochs: int | None = None, precision: str | None = None) -> dict:
+        """Train `model` on the examples of `log` (resuming from `directory`'s checkpoint). Without
+        `epochs`: the best epoch chosen on validation, then the post-training stage fitted on
+        validation. With `epochs` (a final fit): that many epochs, no validation, the lr schedule's
+        horizon still `train.epochs`."""
+        prepared = data.prepared
+        train_streams = ActionStreams(log, config.examples)
         valid_streams, valid_examples = split_examples(prepared.valid, config.examples,
                                                        max_targets=config.train.valid_max_targets,
                                                        seed=config.eval.seed)
-        train_leaves = data.train_leaves
+        train_leaves = prepared.train.leaves[prepared.train.targets()]
         monitor = config.train.monitor or f"{model.levels[-1]}_MRR"
         settings = config.train.trainer_settings(monitor=monitor, monitor_mode="max",
                                                 **config.train.schedule_settings())
+        if epochs is not None:
+            settings = dataclasses.replace(settings, epochs=epochs, schedule_epochs=config.train.epochs, monitor=None,
+                                           patience=None, precision=precision or settings.precision)
         drawn: dict[int, Examples] = {}
 
         def examples_for(epoch: int) -> Examples:
             seed = config.examples.seed + (epoch if config.train.resample_each_epoch else 0)
             if seed not in drawn:
                 drawn.clear()
-                drawn[seed], _ = sample_examples(prepared.train, config.examples, seed=seed, streams=train_streams,
+                drawn[seed], _ = sample_examples(log, config.examples, seed=seed, streams=train_streams,
                                                  active_per_target=config.train.active_per_target)
             return drawn[seed]
 
@@ -255,15 +316,26 @@ class GeoKind(RunKind):
             return values
 
         started = time.perf_counter()
-        state = fit_trainable(model, settings, run.path, batches, steps, validate=validate, on_epoch_end=on_epoch_end)
+        state = fit_trainable(model, settings, directory, batches, steps,
+                              validate=validate if epochs is None else None, on_epoch_end=on_epoch_end)
         train_seconds = time.perf_counter() - started
-        blend = fit_post_training(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
-        save_weights(run.path / WEIGHTS_FILE, model.state_dict())
-        return {"history": state.history, "best_epoch": state.best_epoch, "train_seconds": train_seconds,
+        blend = None
+        if epochs is None:
+            blend = fit_post_training(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
+            save_weights(directory / WEIGHTS_FILE, model.state_dict())
+        return {"history": state.history, "best_epoch": state.best_epoch or state.epoch, "train_seconds": train_seconds,
+                "precision": state.precision,
                 **({"reference_blend": blend} if blend else {}),
                 "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in state.history]))
                 if state.history else None,
                 "examples": {"valid": valid_examples.counts()}}
+
+    def test_examples(self, config: GeoRunConfig, data: GeoData) -> tuple[ActionStreams, Examples]:
+        """The test examples, drawn once per run and shared by every model."""
+        if data.test is None:
+            data.test = split_examples(data.prepared.test, config.examples, max_targets=config.eval.max_targets,
+                                       seed=config.eval.seed)
+        return data.test
 
     def refit_main(self, label: str, run: RunDir, config: GeoRunConfig, data: GeoData, previous: dict
                    ) -> tuple[Any, dict]:
@@ -277,7 +349,19 @@ class GeoKind(RunKind):
                                                        max_targets=config.train.valid_max_targets,
                                                        seed=config.eval.seed)
         started = time.perf_counter()
-        record = fit_post_training(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
+        if config.train.final_fit:   # fitted on the selection model, which has not trained on valid
+            from hmtrec.models.sequence.geo_post import adopt_post_training
+
+            selection = self.build(label, run, config, data)
+            selection.load_state_dict(load_weights(run.path / SELECTION_DIR / WEIGHTS_FILE))
+            if getattr(selection, "uses_reference", False):
+                selection.fit_prior(data.prepared.train)
+            record = fit_post_training(selection, valid_streams, valid_examples, config.eval.batch_size,
+                                       config.eval.ks)
+            save_weights(run.path / SELECTION_DIR / WEIGHTS_FILE, selection.state_dict())
+            adopt_post_training(model, selection)
+        else:
+            record = fit_post_training(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
         save_weights(run.path / WEIGHTS_FILE, model.state_dict())
         training = {key: value for key, value in previous.items() if key not in ("test", "reference_blend")}
         return model, {**training, **({"reference_blend": record} if record else {}),
@@ -285,10 +369,7 @@ class GeoKind(RunKind):
 
     def evaluate_model(self, label: str, model, run: RunDir | None, config: GeoRunConfig, data: GeoData,
                        training: dict | None) -> dict:
-        if data.test is None:
-            data.test = split_examples(data.prepared.test, config.examples, max_targets=config.eval.max_targets,
-                                       seed=config.eval.seed)
-        streams, examples = data.test
+        streams, examples = self.test_examples(config, data)
         return evaluate_geo(model, streams, examples, config.eval, train_leaves=data.train_leaves)
 
     def summary(self, config: GeoRunConfig, data: GeoData, results: dict[str, dict],
@@ -308,7 +389,7 @@ class GeoKind(RunKind):
         models = {info["model"]: model}
         for name in config.baselines:
             baseline = build_model(config, data.prepared.dataset.taxonomy, info["event_types"], {"name": name})
-            baseline.fit(data.prepared.train)
+            baseline.fit(data.fitting_log)
             models[name] = baseline
         return models
 

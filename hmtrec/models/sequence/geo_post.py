@@ -212,3 +212,14 @@ def fit_post_training(model, batches: Iterable[tuple[dict[str, torch.Tensor], to
                    "valid_fitted": served["fitted"], "valid_cross_fitted": served["cross_fitted"],
                    "seconds": time.perf_counter() - started})
     return record
+
+
+POST_TRAINING_BUFFERS = ("blend_weights", "conditioning_alpha")   # what `fit_post_training` sets
+
+
+def adopt_post_training(model, fitted) -> None:
+    """Give `model` the post-training settings fitted on another instance (a final fit takes its
+    selection run's: the final model has trained on the validation examples the stage is fitted on)."""
+    for name in POST_TRAINING_BUFFERS:
+        if hasattr(fitted, name):
+            getattr(model, name).copy_(getattr(fitted, name))
