@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,10 @@ from hmtrec.rundir import read_json  # noqa: E402
 CONFIG = REPO / "configs" / "geo" / "foursquare-nyc.yaml"
 # the single-level model has no coarser head to factorise its cells through
 MAIN = {"multi-level": [], "single-level (cell)": ["model.levels=[cell]", "model.factorized_weight=0.0"]}
+# train.final_fit: the main run's network chooses the epochs and the post-training stage on
+# validation, then a fresh one trains on train + valid for those epochs and is tested
+FINAL_FIT = ["train.final_fit=true"]
+SELECTION = "selection"
 ABLATIONS = {
     "all switches on": [],
     "no copy pointer": ["model.copy_history=false"],
@@ -169,10 +174,12 @@ def refit_one(name: str, source: Path, overrides: list[str], post: list[str], ou
     return read_json(finished)
 
 
-def run_one(name: str, overrides: list[str], out: Path, train: bool = True) -> dict | None:
+def run_one(name: str, overrides: list[str], out: Path, train: bool = True, selection_from: Path | None = None
+            ) -> dict | None:
     """Train one run in its own process (unless a finished run of the same trained network exists:
     its post-training keys may differ, `refit_one` fits them); its metrics.json (None when it is
-    missing and `train` is off)."""
+    missing and `train` is off). A final fit's selection run is the main run of the same settings:
+    `selection_from`'s trained checkpoint is copied into <run>/selection/ instead of training it again."""
     run_dir = out / slug(name)
     config = load_config(CONFIG, overrides)
     finished = run_dir / "metrics.json"
@@ -180,8 +187,14 @@ def run_one(name: str, overrides: list[str], out: Path, train: bool = True) -> d
         if not train:
             print(f"{name}: no finished run, left out", flush=True)
             return None
-        if run_dir.exists():
+        # an interrupted run of this very config resumes from its checkpoints; any other is removed
+        if (run_dir / "config.yaml").exists() and resolved(load_config(run_dir / "config.yaml")) != resolved(config):
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        if selection_from is not None and (selection_from / "checkpoint.pt").exists() \
+                and not (run_dir / SELECTION / "checkpoint.pt").exists():
+            (run_dir / SELECTION).mkdir(parents=True, exist_ok=True)
+            for file in ("checkpoint.pt", "best.safetensors"):
+                shutil.copy2(selection_from / file, run_dir / SELECTION / file)
         command = [sys.executable, "-m", "hmtrec.cli", "train", "-c", str(CONFIG), "-o", str(run_dir)]
         for item in overrides:
             command += ["--set", item]
@@ -239,6 +252,8 @@ def main() -> None:
                         help="report the finished runs only (a row's 'seeds' column says how many)")
     parser.add_argument("--no-refit", action="store_true",
                         help="report the finished post-training refits only (no `hmtrec refit`)")
+    parser.add_argument("--final-fit", nargs="*", choices=list(MAIN), default=list(MAIN), metavar="MODEL",
+                        help="main models that also get a final fit on train + valid (default: both; none: no final fit)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; does not touch docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "foursquare-geo")
     args = parser.parse_args()
@@ -275,6 +290,14 @@ def main() -> None:
     for (name, seed, post), metrics in post_runs.items():    # the main rows: the config's own variant
         if post == default_post:
             runs[(name, seed)] = metrics
+    # the final fits, each from its main run's trained checkpoint (the selection run)
+    final_names = {f"{name}, final fit": name for name in args.final_fit}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {(final, seed): pool.submit(run_one, f"{final} seed{seed}", jobs[(name, seed)] + FINAL_FIT, args.out,
+                                              not args.no_train, args.out / slug(f"{name} seed{seed}"))
+                   for final, name in final_names.items() for seed in args.seeds}
+        final_runs = {key: future.result() for key, future in futures.items()}
+    final_runs = {key: metrics for key, metrics in final_runs.items() if metrics is not None}
     wall = time.perf_counter() - started
     config = load_config(CONFIG, base)
     main_model = config.model["name"]
@@ -380,6 +403,42 @@ def main() -> None:
                        "post-training fit s": cell_text([m["reference_blend"]["seconds"] for m in ms
                                                          if "reference_blend" in m] or [float("nan")], 0)})
 
+    final_text = []
+    finished_finals = {final: [final_runs[(final, seed)] for seed in args.seeds if (final, seed) in final_runs]
+                       for final in final_names}
+    finished_finals = {final: ms for final, ms in finished_finals.items() if ms}
+    if finished_finals:
+        first = next(iter(finished_finals.values()))[0]
+        final_groups = {}
+        for final, ms in finished_finals.items():
+            final_groups[final] = [m["test"][main_model] for m in ms]
+            final_groups[f"{final_names[final]}, its selection model"] = [m["selection"]["test"] for m in ms]
+        final_groups[f"{BASELINE} (fitted on train + valid)"] = [first["test"][BASELINE]]
+        final_overall = [metric_row(name, [r["overall"] for r in rs], seeds=len(rs), examples=rs[0]["n_examples"])
+                         for name, rs in final_groups.items()]
+        final_kinds = [metric_row(name, [r["by_kind"][kind] for r in rs], kind=kind, examples=rs[0]["counts"][kind])
+                       for kind in ("active", "dormant") for name, rs in final_groups.items()]
+        final_violations = [{"model": name, **{group: cell_text([(r["violation_rate"] if group == "all" else
+                                                                  r["violation_rate_by_kind"][group])["cell_in_region"]
+                                                                 for r in rs]) for group in ("all", "active", "dormant")}}
+                            for name, rs in final_groups.items()]
+        final_timing = [{"model": final, "runs": len(ms),
+                         "epochs (chosen by the selection run)": "/".join(str(m["best_epoch"]) for m in ms),
+                         "final fit s/epoch": cell_text([m["final_fit"]["epoch_seconds"] for m in ms], 0),
+                         "final fit train s": cell_text([m["final_fit"]["train_seconds"] for m in ms], 0),
+                         "train + valid targets": f"{ms[0]['final_fit']['train_targets']:,}"}
+                        for final, ms in finished_finals.items()]
+        final_text = [
+            "**Final fit** (`train.final_fit`; the same runs' settings: each main run above is the selection run "
+            "of its final fit, which chose the number of epochs and fitted the post-training stage on validation; "
+            "then a network with the same initial weights trains on train + valid, i.e. every check-in before the "
+            "test period, for that many epochs on the same learning-rate curve, keeps the selection's post-training "
+            "settings, and is tested on the same examples; its reference's popularity and the baseline row here "
+            "are fitted on train + valid too; test)", "",
+            markdown_table(final_overall), "**Final fit, active vs dormant examples (test)**", "",
+            markdown_table(final_kinds), "**Final fit, hierarchy-violation rate**", "", markdown_table(final_violations),
+            "**Final fit, training time** (one torch thread per run)", "", markdown_table(final_timing)]
+
     model = config.model
     params = validate_model_params("sequence", model)[1].model_dump()
     taxonomy = config.data.geo
@@ -456,6 +515,7 @@ def main() -> None:
         *([f"**Test figures of each post-training variant served** (mean ± std over seeds; every setting chosen "
            f"on validation as above; the main tables show the config's default)", "",
            markdown_table(post_test_rows)] if post_test_rows else []),
+        *final_text,
         f"**Training time** (one torch thread per run, {args.jobs} runs at once on the shared machine; CPU flags: "
         f"{cpu_flags()}; training of every run listed here, ablations included, took "
         f"{sum(m['train_seconds'] for m in runs.values()) / 60:.0f} min in all"
@@ -475,6 +535,8 @@ def main() -> None:
         command += " --no-train"
     if args.no_refit:
         command += " --no-refit"
+    if args.final_fit != list(MAIN):
+        command += " --final-fit" + "".join(f" '{name}'" for name in args.final_fit)
     path = update_section("foursquare-geo", body, title="Foursquare NYC: next destination at region and cell level",
                           command=command)
     print(f"\nwrote {path}")
