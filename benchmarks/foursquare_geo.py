@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from hmtrec.bench.report import markdown_table, update_section  # noqa: E402
 from hmtrec.config import load_config  # noqa: E402
 from hmtrec.models.registry import validate_model_params  # noqa: E402
-from hmtrec.rundir import read_json  # noqa: E402
+from hmtrec.rundir import SELECTION_DIR as SELECTION, read_json  # noqa: E402
 
 CONFIG = REPO / "configs" / "geo" / "foursquare-nyc.yaml"
 # the single-level model has no coarser head to factorise its cells through
@@ -48,7 +48,6 @@ MAIN = {"multi-level": [], "single-level (cell)": ["model.levels=[cell]", "model
 # train.final_fit: the main run's network chooses the epochs and the post-training stage on
 # validation, then a fresh one trains on train + valid for those epochs and is tested
 FINAL_FIT = ["train.final_fit=true"]
-SELECTION = "selection"
 ABLATIONS = {
     "all switches on": [],
     "no copy pointer": ["model.copy_history=false"],

@@ -99,6 +99,14 @@ class LrScheduleSettings(StrictModel):
         return dict(lr_schedule=self.lr_schedule, warmup_fraction=self.warmup_fraction, lr_floor=self.lr_floor)
 
 
+def check_final_fit(final_fit: bool, data) -> None:
+    """A final fit (`train.final_fit`) chooses its epochs on the valid split, so that split must not
+    be trained on before (`data.split.train_on_all`)."""
+    if final_fit and data.split.train_on_all:
+        raise ConfigError("keys 'train.final_fit' and 'data.split.train_on_all': choose one; a final fit "
+                          "chooses its epochs on the valid split, which train_on_all trains on")
+
+
 def set_threads(threads: int | None) -> int:
     """Set torch's CPU threads: `threads`, or every core this process may use when None."""
     import torch

@@ -41,6 +41,7 @@ CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
 BASELINES_DIR = "baselines"
+SELECTION_DIR = "selection"   # a final fit's selection run (train.final_fit), inside the model's folder
 TEMP_SUFFIX = ".tmp"
 DONE, TRAINING = "done", "training"
 # Keys that may change between a run and its resumption: where and how fast it runs, and its

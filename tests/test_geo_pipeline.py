@@ -305,3 +305,9 @@ def test_a_final_fit_keeps_the_selections_epochs_and_post_training_stage(tmp_pat
     for level in ("region", "cell"):
         assert refitted["test"]["action-transformer"]["overall"][level] == pytest.approx(
             metrics["test"]["action-transformer"]["overall"][level])
+
+
+def test_a_final_fit_refuses_a_valid_split_trained_on(data_dir):
+    with pytest.raises(ConfigError, match="train_on_all"):
+        load_config("configs/geo/foursquare-nyc.yaml", [f"data.path={data_dir / 'foursquare-nyc'}",
+                                                        "train.final_fit=true", "data.split.train_on_all=true"])

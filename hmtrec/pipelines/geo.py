@@ -40,12 +40,11 @@ from hmtrec.errors import ConfigError
 from hmtrec.evaluate.geo import GeoEvalSettings, evaluate_geo, print_geo_results
 from hmtrec.models.families import GEO_ACTIONS
 from hmtrec.models.registry import get_model, post_training_keys, validate_model_params
-from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind
-from hmtrec.rundir import RunDir, get_logger, save_weights
+from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, check_final_fit, fit_trainable, register_kind
+from hmtrec.rundir import SELECTION_DIR, RunDir, get_logger, save_weights
 from hmtrec.serve.artefact import build_geo_model as build_model, load_geo_run  # noqa: F401 (re-exported)
 
 WEIGHTS_FILE = "model.safetensors"
-SELECTION_DIR = "selection"   # a final fit's selection run (train.final_fit)
 TAXONOMY_FILE = "taxonomy.json"
 
 
@@ -100,9 +99,7 @@ class GeoRunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _final_fit_needs_valid(self) -> "GeoRunConfig":
-        if self.train.final_fit and self.data.split.train_on_all:
-            raise ConfigError("keys 'train.final_fit' and 'data.split.train_on_all': choose one; a final fit "
-                              "chooses its epochs on the valid split, which train_on_all trains on")
+        check_final_fit(self.train.final_fit, self.data)
         return self
 
     def refit_keys(self) -> tuple[str, ...]:

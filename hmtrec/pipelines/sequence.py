@@ -50,13 +50,12 @@ from hmtrec.evaluate.ranking import EvalSettings, evaluate_model
 from hmtrec.evaluate.report import print_results, results_table
 from hmtrec.models.families import SEQUENCE_WINDOWS
 from hmtrec.models.registry import validate_model_params
-from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind, set_threads  # noqa: F401
+from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, check_final_fit, fit_trainable, register_kind, set_threads  # noqa: F401
 from hmtrec.progress import console
-from hmtrec.rundir import RunDir, check_label, get_logger, save_weights, versions, write_json, write_text  # noqa: F401
+from hmtrec.rundir import SELECTION_DIR, RunDir, check_label, get_logger, save_weights, versions, write_json, write_text  # noqa: F401
 from hmtrec.train.trainer import TrainerSettings, TrainState, resolve_device
 
 MAIN_WEIGHTS = "model.safetensors"
-SELECTION_DIR = "selection"   # a final fit's selection run (train.final_fit)
 BASELINES_DIR = "baselines"
 LENGTH_POOL_BATCHES = 50  # batches per pool of windows sorted by length
 
@@ -167,9 +166,7 @@ class SequenceConfig(StrictModel):
         if self.train.final_fit and self.train.monitor is None:
             raise ConfigError("key 'train.final_fit': needs train.monitor, the validation metric that chooses the "
                               "number of epochs the final fit trains")
-        if self.train.final_fit and self.data.split.train_on_all:
-            raise ConfigError("keys 'train.final_fit' and 'data.split.train_on_all': choose one; a final fit "
-                              "chooses its epochs on the valid split, which train_on_all trains on")
+        check_final_fit(self.train.final_fit, self.data)
         if self.eval.max_len is not None and self.eval.max_len > self.train.max_len:
             raise ConfigError(f"key 'eval.max_len': {self.eval.max_len} exceeds train.max_len "
                               f"{self.train.max_len}, the longest window the models are built for")
