@@ -427,6 +427,14 @@ def main() -> None:
                          "final fit train s": cell_text([m["final_fit"]["train_seconds"] for m in ms], 0),
                          "train + valid targets": f"{ms[0]['final_fit']['train_targets']:,}"}
                         for final, ms in finished_finals.items()]
+        gap_text = ""
+        if len(finished_finals) == 2:
+            (_, multi_final), (_, single_final) = finished_finals.items()
+            multi_mrr = [m["test"][main_model]["overall"]["cell"]["MRR"] for m in multi_final]
+            single_mrr = [m["test"][main_model]["overall"]["cell"]["MRR"] for m in single_final]
+            gap_text = (f"Cell MRR after the final fit, multi-level minus single-level: "
+                        f"{mean_std(multi_mrr)[0] - mean_std(single_mrr)[0]:+.4f} (seed std {mean_std(multi_mrr)[1]:.4f} "
+                        f"multi-level, {mean_std(single_mrr)[1]:.4f} single-level).")
         final_text = [
             "**Final fit** (`train.final_fit`; the same runs' settings: each main run above is the selection run "
             "of its final fit, which chose the number of epochs and fitted the post-training stage on validation; "
@@ -434,7 +442,8 @@ def main() -> None:
             "test period, for that many epochs on the same learning-rate curve, keeps the selection's post-training "
             "settings, and is tested on the same examples; its reference's popularity and the baseline row here "
             "are fitted on train + valid too; test)", "",
-            markdown_table(final_overall), "**Final fit, active vs dormant examples (test)**", "",
+            markdown_table(final_overall), *([gap_text, ""] if gap_text else []),
+            "**Final fit, active vs dormant examples (test)**", "",
             markdown_table(final_kinds), "**Final fit, hierarchy-violation rate**", "", markdown_table(final_violations),
             "**Final fit, training time** (one torch thread per run)", "", markdown_table(final_timing)]
 
