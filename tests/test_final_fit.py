@@ -72,6 +72,7 @@ def test_the_kept_model_trains_on_train_and_valid_for_the_chosen_epochs(final_ru
     bench = read_record(run_dir, SuiteModel(label="hiersrec", model={"name": "hiersrec"}), 0)
     assert bench.selection_metrics["item/MRR@20"] == selection["test"]["full"]["item"]["MRR@20"]
     assert bench.metrics["item/MRR@20"] == metrics["models"]["hiersrec"]["full"]["item"]["MRR@20"]
+    assert bench.train_targets == final["train_targets"]
 
 
 def test_models_without_training_fit_on_train_and_valid_and_evaluate_reproduces_them(final_run):

@@ -120,7 +120,8 @@ def read_record(run_dir: Path, model: SuiteModel, seed: int) -> RunRecord:
     record.epoch_seconds = training.get("epoch_seconds")
     record.fit_seconds = training.get("fit_seconds")
     record.train_seconds = float(training.get("train_seconds", training.get("fit_seconds", 0.0)))
-    record.train_targets = int(metrics.get("data", {}).get("train", {}).get("targets", 0))
+    counts = metrics.get("data", {})      # a final fit's model learnt from train + valid
+    record.train_targets = int(counts.get("train_all", counts.get("train", {})).get("targets", 0))
     record.parameters = int(training.get("parameters", 0))
     record.history = training.get("history", [])
     record.tuned_valid = tuned_validation(training.get("tuned"), result.get("levels", []))

@@ -153,7 +153,8 @@ def frequency_breakdown(suite: Suite, summaries: list[ModelSummary], metrics: li
                 row[f"{bucket} {metric}"] = format_stat(summary.stat(values), summary.n)
         rows.append(row)
     shares = ", ".join(f"{bucket} {counts[bucket]:,}" for bucket in buckets)
-    return ("\n**By the target item's training frequency** (occurrences in the training split; test cases: "
+    return ("\n**By the target item's training frequency** (occurrences in the data the model learnt from: the "
+            "training split, train + valid after a final fit; test cases: "
             f"{shares}):\n\n" + markdown_table(rows) + "\n")
 
 
