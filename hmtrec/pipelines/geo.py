@@ -185,6 +185,7 @@ class GeoData:
     prepared: PreparedData
     event_types: list[str]
     test: tuple[ActionStreams, Examples] | None = None
+    valid: tuple[ActionStreams, Examples] | None = None
     final_fit: bool = False
 
     @property
@@ -194,8 +195,12 @@ class GeoData:
 
     @property
     def train_leaves(self) -> np.ndarray:
-        log = self.fitting_log
-        return log.leaves[log.targets()]
+        """The target leaves of what the kept model learns from (its frequency buckets)."""
+        return target_leaves(self.fitting_log)
+
+
+def target_leaves(log: SequenceData) -> np.ndarray:
+    return log.leaves[log.targets()]
 
 
 @register_kind
@@ -252,7 +257,7 @@ class GeoKind(RunKind):
         chosen = self._train_and_fit_post(selection, prepared.train, selection_dir, config, data, on_epoch_end)
         test_streams, test_examples = self.test_examples(config, data)
         chosen["test"] = evaluate_geo(selection, test_streams, test_examples, config.eval,
-                                      train_leaves=prepared.train.leaves[prepared.train.targets()])
+                                      train_leaves=target_leaves(prepared.train))
         get_logger().info("final fit: the selection model (best epoch %d of %d) test: %s", chosen["best_epoch"],
                           len(chosen["history"]), chosen["test"]["overall"])
         final = self._train_and_fit_post(model, prepared.train_all, run.path, config, data, on_epoch_end,
@@ -275,12 +280,7 @@ class GeoKind(RunKind):
         `epochs`: the best epoch chosen on validation, then the post-training stage fitted on
         validation. With `epochs` (a final fit): that many epochs, no validation, the lr schedule's
         horizon still `train.epochs`."""
-        prepared = data.prepared
         train_streams = ActionStreams(log, config.examples)
-        valid_streams, valid_examples = split_examples(prepared.valid, config.examples,
-                                                       max_targets=config.train.valid_max_targets,
-                                                       seed=config.eval.seed)
-        train_leaves = prepared.train.leaves[prepared.train.targets()]
         monitor = config.train.monitor or f"{model.levels[-1]}_MRR"
         settings = config.train.trainer_settings(monitor=monitor, monitor_mode="max",
                                                 **config.train.schedule_settings())
@@ -305,7 +305,9 @@ class GeoKind(RunKind):
             return -(-len(examples_for(epoch)) // config.train.batch_size)
 
         def validate(current) -> dict:
-            results = evaluate_geo(current, valid_streams, valid_examples, config.eval, train_leaves=train_leaves)
+            valid_streams, valid_examples = self.valid_examples(config, data)
+            results = evaluate_geo(current, valid_streams, valid_examples, config.eval,
+                                   train_leaves=target_leaves(data.prepared.train))
             values = flat_validation(results)
             if monitor not in values:
                 raise ConfigError(f"key 'train.monitor': {monitor!r} is not a validation metric; "
@@ -316,16 +318,24 @@ class GeoKind(RunKind):
         state = fit_trainable(model, settings, directory, batches, steps,
                               validate=validate if epochs is None else None, on_epoch_end=on_epoch_end)
         train_seconds = time.perf_counter() - started
-        blend = None
-        if epochs is None:
+        summary = {"history": state.history, "best_epoch": state.best_epoch or state.epoch,
+                   "train_seconds": train_seconds, "precision": state.precision,
+                   "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in state.history]))
+                   if state.history else None}
+        if epochs is None:                 # the post-training stage, on the validation examples
+            valid_streams, valid_examples = self.valid_examples(config, data)
             blend = fit_post_training(model, valid_streams, valid_examples, config.eval.batch_size, config.eval.ks)
             save_weights(directory / WEIGHTS_FILE, model.state_dict())
-        return {"history": state.history, "best_epoch": state.best_epoch or state.epoch, "train_seconds": train_seconds,
-                "precision": state.precision,
-                **({"reference_blend": blend} if blend else {}),
-                "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in state.history]))
-                if state.history else None,
-                "examples": {"valid": valid_examples.counts()}}
+            summary.update({**({"reference_blend": blend} if blend else {}),
+                            "examples": {"valid": valid_examples.counts()}})
+        return summary
+
+    def valid_examples(self, config: GeoRunConfig, data: GeoData) -> tuple[ActionStreams, Examples]:
+        """The validation examples (a fixed sample of `train.valid_max_targets`), drawn once per run."""
+        if data.valid is None:
+            data.valid = split_examples(data.prepared.valid, config.examples,
+                                        max_targets=config.train.valid_max_targets, seed=config.eval.seed)
+        return data.valid
 
     def test_examples(self, config: GeoRunConfig, data: GeoData) -> tuple[ActionStreams, Examples]:
         """The test examples, drawn once per run and shared by every model."""
@@ -342,9 +352,7 @@ class GeoKind(RunKind):
 
         model = self.build(label, run, config, data)
         model.load_state_dict(load_weights(run.path / WEIGHTS_FILE))
-        valid_streams, valid_examples = split_examples(data.prepared.valid, config.examples,
-                                                       max_targets=config.train.valid_max_targets,
-                                                       seed=config.eval.seed)
+        valid_streams, valid_examples = self.valid_examples(config, data)
         started = time.perf_counter()
         if config.train.final_fit:   # fitted on the selection model, which has not trained on valid
             from hmtrec.models.sequence.geo_post import adopt_post_training
