@@ -77,9 +77,20 @@ def build_config(raw: dict, source: str = "config") -> StrictModel:
     if kind not in CONFIG_KINDS:
         raise ConfigError(f"{source}: key 'kind': unknown kind {kind!r}; known: {sorted(CONFIG_KINDS)}")
     try:
-        return CONFIG_KINDS[kind].model_validate(raw)
+        return CONFIG_KINDS[kind].model_validate(_absolute_data_path(raw))
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def _absolute_data_path(raw: dict) -> dict:
+    """A relative `data.path` left after `resolve_data_path` (from `--set` or a mapping built in
+    code) is relative to the working directory: made absolute here, so a resolved config (and the
+    run directory's config.yaml) reads the same data wherever it is loaded from."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
+            and not Path(data["path"]).expanduser().is_absolute():
+        return {**raw, "data": {**data, "path": str(Path(data["path"]).resolve())}}
+    return raw
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -131,16 +142,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
 
 def dump_config(config: StrictModel, path: str | Path) -> None:
-    """Write the resolved config; a relative data.path (from --set, relative to the working
-    directory) is written absolute, so the file reads the same data wherever it is loaded from."""
-    dumped = config.model_dump(mode="json")
-    data = dumped.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
-            and not Path(data["path"]).expanduser().is_absolute():
-        data["path"] = str(Path(data["path"]).resolve())
+    """Write the resolved config (its data.path is absolute: `build_config`), atomically, so a reader
+    never sees half a config."""
     from hmtrec.rundir import write_text
 
-    write_text(path, yaml.safe_dump(dumped, sort_keys=False))  # atomically: a reader never sees half a config
+    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 # Where each config kind's module is: it registers the kind's config model (here) and its part of

@@ -200,12 +200,6 @@ def write_frame(path: str | Path, frame, **to_csv) -> None:
     atomic_write_bytes(path, lambda temporary: frame.to_csv(temporary, index=False, **to_csv))
 
 
-def write_config(path: str | Path, config) -> None:
-    import yaml
-
-    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-
-
 def _json_default(value):
     if hasattr(value, "item"):
         return value.item()
@@ -500,7 +494,9 @@ class RunDir:
             if removed:
                 get_logger().info("removed %d temporary file(s) left by an interrupted run", len(removed))
             dump = config.model_dump(mode="json")
-            write_config(run.config_path, config)
+            from hmtrec.config import dump_config
+
+            dump_config(config, run.config_path)
             run.info = {"kind": kind, "models": models, "status": TRAINING, "versions": versions(),
                         "config_hash": config_hash(dump, _resumable(config)), **extra}
             write_json(run.info_path, run.info)

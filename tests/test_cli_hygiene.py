@@ -107,9 +107,10 @@ def test_relative_data_path_is_relative_to_the_config_file(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     loaded = load_config(config)
     assert Path(loaded.data.path) == (tmp_path / "project" / "data" / "ml").resolve()
-    # --set stays relative to the working directory; a missing folder names the real keys
+    # --set is relative to the working directory, made absolute when the config is built (so a run
+    # directory's config.yaml reads the same data from anywhere); a missing folder names the real keys
     loaded = load_config(config, ["data.path=elsewhere"])
-    assert loaded.data.path == "elsewhere"
+    assert loaded.data.path == str((tmp_path / "elsewhere").resolve())
     from hmtrec.data.loading import load_data
     with pytest.raises(DataError, match="set data.path in the config, relative to the config file's folder, "
                                         "or the HMT_DATA_DIR environment variable"):
