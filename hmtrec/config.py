@@ -77,19 +77,19 @@ def build_config(raw: dict, source: str = "config") -> StrictModel:
     if kind not in CONFIG_KINDS:
         raise ConfigError(f"{source}: key 'kind': unknown kind {kind!r}; known: {sorted(CONFIG_KINDS)}")
     try:
-        return CONFIG_KINDS[kind].model_validate(_absolute_data_path(raw))
+        # a relative data.path left by now (from --set, or a mapping built in code) is relative to the
+        # working directory: made absolute, so a run's config.yaml reads the same data from anywhere
+        return CONFIG_KINDS[kind].model_validate(_absolute_data_path(raw, Path.cwd()))
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
-def _absolute_data_path(raw: dict) -> dict:
-    """A relative `data.path` left after `resolve_data_path` (from `--set` or a mapping built in
-    code) is relative to the working directory: made absolute here, so a resolved config (and the
-    run directory's config.yaml) reads the same data wherever it is loaded from."""
+def _absolute_data_path(raw: dict, base: Path) -> dict:
+    """`raw` with a relative `data.path` resolved against `base`."""
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
             and not Path(data["path"]).expanduser().is_absolute():
-        return {**raw, "data": {**data, "path": str(Path(data["path"]).resolve())}}
+        return {**raw, "data": {**data, "path": str((base / data["path"]).resolve())}}
     return raw
 
 
@@ -119,12 +119,8 @@ def read_yaml(path: str | Path) -> dict:
 
 def resolve_data_path(raw: dict, config_path: Path) -> dict:
     """A relative `data.path` in a config file is relative to the file's folder (so a config and
-    its data can move together); `--set data.path=...` stays relative to the working directory."""
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
-            and not Path(data["path"]).expanduser().is_absolute():
-        raw = {**raw, "data": {**data, "path": str((config_path.parent / data["path"]).resolve())}}
-    return raw
+    its data can move together); `--set data.path=...` is relative to the working directory."""
+    return _absolute_data_path(raw, config_path.parent)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
