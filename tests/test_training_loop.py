@@ -2,6 +2,7 @@
 threads and device checks, and the item losses (label smoothing, sampled softmax with log-Q)."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -110,6 +111,18 @@ def test_auto_precision_probe_is_cached_per_key():
     first = choose_precision(torch.device("cpu"), probe, flags={"avx512_bf16"}, cache_key=key)
     second = choose_precision(torch.device("cpu"), probe, flags={"avx512_bf16"}, cache_key=key)
     assert first == second and first[0] == "bf16" and calls == ["fp32", "bf16", "fp32", "bf16"]
+
+
+def test_precision_probe_on_cpu_counts_work_not_time_spent_descheduled(tmp_path):
+    """Another process holding the core stretches a step's wall time, not its CPU time; a sleep
+    inside the step stands in for being descheduled."""
+    class Descheduled(Regression):
+        def loss(self, batch):
+            time.sleep(0.2)
+            return super().loss(batch)
+
+    trainer = Trainer(Descheduled(), TrainerSettings(epochs=1, lr=0.05, precision="auto"), tmp_path)
+    assert trainer._time_steps(next(batches(1)), "fp32", repeats=1) < 0.1
 
 
 def test_auto_precision_is_resolved_once_and_kept_on_resume(tmp_path, monkeypatch):

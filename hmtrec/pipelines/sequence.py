@@ -78,7 +78,7 @@ class TrainSection(TrainSettings, LrScheduleSettings):
         "auto", description="bf16: forward pass and loss under bfloat16 autocast (weights, optimiser and "
                             "evaluation stay float32); much faster full-softmax heads on CPUs with bf16 units. "
                             "auto: fp32 on a CPU without native bf16 (emulated bf16 is ~16x slower), else the "
-                            "faster of the two in a short timed probe (logged)")
+                            "faster of the two in a short probe timed in CPU time (logged)")
     monitor: str | None = Field(
         "MRR@20", description="validation metric that picks the best epoch: METRIC (at the finest level "
                               "the model scores) or LEVEL/METRIC; null: no validation, keep the last epoch")
