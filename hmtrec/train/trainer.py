@@ -125,8 +125,8 @@ def choose_precision(device: torch.device, probe: Callable[[str], float] | None 
         return "bf16", f"the CPU has native bf16 ({', '.join(native)})"
     if cache_key is not None and cache_key in _probe_cache:
         return _probe_cache[cache_key]
-    # alternate the two, twice, and keep each one's best: load from other processes then
-    # stretches both alike instead of whichever ran during a busy moment
+    # alternate the two, twice, and keep each one's best: what CPU time still feels of other
+    # processes (shared caches, clock speed) then touches both alike
     fp32_seconds, bf16_seconds = probe("fp32"), probe("bf16")
     fp32_seconds, bf16_seconds = min(fp32_seconds, probe("fp32")), min(bf16_seconds, probe("bf16"))
     ratio = fp32_seconds / max(bf16_seconds, 1e-12)
