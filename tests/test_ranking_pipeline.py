@@ -121,6 +121,21 @@ def test_train_evaluate_predict_round_trip(tmp_path, model, extra):
     np.testing.assert_allclose(scores["click"], predictions["click"], rtol=1e-5)
 
 
+def test_a_learning_rate_schedule_warms_up_and_decays_over_the_epoch_cap(tmp_path):
+    from hmtrec.train.trainer import lr_factor
+
+    config = load_config(write_config(tmp_path, "mmoe", expert_hidden=[16]),
+                         ["train.lr_schedule=cosine", "train.warmup_fraction=0.1", "train.lr_floor=0.05",
+                          "train.patience=null"])
+    metrics = get_pipeline("ranking").train(config, tmp_path / "run")
+    history = metrics["history"]
+    steps = -(-3000 // 128)     # 3,000 training rows in batches of 128, 3 epochs
+    total = 3 * steps
+    expected = [0.01 * lr_factor(epoch * steps - 1, total, "cosine", round(0.1 * total), 0.05) for epoch in (1, 2, 3)]
+    assert [record["lr"] for record in history] == pytest.approx(expected, rel=1e-6)
+    assert expected[2] == pytest.approx(0.01 * 0.05, rel=0.02)     # the decay ends at lr x lr_floor
+
+
 def test_predict_without_labels_and_bad_rows(tmp_path):
     config = load_config(write_config(tmp_path, "shared_bottom", bottom_hidden=[16]), ["train.epochs=1"])
     get_pipeline("ranking").train(config, tmp_path / "run")

@@ -33,7 +33,7 @@ from hmtrec.evaluate.classification import metrics_rows, task_metrics
 from hmtrec.models.families import MULTI_TASK_ROWS
 from hmtrec.models.ranking.base import LossSettings, RankingModel
 from hmtrec.models.registry import post_training_keys, validate_model_params
-from hmtrec.lifecycle import RunKind, TrainSettings, fit_trainable, register_kind
+from hmtrec.lifecycle import LrScheduleSettings, RunKind, TrainSettings, fit_trainable, register_kind
 from hmtrec.progress import console
 from hmtrec.rundir import RunDir, get_logger, save_weights, write_frame
 from hmtrec.serve.ranker import (Ranker, build_model, predict_encoded,  # noqa: F401
@@ -90,8 +90,9 @@ class RankingData(StrictModel):
         return value
 
 
-class RankingTrain(TrainSettings):
-    """The shared train keys (`hmtrec.lifecycle.TrainSettings`) with the ranking defaults, plus the
+class RankingTrain(TrainSettings, LrScheduleSettings):
+    """The shared train keys (`hmtrec.lifecycle.TrainSettings`) with the ranking defaults, the
+    learning-rate schedule (`LrScheduleSettings`, as in the sequence and geo kinds), plus the
     evaluation batch, the monitored metric and a cap on steps per epoch."""
 
     epochs: int = Field(2, ge=1)
@@ -300,7 +301,7 @@ class RankingKind(RunKind):
         trainer_settings = settings.trainer_settings(
             monitor=settings.monitor if has_validation else None,
             monitor_mode="max" if settings.monitor == "auc" else "min",
-            patience=settings.patience if has_validation else None)
+            patience=settings.patience if has_validation else None, **settings.schedule_settings())
         started = time.perf_counter()
         state = fit_trainable(model, trainer_settings, run.path, batches, lambda epoch: steps,
                               validate=validate if has_validation else None, on_epoch_end=on_epoch_end)
