@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--section", help="section of docs/benchmarks.md to write (default: ml1m-ranking-<preset>)")
+    parser.add_argument("--note", default="", help="a sentence for the section: why its --set overrides (e.g. "
+                                                   "the validation figures they were chosen on)")
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: report the (model, seed) runs that have finished, seeds listed per row")
     args = parser.parse_args()
@@ -237,7 +240,7 @@ def main() -> None:
            "(`model.rate_blend`: each task's logit mixed with the best rate row's, (1 - w) network + w rate, the rate "
            "and w chosen on validation; 'rate blend' gives the rate chosen and the range of w over the seeds; "
            "docs/ranking.md)." if any("rate blend" in row for row in rows) else "")
-        + f" Published figures: {published_protocol}.\n\n"
+        + f" Published figures: {published_protocol}." + (f" {args.note}" if args.note else "") + "\n\n"
         + markdown_table(rows, columns=["model", *pairs, "average", "valid average", "vs best rate",
                                         *(["network alone", "rate blend"] if any("rate blend" in row for row in rows)
                                           else []),
@@ -259,10 +262,12 @@ def main() -> None:
                + "".join(f" --set {o}" for o in args.overrides)
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
                + (" --finished-only" if args.finished_only else "")
-               + (f" --section {args.section}" if args.section else ""))
+               + (f" --section {args.section}" if args.section else "")
+               + (f" --note {shlex.quote(args.note)}" if args.note else ""))
     if not args.no_report:
         path = update_section(args.section or f"ml1m-ranking-{tag}", body, title=f"MovieLens-1M multi-scenario rankers, preset "
-                              f"`{args.preset}`" + (f" (single task {', '.join(tasks)})" if single else ""),
+                              f"`{args.preset}`" + (f" (single task {', '.join(tasks)})" if single else "")
+                              + (f", {', '.join(args.overrides)}" if args.overrides else ""),
                               command=command)
         print(f"wrote {path}")
     print(body)
