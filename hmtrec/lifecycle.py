@@ -72,12 +72,15 @@ class TrainSettings(StrictModel):
         return value
 
     def trainer_settings(self, **kind_specific):
-        """The Trainer's settings from the shared keys, plus what the kind decides (monitor, ...)."""
+        """The Trainer's settings from the shared keys (and the schedule keys, in a kind whose
+        section mixes in `LrScheduleSettings`), plus what the kind decides (monitor, ...)."""
         from hmtrec.train.trainer import TrainerSettings
 
         shared = dict(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                       seed=self.seed, device=self.device, patience=self.patience,
                       resume=getattr(self, "resume", True))
+        if isinstance(self, LrScheduleSettings):
+            shared.update(self.schedule_settings())
         return TrainerSettings(**{**shared, **kind_specific})
 
 

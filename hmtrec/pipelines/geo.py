@@ -282,8 +282,7 @@ class GeoKind(RunKind):
         horizon still `train.epochs`."""
         train_streams = ActionStreams(log, config.examples)
         monitor = config.train.monitor or f"{model.levels[-1]}_MRR"
-        settings = config.train.trainer_settings(monitor=monitor, monitor_mode="max",
-                                                **config.train.schedule_settings())
+        settings = config.train.trainer_settings(monitor=monitor, monitor_mode="max")
         if epochs is not None:
             settings = dataclasses.replace(settings, epochs=epochs, schedule_epochs=config.train.epochs, monitor=None,
                                            patience=None, precision=precision or settings.precision)

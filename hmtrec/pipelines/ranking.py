@@ -301,7 +301,7 @@ class RankingKind(RunKind):
         trainer_settings = settings.trainer_settings(
             monitor=settings.monitor if has_validation else None,
             monitor_mode="max" if settings.monitor == "auc" else "min",
-            patience=settings.patience if has_validation else None, **settings.schedule_settings())
+            patience=settings.patience if has_validation else None)
         started = time.perf_counter()
         state = fit_trainable(model, trainer_settings, run.path, batches, lambda epoch: steps,
                               validate=validate if has_validation else None, on_epoch_end=on_epoch_end)

@@ -109,7 +109,6 @@ class TrainSection(TrainSettings, LrScheduleSettings):
     def trainer_settings(self) -> TrainerSettings:
         return super().trainer_settings(
             monitor=self.monitor and "monitored", monitor_mode=self.monitor_mode, precision=self.precision,
-            **self.schedule_settings(),
             budget_minutes=self.budget_minutes, budget_clock=self.budget_clock, monitor_label=self.monitor,
             sparse_updates=self.sparse_updates)
 
